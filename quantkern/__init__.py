@@ -1,0 +1,10 @@
+"""quantkern: post-training weight quantization for LLMs with fused solvers and packed-int kernels."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .spec import QuantSpec  # noqa: E402
+from . import ops  # noqa: E402
+from .ops.registry import backends  # noqa: E402
+
+__all__ = ["QuantSpec", "backends", "__version__"]

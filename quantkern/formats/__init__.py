@@ -1,0 +1,1 @@
+"""On-disk and kernel-native weight layouts."""

@@ -1,0 +1,98 @@
+"""The reference grid maths: per-group scale/zero (GPTQ's min/max quantizer), quantize, dequantize.
+
+Conventions (shared by every solver, kernel and the on-disk format):
+- codes are integers in [0, maxq]; w ~= scale * (code - zero).
+- sym:  scale = max(|min|, |max|) * 2 / maxq, zero = 2^(bits-1)   (GPTQ's (maxq+1)/2).
+- asym: the range always contains 0; scale = (max - min) / maxq, zero = round(-min / scale).
+  The zero point is kept in [1, maxq]: GPTQ v1 stores `zero - 1`, which cannot hold 0. A group whose
+  minimum is exactly 0 therefore gets its range widened by one step (scale = max / (maxq - 1)).
+- scales are rounded to fp16 here, before any code is chosen, so the solver quantizes onto exactly
+  the grid that the fp16 checkpoint reproduces.
+"""
+from __future__ import annotations
+
+import torch
+
+from .spec import QuantSpec
+
+
+def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of ``w`` [rows, k] (fp32 [rows] each)."""
+    maxq = (1 << bits) - 1
+    w = w.float()
+    zero_t = torch.zeros(w.shape[0], device=w.device)
+    xmin = torch.minimum(w.amin(dim=1), zero_t)
+    xmax = torch.maximum(w.amax(dim=1), zero_t)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    dead = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(dead, -1.0, xmin)
+    xmax = torch.where(dead, 1.0, xmax)
+    if sym:
+        scale = (xmax - xmin) / maxq
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        scale = (xmax - xmin) / maxq
+        zero = torch.round(-xmin / scale)
+        at_zero = zero < 1  # min == 0: shift the grid by one step so zero - 1 >= 0
+        scale = torch.where(at_zero, xmax / (maxq - 1), scale)
+        zero = torch.clamp(torch.where(at_zero, 1.0, zero), 1, maxq)
+    scale = scale.half().float()
+    # fp16 rounding can flush a tiny scale to 0 or overflow a huge one: refuse rather than emit NaN
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(torch.float16).tiny))
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Nearest grid code (float, integer-valued) of w; scale/zero broadcast against w."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes.float() - zero)
+
+
+def group_index(n: int, spec: QuantSpec, device=None) -> torch.Tensor:
+    """g_idx for channels in their natural order: j // group_size (int32 [n])."""
+    if spec.group_size == -1:
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    return (torch.arange(n, device=device) // spec.group_size).to(torch.int32)
+
+
+def group_params(w: torch.Tensor, spec: QuantSpec, g_idx: torch.Tensor | None = None):
+    """Scales and zeros [G, m] of every group of w [m, n] (g_idx defaults to natural order)."""
+    m, n = w.shape
+    g_idx = group_index(n, spec, w.device) if g_idx is None else g_idx
+    G = int(g_idx.max().item()) + 1 if n else 0
+    scales = torch.empty(G, m, device=w.device)
+    zeros = torch.empty(G, m, device=w.device)
+    for g in range(G):
+        cols = (g_idx == g).nonzero().flatten()
+        scales[g], zeros[g] = find_params(w[:, cols], spec.bits, spec.sym)
+    return scales, zeros
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"{name} has {bad} non-finite (NaN/Inf) values; refusing to quantize")
+
+
+def rtn(w: torch.Tensor, spec: QuantSpec):
+    """Round-to-nearest: (codes uint8 [m, n], scales [G, m], zeros [G, m], g_idx int32 [n])."""
+    if w.dim() != 2:
+        raise ValueError(f"rtn: weight must be 2-D [out, in], got shape {tuple(w.shape)}")
+    check_finite("weight", w)
+    w = w.float()
+    g_idx = group_index(w.shape[1], spec, w.device)
+    scales, zeros = group_params(w, spec, g_idx)
+    gi = g_idx.long()
+    codes = quantize(w, scales[gi].t(), zeros[gi].t(), spec.maxq)
+    return codes.to(torch.uint8), scales, zeros, g_idx
+
+
+def dequantize_groups(codes, scales, zeros, g_idx) -> torch.Tensor:
+    """W [m, n] from codes [m, n] and per-group params [G, m] selected by g_idx [n]."""
+    gi = g_idx.long()
+    return dequantize(codes, scales[gi].t().float(), zeros[gi].t().float())

@@ -1,0 +1,5 @@
+"""Op dispatch. Each submodule registers its backends; `registry.choose` picks one per call."""
+from . import registry  # noqa: F401
+from . import pack  # noqa: F401
+from . import fake  # noqa: F401
+from .registry import backends, choose, call  # noqa: F401
