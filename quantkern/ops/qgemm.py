@@ -86,10 +86,12 @@ def _check_usable(name: str, device: torch.device) -> None:
 
 def prepare(t: dict, bits: int, backend: str | None = None) -> Prepared:
     """Validate GPTQ tensors and build the chosen backend's layout on their device."""
-    m, n, _ = gptq.check_tensors(t, bits)
+    if not isinstance(t, dict) or any(k not in t for k in gptq.TENSOR_NAMES):
+        raise ValueError(f"qgemm: t must be a dict with {gptq.TENSOR_NAMES}")
     device = _tensors_device(t)
     name = backend or choose_backend(device)
     _check_usable(name, device)
+    m, n, _ = gptq.check_tensors(t, bits)
     return Prepared(name, bits, m, n, device, _BACKENDS[name].prepare(t, bits))
 
 
