@@ -7,5 +7,7 @@ from .spec import QuantSpec  # noqa: E402
 from . import ops  # noqa: E402
 from .ops.registry import backends  # noqa: E402
 from .solvers import SolveResult, solve  # noqa: E402
+from . import nn  # noqa: E402
+from .nn import QuantLinear  # noqa: E402
 
-__all__ = ["QuantSpec", "SolveResult", "backends", "solve", "__version__"]
+__all__ = ["QuantSpec", "QuantLinear", "SolveResult", "backends", "solve", "__version__"]
