@@ -75,7 +75,10 @@ at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::T
     const int err = qk::cuda::gemv(static_cast<const char*>(xc.data_ptr()) + b0 * w.n * esize, xt, nb, tile, w,
                                    ws.data_ptr<float>(), target_blocks, stream.stream());
     TORCH_CHECK(err == 0, op, ": kernel launch failed with CUDA error ", err);
-    if (plan.splits > 1) at::sum_out(y.narrow(0, b0, nb), ws, {0});
+    if (plan.splits > 1) {
+      auto yt = y.narrow(0, b0, nb);
+      at::sum_out(yt, ws, {0});
+    }
   }
   return y;
 }

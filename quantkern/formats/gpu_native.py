@@ -81,13 +81,14 @@ def prepare(t: dict, bits: int, device=None) -> GpuQWeight:
 
 
 def dequantize(p: GpuQWeight) -> torch.Tensor:
-    """fp32 [m, n] in ORIGINAL channel order (checks the layout against gptq.dequantize)."""
-    codes = _pack_ops.unpack_dim0(p.qweight.cpu(), p.bits, p.n).t().float()  # [m, n] kernel order
-    gi = p.g_idx.cpu().long()
-    w = (codes - p.zeros.cpu()[gi].t().float()) * p.scales.cpu()[gi].t().float()
+    """fp32 [m, n] in ORIGINAL channel order, on p's device (torch ops; checks the layout in tests and
+    serves as the CUDA backend's fallback for shapes its kernels refuse)."""
+    codes = _pack_ops.unpack_dim0(p.qweight, p.bits, p.n).t().float()  # [m, n] kernel order
+    gi = p.g_idx.long()
+    w = (codes - p.zeros[gi].t().float()) * p.scales[gi].t().float()
     if p.perm is not None:
         out = torch.empty_like(w)
-        out[:, p.perm.cpu()] = w
+        out[:, p.perm] = w
         w = out
     return w
 
