@@ -17,7 +17,7 @@ out="$(mktemp -d)"; trap 'rm -rf "$out"' EXIT
 fail=0
 for f in "${files[@]}"; do
   start=$(date +%s)
-  if "$NVCC" -c -std=c++17 -O3 --use_fast_math -Werror all-warnings -I "$ROOT/csrc" \
+  if "$NVCC" -c -std=c++17 -O3 --use_fast_math -Werror all-warnings -I "$ROOT/csrc" -DQK_WITH_CUDA \
       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a \
       "$f" -o "$out/$(basename "$f").o"; then
     echo "check_cuda: ok   ${f#$ROOT/} ($(( $(date +%s) - start )) s)"
