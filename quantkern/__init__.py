@@ -6,5 +6,6 @@ __version__ = "0.1.0"
 from .spec import QuantSpec  # noqa: E402
 from . import ops  # noqa: E402
 from .ops.registry import backends  # noqa: E402
+from .models import load, quantize_model, save_quantized  # noqa: E402
 
-__all__ = ["QuantSpec", "backends", "__version__"]
+__all__ = ["QuantSpec", "backends", "__version__", "quantize_model", "load", "save_quantized"]

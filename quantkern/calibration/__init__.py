@@ -1,0 +1,1 @@
+"""Calibration: text data (data.py) and statistics accumulators (stats.py)."""
