@@ -1,13 +1,12 @@
-"""TEMPORARY stand-ins for pieces other helpers are building (solver, statistics, QuantLinear).
+"""TEMPORARY stand-ins for pieces other helpers are building (solver, QuantLinear).
 
 The driver imports these only through quantkern/models/_deps.py, which prefers the real
-implementations (quantkern.solve, quantkern.calibration.stats, quantkern.nn.QuantLinear) as soon as
+implementations (quantkern.solve, quantkern.nn.QuantLinear) as soon as
 they exist. Delete this file (and the fallbacks in _deps.py) once they are merged.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import torch
@@ -112,45 +111,6 @@ def solve(W, H=None, spec: QuantSpec = QuantSpec(), method="gptq", D=None, alpha
     return SolveResult(codes, scales, zeros, g_idx, deq, loss,
                        {"damp": float(damp), "retries": 0, "fallback": None, "time": time.perf_counter() - t0},
                        spec, method)
-
-
-class HessianAccumulator:
-    def __init__(self, n):
-        self.H = torch.zeros(n, n)
-        self.nsamples = 0
-
-    def add_batch(self, x):
-        x = x.reshape(-1, x.shape[-2], x.shape[-1]).float()
-        for s in x:
-            self.H *= self.nsamples / (self.nsamples + 1)
-            self.nsamples += 1
-            s = math.sqrt(2 / self.nsamples) * s
-            self.H += s.t() @ s
-
-
-class AsymAccumulator:
-    def __init__(self, n, alpha_mode="fixed", mixup=5.0, seed=0):
-        self.H = torch.zeros(n, n)
-        self.D = torch.zeros(n, n)
-        self.nsamples = 0
-        self.alpha_mode, self.mixup = alpha_mode, mixup
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def add_batch(self, x_q, x_f):
-        x_q = x_q.reshape(-1, x_q.shape[-2], x_q.shape[-1]).float()
-        x_f = x_f.reshape(-1, x_f.shape[-2], x_f.shape[-1]).float()
-        for q, f in zip(x_q, x_f):
-            r = self.nsamples / (self.nsamples + 1)
-            self.H *= r
-            self.D *= r
-            self.nsamples += 1
-            c = math.sqrt(2 / self.nsamples)
-            a = 1.0
-            if self.alpha_mode == "sample":
-                b = torch.distributions.Beta(self.mixup, self.mixup).sample().item()
-                a = min(b, 1 - b)
-            self.H += (c * q).t() @ (c * q)
-            self.D += a * (c * (f - q)).t() @ (c * q)
 
 
 class QuantLinear(nn.Module):

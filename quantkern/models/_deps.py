@@ -1,7 +1,7 @@
 """The one place where the driver finds the solver, statistics and QuantLinear.
 
 Prefers the real implementations; falls back to quantkern/_standin.py until they are merged.
-TODO(driver): drop the fallbacks and _standin.py once solve / calibration.stats / nn land on main.
+TODO(driver): drop the fallbacks and _standin.py once quantkern.solve / quantkern.nn land on main.
 """
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ try:
 except ImportError:  # pragma: no cover - depends on merge state
     from .._standin import solve
 
-try:
-    from ..calibration.stats import AsymAccumulator, HessianAccumulator
-except ImportError:  # pragma: no cover
-    from .._standin import AsymAccumulator, HessianAccumulator
+from ..calibration.stats import AsymAccumulator, HessianAccumulator
 
 try:
     from ..nn import QuantLinear
