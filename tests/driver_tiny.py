@@ -35,3 +35,23 @@ def tiny_llama(layers: int = 2, hidden: int = 64, inter: int = 96, seed: int = 0
 def tiny_tokens(nsamples=4, seqlen=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (nsamples, seqlen), generator=g)
+
+
+def tiny_hf_tokenizer():
+    """A real (fast) transformers tokenizer over the 256 byte-level symbols, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=alphabet[0], pad_token=alphabet[0])
+
+
+def tiny_model_dir(path, layers: int = 2):
+    """Save a tiny random Llama + tokenizer as a transformers directory (for CLI tests)."""
+    model = tiny_llama(layers=layers)
+    model.save_pretrained(path)
+    tiny_hf_tokenizer().save_pretrained(path)
+    return path
