@@ -77,6 +77,9 @@ def solve(W, H=None, spec: QuantSpec = QuantSpec(), method="gptq", D=None, alpha
         deq = grid.dequantize_groups(codes, scales, zeros, g_idx)
         return SolveResult(codes, scales, zeros, g_idx, deq, float(((W - deq) ** 2).sum()),
                            {"damp": 0.0, "retries": 0, "fallback": None, "time": time.perf_counter() - t0}, spec, method)
+    if method == "ksnrq":
+        method = "snrq"
+    alpha = 1.0 if alpha == "sample" else alpha
     if method not in ("gptq", "snrq"):
         raise NotImplementedError(f"stand-in solver supports rtn/gptq/snrq, not {method!r}")
     H = H.clone().float()

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     q.add_argument("--group-size", type=int, default=128, help="-1 = one group per output row")
     q.add_argument("--alpha", type=float, default=None, help="GPTAQ/SNRQ alpha (default 0.25)")
-    q.add_argument("--alpha-mode", choices=("fixed", "sample"), default=None, help="SNRQ alpha: fixed or sampled per sequence")
+    q.add_argument("--alpha-mode", choices=("fixed", "sample", "optimize"), default=None,
+                   help="SNRQ alpha: fixed (--alpha), sampled per sequence (SNRQ-S) or closed-form optimum")
     q.add_argument("--k", type=int, default=None, help="K-SNRQ beam width (K=1 is SNRQ; ksnrq defaults to 4)")
     q.add_argument("--nsamples", type=int, default=32)
     q.add_argument("--seqlen", type=int, default=512)

@@ -84,36 +84,47 @@ class RTN(Method):
 class Asymmetric(Method):
     """GPTAQ / SNRQ / K-SNRQ: H = (2/N) sum Xq Xq^T and D = (2/N) sum (Xf - Xq) Xq^T.
 
-    alpha_mode "fixed": D is unscaled and the solver gets `alpha` (default 0.25).
-    alpha_mode "sample" (SNRQ-S): each sequence's D term is scaled by min(a, 1-a), a ~ Beta(mixup, mixup),
-    inside the accumulator, so the solver gets alpha = 1.
+    alpha: a number (fixed, default 0.25), "sample" (SNRQ-S: each sequence's D term is scaled by
+    min(a, 1-a), a ~ Beta(mixup, mixup), inside the accumulator) or "optimize" (SNRQ/K-SNRQ: closed-form
+    alpha* with the authors' one-layer lag: each module uses the alpha* its namesake in the previous
+    block reported). K: beam width for snrq/ksnrq (ksnrq defaults to 4).
     """
 
     needs_fp_inputs = True
 
-    def __init__(self, name, spec, seed=0, alpha=0.25, alpha_mode="fixed", mixup=5.0, K=None, **kwargs):
-        if alpha_mode not in ("fixed", "sample"):
-            raise ValueError(f"alpha_mode must be 'fixed' or 'sample', got {alpha_mode!r}")
-        if K is None:
-            K = 4 if name == "ksnrq" else 1
-        super().__init__(name, spec, seed, alpha=alpha, K=K, **kwargs)
-        self.alpha_mode, self.mixup = alpha_mode, mixup
-        self.solver_method = "snrq" if name == "ksnrq" else name
+    def __init__(self, name, spec, seed=0, alpha=0.25, mixup=5.0, K=None, alpha_mode=None, **kwargs):
+        if alpha_mode is not None:  # CLI spelling: --alpha-mode sample
+            if alpha_mode not in ("fixed", "sample", "optimize"):
+                raise ValueError(f"alpha_mode must be 'fixed', 'sample' or 'optimize', got {alpha_mode!r}")
+            alpha = alpha if alpha_mode == "fixed" else alpha_mode
+        if name in ("snrq", "ksnrq"):
+            kwargs["K"] = K if K is not None else (4 if name == "ksnrq" else 1)
+        elif K not in (None, 1):
+            raise ValueError(f"{name} has no K (beam width); use snrq/ksnrq")
+        super().__init__(name, spec, seed, alpha=alpha, **kwargs)
+        self.mixup = mixup
+        self._alpha_lag: dict[str, float] = {}
 
     def collector(self, n):
-        return _deps.AsymAccumulator(n, alpha_mode=self.alpha_mode, mixup=self.mixup, seed=self.seed)
+        mode = "sample" if self.kwargs["alpha"] == "sample" else "fixed"
+        return _deps.AsymAccumulator(n, alpha_mode=mode, mixup=self.mixup, seed=self.seed)
 
     def add(self, collector, x_q, x_f):
         collector.add_batch(x_q, x_f)
 
     def solve(self, name, weight, collector):
         kw = dict(self.kwargs)
-        if self.alpha_mode == "sample":
-            kw["alpha"] = 1.0
-        return _deps.solve(weight, collector.H, self.spec, method=self.solver_method, D=collector.D, **kw)
+        if kw["alpha"] == "optimize" and name in self._alpha_lag:
+            kw["alpha_prev"] = self._alpha_lag[name]
+        res = _deps.solve(weight, collector.H, self.spec, method=self.solver_method or self.name, D=collector.D, **kw)
+        if kw["alpha"] == "optimize":
+            nxt = res.log.get("alpha_next", res.log.get("alpha"))
+            if nxt is not None:
+                self._alpha_lag[name] = float(nxt)
+        return res
 
     def meta(self):
-        return {**super().meta(), "alpha_mode": self.alpha_mode, "mixup": self.mixup}
+        return {**super().meta(), "mixup": self.mixup} if self.kwargs["alpha"] == "sample" else super().meta()
 
 
 METHODS: dict[str, type[Method]] = {"rtn": RTN, "gptq": Method, "gptaq": Asymmetric, "snrq": Asymmetric,
