@@ -1,7 +1,7 @@
 // The GPTQ word layout for every bit width (see quantkern/formats/bitstream.py, the reference).
 // A packed column is a little-endian bit stream: code j sits at bits [j*bits, (j+1)*bits), split
 // into 32-bit words; 32 codes make one chunk of `bits` words. At 3 bits codes 10 and 21 straddle
-// words, exactly as GPTQ-for-LLaMa's 3-word layout. `stride` is the distance between consecutive
+// words, exactly as GPTQ-for-LLaMa's 3-word layout. A column of n codes takes ceil(n*bits/32) words. `stride` is the distance between consecutive
 // words of one column (the number of columns m for qweight [rows, m]).
 #pragma once
 #include "macros.h"
@@ -12,7 +12,7 @@ QK_HD bool supported_bits(int64_t bits) { return bits == 2 || bits == 3 || bits 
 
 constexpr int kCodesPerChunk = 32;
 
-QK_HD int64_t packed_rows(int64_t n, int64_t bits) { return (n + kCodesPerChunk - 1) / kCodesPerChunk * bits; }
+QK_HD int64_t packed_rows(int64_t n, int64_t bits) { return (n * bits + 31) / 32; }
 
 // Code j (0..31) of one chunk whose words are words[0], words[stride], ...
 QK_HD uint32_t get_code(const uint32_t* words, int64_t stride, int j, int bits) {

@@ -16,7 +16,8 @@ at::Tensor pack_dim0(const at::Tensor& codes, int64_t bits) {
   TORCH_CHECK(codes.scalar_type() == at::kInt, "quantkern::pack_dim0: codes must be int32, got ", codes.scalar_type());
   const auto c = codes.contiguous();
   const int64_t n = c.size(0), m = c.size(1), chunks = (n + 31) / 32;
-  auto out = at::zeros({chunks * bits, m}, c.options().dtype(at::kInt));
+  // only words that hold a code are touched, so the last chunk may be partial
+  auto out = at::zeros({qk::packed_rows(n, bits), m}, c.options().dtype(at::kInt));
   const int32_t* src = c.data_ptr<int32_t>();
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   const int32_t maxq = (1 << bits) - 1;

@@ -14,7 +14,7 @@ CODES_PER_CHUNK = 32  # one chunk = 32 codes = `bits` words, for every bit width
 
 
 def packed_rows(n: int, bits: int) -> int:
-    return -(-n // CODES_PER_CHUNK) * bits
+    return -(-n * bits // 32)
 
 
 def pack_dim0(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -31,18 +31,18 @@ def pack_dim0(codes: torch.Tensor, bits: int) -> torch.Tensor:
         if off + bits > 32:  # the code straddles into the next word
             words[:, word + 1] |= c[:, j] >> (32 - off)
     words = torch.where(words >= 1 << 31, words - (1 << 32), words)
-    return words.view(chunks * bits, m).to(torch.int32)
+    return words.view(chunks * bits, m)[: packed_rows(n, bits)].to(torch.int32)
 
 
 def unpack_dim0(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """int32 [packed_rows(n, bits), m] -> codes uint8 [n, m]."""
     rows, m = packed.shape
-    if rows % bits:
-        raise ValueError(f"packed tensor has {rows} rows, not a multiple of bits={bits}")
-    chunks = rows // bits
-    if chunks * CODES_PER_CHUNK < n:
-        raise ValueError(f"packed tensor holds {chunks * CODES_PER_CHUNK} codes per column, fewer than n={n}")
-    words = packed.to(torch.int64).view(chunks, bits, m) & 0xFFFFFFFF
+    if rows != packed_rows(n, bits):
+        raise ValueError(f"packed tensor has {rows} rows, expected {packed_rows(n, bits)} for n={n} at {bits} bits")
+    chunks = -(-n // CODES_PER_CHUNK)
+    words = torch.zeros(chunks * bits, m, dtype=torch.int64, device=packed.device)
+    words[:rows] = packed.to(torch.int64) & 0xFFFFFFFF
+    words = words.view(chunks, bits, m)
     mask = (1 << bits) - 1
     out = torch.empty(chunks, CODES_PER_CHUNK, m, dtype=torch.int64, device=packed.device)
     for j in range(CODES_PER_CHUNK):

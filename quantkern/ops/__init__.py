@@ -3,3 +3,4 @@ from . import registry  # noqa: F401
 from . import pack  # noqa: F401
 from . import fake  # noqa: F401
 from .registry import backends, choose, call  # noqa: F401
+from . import solver  # noqa: F401,E402

