@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from .registry import register_method
+
 ZETA, GAMMA = 1.1, -0.1
 
 
@@ -121,3 +123,44 @@ def adaround(
     if not math.isfinite(rec_final):
         raise FloatingPointError("adaround: non-finite reconstruction loss")
     return codes, log
+
+
+# ------------------------------------------------------------------------ quantkern.solve method
+
+@register_method("adaround")
+def solve_adaround(W, H, spec, log, base: str = "rtn", iters: int = 500, lr: float | None = None,
+                   lam: float = 1.0, b_start: float = 20.0, b_end: float = 2.0, warmup: float = 0.2,
+                   seed: int = 0, progress: bool = False, **base_params):
+    """quantkern.solve(..., method="adaround"): learned rounding on the grid of `base` ("rtn" or any
+    registered grid method such as "gptq"; base_params go to it). H is the layer Hessian X X^T."""
+    from .. import grid as grid_mod
+    from .core import proxy_loss
+    from .hessian import mask_dead
+    from .registry import get_method
+    from .result import SolveResult
+
+    if base == "rtn":
+        if base_params:
+            raise TypeError(f"adaround: unexpected arguments {sorted(base_params)} for base='rtn'")
+        _, scales, zeros, g_idx = grid_mod.rtn(W, spec)
+    else:
+        if base == "adaround":
+            raise ValueError("adaround: base must be a different method")
+        ref = get_method(base)(W, H, spec, {}, **base_params)
+        scales, zeros, g_idx = ref.scales, ref.zeros, ref.g_idx
+    gi = g_idx.long()
+    S = scales[gi].t().contiguous()
+    Z = zeros[gi].t().contiguous()
+    Hm, dead = mask_dead(H)
+    Wm = W.float().clone()
+    Wm[:, dead] = 0
+    codes, alog = adaround(Wm, Hm, S, Z, spec.maxq, iters=iters, lr=lr, lam=lam, b_start=b_start, b_end=b_end,
+                           warmup=warmup, seed=seed, progress=progress)
+    codes = codes.to(torch.uint8)
+    deq = grid_mod.dequantize_groups(codes, scales, zeros, g_idx)
+    log.update({f"adaround_{k}": v for k, v in alog.items() if not isinstance(v, list)})
+    log["base"] = base
+    params = {"base": base, "iters": iters, "lr": alog["lr"], "lambda": lam, "b_start": b_start, "b_end": b_end,
+              "warmup": warmup, "seed": seed}
+    return SolveResult(codes, scales, zeros, g_idx.to(torch.int32), deq, proxy_loss(W, deq, Hm), log, spec,
+                       "adaround", params)
