@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import quantkern
+import quantkern.solvers.adaround  # noqa: F401  (registers method="adaround")
 from quantkern import grid
 from quantkern.spec import QuantSpec
 from quantkern.solvers.adaround import adaround, beta_at, init_v, rect_sigmoid

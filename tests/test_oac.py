@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import quantkern
+import quantkern.solvers.oac  # noqa: F401  (registers method="oac")
 from quantkern.calibration.fisher import GradStats, collect_grad_stats
 from quantkern.spec import QuantSpec
 

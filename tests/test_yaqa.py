@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import quantkern
+import quantkern.solvers.yaqa  # noqa: F401  (registers method="yaqa")
 from quantkern import grid
 from quantkern.spec import QuantSpec
 from quantkern.solvers.kron_ldlq import kron_ldlq, objective, unit_upper_factor

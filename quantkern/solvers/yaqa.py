@@ -43,7 +43,7 @@ def output_factor(H_out: torch.Tensor, damp: float, log: dict) -> torch.Tensor:
 
 
 @register_method("yaqa")
-def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int = 16, backend=None):
+def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int = 32, backend=None):
     """quantkern.solve(W, H, spec, method="yaqa", H_out=...): H is the input-side factor H_I [n, n]
     (the Fisher sketch by default in the driver), H_out the output-side factor H_O [m, m]."""
     m, n = W.shape
