@@ -14,13 +14,24 @@ namespace {
 
 namespace qg = qk::cpu::qgemm;
 
-constexpr int64_t kPanelBytes = 8 << 20;  // fp32 W^T panel per at::mm call
+// fp32 W^T panel per at::mm call: large, because MKL re-packs x for every call (narrow panels ran 2-4x
+// slower than one F.linear at batch 128); the buffer is kept between calls (no page faults per call).
+// Threads only pay off above this many weights per chunk (small layers run inline: no fork/join).
+constexpr int64_t kMinWeightsPerTask = 1 << 18;
+
+constexpr int64_t kPanelBytes = 64 << 20;
+
+at::Tensor& panel_workspace(int64_t numel) {
+  static thread_local at::Tensor ws;
+  if (!ws.defined() || ws.numel() < numel) ws = at::empty({numel}, at::kFloat);
+  return ws;
+}
 
 template <typename T>
 void gather_x(const at::Tensor& x, const int32_t* xi, int64_t Kpad, float* xn) {
   const int64_t B = x.size(0), n = x.size(1);
   const T* src = x.data_ptr<T>();
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(Kpad, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t p = 0; p < Kpad; ++p) xn[b * Kpad + p] = xi[p] < 0 ? 0.0f : static_cast<float>(src[b * n + xi[p]]);
   });
@@ -98,9 +109,10 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
         for (int64_t p = kbs[g] * qg::kBlock; p < kbs[g + 1] * qg::kBlock; ++p) s += xnp[b * Kpad + p];
         xsum[b * G + g] = static_cast<float>(s);
       }
+    const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * qg::kTileRows));
     for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxGemvBatch) {
       const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxGemvBatch, B - b0));
-      at::parallel_for(0, Mt, 4, [&](int64_t t0, int64_t t1) {
+      at::parallel_for(0, Mt, grain, [&](int64_t t0, int64_t t1) {
         (avx512 ? qg::gemv_avx512 : qg::gemv_avx2)(L, nb, xnp + b0 * Kpad, Kpad, xsum.data() + b0 * G, bptr,
                                                    y + b0 * m, m, t0, t1);
       });
@@ -108,18 +120,18 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
     return;
   }
 
-  // Prefill: panels of rows, dequantized to fp32 W^T [Kpad, rows] in cache, then one at::mm each.
+  // Prefill: panels of rows, dequantized to fp32 W^T [Kpad, rows], one at::mm each.
   const int64_t panel_tiles = std::max<int64_t>(1, std::min<int64_t>(Mt, kPanelBytes / (Kpad * 4 * qg::kTileRows)));
-  auto wt = at::empty({Kpad, panel_tiles * qg::kTileRows}, xn.options());
+  at::Tensor& ws = panel_workspace(panel_tiles * qg::kTileRows * Kpad);
   for (int64_t t0 = 0; t0 < Mt; t0 += panel_tiles) {
     const int64_t t1 = std::min(Mt, t0 + panel_tiles), cols = (t1 - t0) * qg::kTileRows;
     const int64_t r0 = t0 * qg::kTileRows, valid = std::min(m, t1 * qg::kTileRows) - r0;
-    float* wtp = wt.data_ptr<float>();
-    const int64_t ldw = wt.size(1);
-    at::parallel_for(t0, t1, 1, [&](int64_t a, int64_t b) {
-      (avx512 ? qg::dequant_avx512 : qg::dequant_avx2)(L, a, b, wtp + (a - t0) * qg::kTileRows, ldw);
+    float* wp = ws.data_ptr<float>();
+    at::parallel_for(t0, t1, std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * qg::kTileRows)), [&](int64_t a, int64_t b) {
+      (avx512 ? qg::dequant_avx512 : qg::dequant_avx2)(L, a, b, wp + (a - t0) * qg::kTileRows, cols);
     });
-    auto yp = at::mm(xn, wt.narrow(1, 0, cols)).narrow(1, 0, valid);
+    auto wt = ws.narrow(0, 0, Kpad * cols).view({Kpad, cols}).narrow(1, 0, valid);
+    auto yp = at::mm(xn, wt);
     if (bias_f.defined()) yp.add_(bias_f.narrow(0, r0, valid));
     out.narrow(1, r0, valid).copy_(yp);
   }

@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qgemm_repack(const at
   float* sdst = sc.data_ptr<float>();
   const int64_t zrow = qz_c.size(1);
   const int b = static_cast<int>(bits);
-  at::parallel_for(0, Mt, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, Mt, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(Kpad * kTileRows, 1)), [&](int64_t t0, int64_t t1) {
     for (int64_t tile = t0; tile < t1; ++tile) {
       const int64_t r0 = tile * kTileRows, rows = std::min<int64_t>(kTileRows, m - r0);
       for (int64_t p = 0; p < Kpad; ++p) {
