@@ -101,7 +101,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   else if (xt == at::kBFloat16) gather_x<at::BFloat16>(xc, xi, Kpad, xnp);
   else gather_x<at::Half>(xc, xi, Kpad, xnp);
 
-  if (path == 1 || (path == 0 && B <= qg::kMaxGemvBatch)) {
+  if (path == 1 || path == 3 || (path == 0 && B <= qg::kMaxGemvBatch)) {
     std::vector<float> xsum(B * G);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < G; ++g) {
@@ -110,6 +110,27 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
         xsum[b * G + g] = static_cast<float>(s);
       }
     const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * qg::kTileRows));
+    const bool lut = avx512 && (bits == 2 || bits == 3) && (path == 3 || (path == 0 && B <= qg::kMaxLutBatch));
+    if (lut) {
+      // per token and 4 channels: the 16 subset sums of x
+      const int64_t chunks = Kpad / 4;
+      std::vector<float> tab(B * chunks * 16);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float* xc4 = xnp + b * Kpad + c * 4;
+          float* t = tab.data() + (b * chunks + c) * 16;
+          t[0] = 0.0f;
+          for (int s = 1; s < 16; ++s) t[s] = t[s & (s - 1)] + xc4[__builtin_ctz(s)];
+        }
+      for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxLutBatch) {
+        const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxLutBatch, B - b0));
+        at::parallel_for(0, Mt, grain, [&](int64_t t0, int64_t t1) {
+          qg::gemv_lut_avx512(L, nb, tab.data() + b0 * chunks * 16, chunks * 16, xsum.data() + b0 * G, bptr,
+                              y + b0 * m, m, t0, t1);
+        });
+      }
+      return;
+    }
     for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxGemvBatch) {
       const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxGemvBatch, B - b0));
       at::parallel_for(0, Mt, grain, [&](int64_t t0, int64_t t1) {
@@ -154,7 +175,8 @@ void qgemm_cpu_out_op(const at::Tensor& x, const at::Tensor& qw, const at::Tenso
 
 }  // namespace
 
-// path: 0 = choose (GEMV for <= 8 tokens, else panels + at::mm), 1 = force GEMV, 2 = force GEMM (tests).
+// path: 0 = choose (LUT GEMV for 2/3-bit <= 2 tokens on AVX-512, FMA GEMV for <= 8 tokens, else panels +
+// at::mm); 1 = FMA GEMV, 2 = panels + at::mm, 3 = LUT GEMV where available (else FMA GEMV). 1-3 for tests.
 TORCH_LIBRARY_FRAGMENT(quantkern, m) {
   m.def("qgemm_cpu(Tensor x, Tensor qw, Tensor sc, Tensor kb_start, Tensor x_index, int bits, int m,"
         " Tensor? bias, int path=0) -> Tensor");

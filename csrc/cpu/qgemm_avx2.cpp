@@ -9,10 +9,16 @@ namespace {
 // Code p (0..31) of one half-tile k-block as floats; w = that half's words.
 template <int BITS>
 inline __m256 code_at(const __m256i* w, int p) {
-  if constexpr (BITS == 3) {
-    const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(w[p >> 4], 2 * (p & 15)), _mm256_set1_epi32(3));
-    const __m256i hi = p >= 2 ? _mm256_srli_epi32(w[2], p - 2) : _mm256_slli_epi32(w[2], 2 - p);
-    return _mm256_cvtepi32_ps(_mm256_or_si256(lo, _mm256_and_si256(hi, _mm256_set1_epi32(4))));
+  if constexpr (BITS == 2 || BITS == 3) {  // bit planes: bit i of code p is bit p of word i
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256i v = _mm256_and_si256(_mm256_srli_epi32(w[0], p), one);
+    const __m256i b1 = p >= 1 ? _mm256_srli_epi32(w[1], p - 1) : _mm256_slli_epi32(w[1], 1);
+    v = _mm256_or_si256(v, _mm256_and_si256(b1, _mm256_set1_epi32(2)));
+    if constexpr (BITS == 3) {
+      const __m256i b2 = p >= 2 ? _mm256_srli_epi32(w[2], p - 2) : _mm256_slli_epi32(w[2], 2 - p);
+      v = _mm256_or_si256(v, _mm256_and_si256(b2, _mm256_set1_epi32(4)));
+    }
+    return _mm256_cvtepi32_ps(v);
   } else {
     constexpr int per_word = 32 / BITS;
     const int shift = BITS * (p % per_word);
