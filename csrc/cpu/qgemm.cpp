@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu_features.h"
@@ -72,9 +73,9 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   TORCH_CHECK(kbs[0] == 0 && kbs[G] == KB, op, ": kb_start does not cover the ", KB, " k-blocks");
   const int32_t* xi = x_index.data_ptr<int32_t>();
   const int64_t n = x.size(1);
-  for (int64_t p = 0; p < Kpad; ++p)
-    TORCH_CHECK(xi[p] < n, op, ": the layout reads input channel ", xi[p], " but x has only ", n,
-                " (x.shape[-1] does not match the weight)");
+  const int32_t max_index = Kpad ? *std::max_element(xi, xi + Kpad) : -1;
+  TORCH_CHECK(max_index < n, op, ": the layout reads input channel ", max_index, " but x has only ", n,
+              " (x.shape[-1] does not match the weight)");
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == m, op, ": bias must be a CPU [", m,
@@ -105,9 +106,11 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
     std::vector<float> xsum(B * G);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < G; ++g) {
-        double s = 0;
-        for (int64_t p = kbs[g] * qg::kBlock; p < kbs[g + 1] * qg::kBlock; ++p) s += xnp[b * Kpad + p];
-        xsum[b * G + g] = static_cast<float>(s);
+        double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent chains (k-blocks are whole multiples of 8)
+        for (int64_t p = kbs[g] * qg::kBlock; p < kbs[g + 1] * qg::kBlock; p += 8)
+          for (int i = 0; i < 8; ++i) part[i] += xnp[b * Kpad + p + i];
+        xsum[b * G + g] = static_cast<float>(((part[0] + part[1]) + (part[2] + part[3])) +
+                                             ((part[4] + part[5]) + (part[6] + part[7])));
       }
     const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * qg::kTileRows));
     const bool lut = avx512 && (bits == 2 || bits == 3) && (path == 3 || (path == 0 && B <= qg::kMaxLutBatch));
@@ -115,13 +118,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
       // per token and 4 channels: the 16 subset sums of x
       const int64_t chunks = Kpad / 4;
       std::vector<float> tab(B * chunks * 16);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = 0; c < chunks; ++c) {
-          const float* xc4 = xnp + b * Kpad + c * 4;
-          float* t = tab.data() + (b * chunks + c) * 16;
-          t[0] = 0.0f;
-          for (int s = 1; s < 16; ++s) t[s] = t[s & (s - 1)] + xc4[__builtin_ctz(s)];
-        }
+      for (int64_t b = 0; b < B; ++b) qg::build_lut_avx512(xnp + b * Kpad, chunks, tab.data() + b * chunks * 16);
       for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxLutBatch) {
         const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxLutBatch, B - b0));
         at::parallel_for(0, Mt, grain, [&](int64_t t0, int64_t t1) {

@@ -198,6 +198,23 @@ void gemv_lut_avx512(const Layout& L, int B, const float* lut, int64_t ldl, cons
   return gemv_lut_tiles<3, 2>(L, lut, ldl, xsum, bias, out, ldo, t0, t1);
 }
 
+void build_lut_avx512(const float* x, int64_t chunks, float* lut) {
+  // entry s of a chunk = sum_i bit_i(s) * x_i; multiplying by exact 0/1 masks keeps plain fp32 sums
+  alignas(64) float mk[4][16];
+  for (int i = 0; i < 4; ++i)
+    for (int s = 0; s < 16; ++s) mk[i][s] = static_cast<float>((s >> i) & 1);
+  const __m512 m0 = _mm512_load_ps(mk[0]), m1 = _mm512_load_ps(mk[1]), m2 = _mm512_load_ps(mk[2]),
+               m3 = _mm512_load_ps(mk[3]);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* xc = x + c * 4;
+    __m512 t = _mm512_mul_ps(m0, _mm512_set1_ps(xc[0]));
+    t = _mm512_fmadd_ps(m1, _mm512_set1_ps(xc[1]), t);
+    t = _mm512_fmadd_ps(m2, _mm512_set1_ps(xc[2]), t);
+    t = _mm512_fmadd_ps(m3, _mm512_set1_ps(xc[3]), t);
+    _mm512_storeu_ps(lut + c * 16, t);
+  }
+}
+
 void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
   switch (L.bits) {
     case 2: return dequant_tiles<2>(L, t0, t1, wt, ldw);

@@ -46,6 +46,7 @@ void gemv_avx2(const Layout& L, int B, const float* x, int64_t ldx, const float*
 
 // LUT kernel (AVX-512, bits 2/3, B <= kMaxLutBatch): lut [B][Kpad/4][16] subset sums of x per 4 channels.
 constexpr int kMaxLutBatch = 2;
+void build_lut_avx512(const float* x, int64_t chunks, float* lut);  // x [chunks * 4] -> lut [chunks][16]
 void gemv_lut_avx512(const Layout& L, int B, const float* lut, int64_t ldl, const float* xsum, const float* bias,
                      float* out, int64_t ldo, int64_t t0, int64_t t1);
 
