@@ -15,18 +15,14 @@ namespace {
 
 namespace qg = qk::cpu::qgemm;
 
-// fp32 W^T panel per at::mm call: large, because MKL re-packs x for every call (narrow panels ran 2-4x
-// slower than one F.linear at batch 128); the buffer is kept between calls (no page faults per call).
 // Threads only pay off above this many weights per chunk (small layers run inline: no fork/join).
 constexpr int64_t kMinWeightsPerTask = 1 << 18;
 
-constexpr int64_t kPanelBytes = 64 << 20;
-
-at::Tensor& panel_workspace(int64_t numel) {
-  static thread_local at::Tensor ws;
-  if (!ws.defined() || ws.numel() < numel) ws = at::empty({numel}, at::kFloat);
-  return ws;
-}
+// Prefill blocking: each thread owns column panels of kPanelTiles * 16 outputs and walks K in chunks of
+// kPanelBlocks k-blocks: dequantize a [kPanelBlocks * 32, kPanelTiles * 16] fp32 W^T panel (1 MiB, stays in
+// L2) and accumulate x[:, chunk] @ panel into its output columns with a single-threaded BLAS call.
+constexpr int64_t kPanelTiles = 16;
+constexpr int64_t kPanelBlocks = 32;
 
 template <typename T>
 void gather_x(const at::Tensor& x, const int32_t* xi, int64_t Kpad, float* xn) {
@@ -138,21 +134,25 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
     return;
   }
 
-  // Prefill: panels of rows, dequantized to fp32 W^T [Kpad, rows], one at::mm each.
-  const int64_t panel_tiles = std::max<int64_t>(1, std::min<int64_t>(Mt, kPanelBytes / (Kpad * 4 * qg::kTileRows)));
-  at::Tensor& ws = panel_workspace(panel_tiles * qg::kTileRows * Kpad);
-  for (int64_t t0 = 0; t0 < Mt; t0 += panel_tiles) {
-    const int64_t t1 = std::min(Mt, t0 + panel_tiles), cols = (t1 - t0) * qg::kTileRows;
-    const int64_t r0 = t0 * qg::kTileRows, valid = std::min(m, t1 * qg::kTileRows) - r0;
-    float* wp = ws.data_ptr<float>();
-    at::parallel_for(t0, t1, std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * qg::kTileRows)), [&](int64_t a, int64_t b) {
-      (avx512 ? qg::dequant_avx512 : qg::dequant_avx2)(L, a, b, wp + (a - t0) * qg::kTileRows, cols);
-    });
-    auto wt = ws.narrow(0, 0, Kpad * cols).view({Kpad, cols}).narrow(1, 0, valid);
-    auto yp = at::mm(xn, wt);
-    if (bias_f.defined()) yp.add_(bias_f.narrow(0, r0, valid));
-    out.narrow(1, r0, valid).copy_(yp);
-  }
+  // Prefill: see kPanelTiles. Threads split the output columns, so no two write the same element.
+  const int64_t panels = (Mt + kPanelTiles - 1) / kPanelTiles;
+  const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * kPanelTiles * qg::kTileRows));
+  at::parallel_for(0, panels, grain, [&](int64_t pa, int64_t pb) {
+    auto buf = at::empty({kPanelBlocks * qg::kBlock, kPanelTiles * qg::kTileRows}, xn.options());
+    float* bp = buf.data_ptr<float>();
+    for (int64_t pi = pa; pi < pb; ++pi) {
+      const int64_t t0 = pi * kPanelTiles, t1 = std::min(Mt, t0 + kPanelTiles);
+      const int64_t r0 = t0 * qg::kTileRows, valid = std::min(m, t1 * qg::kTileRows) - r0;
+      auto yv = out.narrow(1, r0, valid);
+      for (int64_t kb0 = 0; kb0 < KB; kb0 += kPanelBlocks) {
+        const int64_t kb1 = std::min(KB, kb0 + kPanelBlocks), rows = (kb1 - kb0) * qg::kBlock;
+        (avx512 ? qg::dequant_avx512 : qg::dequant_avx2)(L, t0, t1, kb0, kb1, bp, buf.size(1));
+        auto panel = buf.narrow(0, 0, rows).narrow(1, 0, valid);
+        yv.addmm_(xn.narrow(1, kb0 * qg::kBlock, rows), panel, /*beta=*/kb0 == 0 ? 0 : 1);
+      }
+      if (bias_f.defined()) yv.add_(bias_f.narrow(0, r0, valid));
+    }
+  });
 }
 
 at::Tensor qgemm_cpu(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& kb_start,

@@ -102,13 +102,14 @@ void gemv_bits(const Layout& L, int B, const float* x, int64_t ldx, const float*
 }
 
 template <int BITS>
-void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw) {
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
     const float* sc = L.sc + tile * L.G * 2 * kTileRows;
     for (int h = 0; h < 2; ++h) {
       float* dst = wt + (tile - t0) * kTileRows + h * 8;
-      for (int64_t kb = 0; kb < L.KB; ++kb) {
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t g = L.kb_group[kb];
         const __m256 s = _mm256_loadu_ps(sc + g * 2 * kTileRows + h * 8);
         const __m256 z = _mm256_loadu_ps(sc + g * 2 * kTileRows + kTileRows + h * 8);
@@ -117,7 +118,7 @@ void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t l
           w[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wtile + (kb * BITS + i) * kTileRows + h * 8));
 #pragma GCC unroll 32
         for (int p = 0; p < kBlock; ++p)
-          _mm256_storeu_ps(dst + (kb * kBlock + p) * ldw, _mm256_mul_ps(_mm256_sub_ps(code_at<BITS>(w, p), z), s));
+          _mm256_storeu_ps(dst + ((kb - kb0) * kBlock + p) * ldw, _mm256_mul_ps(_mm256_sub_ps(code_at<BITS>(w, p), z), s));
       }
     }
   }
@@ -135,12 +136,13 @@ void gemv_avx2(const Layout& L, int B, const float* x, int64_t ldx, const float*
   }
 }
 
-void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw) {
   switch (L.bits) {
-    case 2: return dequant_tiles<2>(L, t0, t1, wt, ldw);
-    case 3: return dequant_tiles<3>(L, t0, t1, wt, ldw);
-    case 4: return dequant_tiles<4>(L, t0, t1, wt, ldw);
-    default: return dequant_tiles<8>(L, t0, t1, wt, ldw);
+    case 2: return dequant_tiles<2>(L, t0, t1, kb0, kb1, wt, ldw);
+    case 3: return dequant_tiles<3>(L, t0, t1, kb0, kb1, wt, ldw);
+    case 4: return dequant_tiles<4>(L, t0, t1, kb0, kb1, wt, ldw);
+    default: return dequant_tiles<8>(L, t0, t1, kb0, kb1, wt, ldw);
   }
 }
 

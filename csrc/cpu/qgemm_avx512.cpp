@@ -156,13 +156,14 @@ void gemv_bits(const Layout& L, int B, const float* x, int64_t ldx, const float*
 }
 
 template <int BITS>
-void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw) {
   const __m512 table = code_table<BITS>();
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
     const float* sc = L.sc + tile * L.G * 2 * kTileRows;
     float* dst = wt + (tile - t0) * kTileRows;
-    for (int64_t kb = 0; kb < L.KB; ++kb) {
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
       const int64_t g = L.kb_group[kb];
       const __m512 s = _mm512_loadu_ps(sc + g * 2 * kTileRows);
       const __m512 z = _mm512_loadu_ps(sc + g * 2 * kTileRows + kTileRows);
@@ -170,7 +171,7 @@ void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t l
       for (int i = 0; i < BITS; ++i) w[i] = _mm512_loadu_si512(wtile + (kb * BITS + i) * kTileRows);
 #pragma GCC unroll 32
       for (int p = 0; p < kBlock; ++p)
-        _mm512_storeu_ps(dst + (kb * kBlock + p) * ldw,
+        _mm512_storeu_ps(dst + ((kb - kb0) * kBlock + p) * ldw,
                          _mm512_mul_ps(_mm512_sub_ps(code_at<BITS>(w, p, table), z), s));
     }
   }
@@ -215,12 +216,13 @@ void build_lut_avx512(const float* x, int64_t chunks, float* lut) {
   }
 }
 
-void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw) {
   switch (L.bits) {
-    case 2: return dequant_tiles<2>(L, t0, t1, wt, ldw);
-    case 3: return dequant_tiles<3>(L, t0, t1, wt, ldw);
-    case 4: return dequant_tiles<4>(L, t0, t1, wt, ldw);
-    default: return dequant_tiles<8>(L, t0, t1, wt, ldw);
+    case 2: return dequant_tiles<2>(L, t0, t1, kb0, kb1, wt, ldw);
+    case 3: return dequant_tiles<3>(L, t0, t1, kb0, kb1, wt, ldw);
+    case 4: return dequant_tiles<4>(L, t0, t1, kb0, kb1, wt, ldw);
+    default: return dequant_tiles<8>(L, t0, t1, kb0, kb1, wt, ldw);
   }
 }
 

@@ -50,8 +50,11 @@ void build_lut_avx512(const float* x, int64_t chunks, float* lut);  // x [chunks
 void gemv_lut_avx512(const Layout& L, int B, const float* lut, int64_t ldl, const float* xsum, const float* bias,
                      float* out, int64_t ldo, int64_t t0, int64_t t1);
 
-// Dense W^T of tiles [t0, t1): wt[p * ldw + (tile - t0) * 16 + lane] = (q - z) * s for native position p.
-void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw);
-void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw);
+// Dense W^T of tiles [t0, t1) x k-blocks [kb0, kb1):
+// wt[(p - 32 * kb0) * ldw + (tile - t0) * 16 + lane] = (q - z) * s for native position p.
+void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw);
+void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw);
 
 }  // namespace qk::cpu::qgemm
