@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..formats import gptq
 from . import registry
+from .. import _ext
 
 OP = "qgemm"
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -85,10 +86,12 @@ def _check_usable(name: str, device: torch.device) -> None:
 
 def prepare(t: dict, bits: int, backend: str | None = None) -> Prepared:
     """Validate GPTQ tensors and build the chosen backend's layout on their device."""
-    m, n, _ = gptq.check_tensors(t, bits)
+    if not isinstance(t, dict) or any(k not in t for k in gptq.TENSOR_NAMES):
+        raise ValueError(f"qgemm: t must be a dict with {gptq.TENSOR_NAMES}")
     device = _tensors_device(t)
     name = backend or choose_backend(device)
     _check_usable(name, device)
+    m, n, _ = gptq.check_tensors(t, bits)
     return Prepared(name, bits, m, n, device, _BACKENDS[name].prepare(t, bits))
 
 
@@ -151,4 +154,27 @@ class ReferenceBackend:
         return y.to(x.dtype)
 
 
+class CpuBackend:
+    """C++ kernels (csrc/cpu/qgemm*.cpp) on the layout of formats/native.py.
+
+    path: 0 = GEMV for <= 8 tokens else dequantized panels + at::mm; 1/2 force one (tests).
+    """
+
+    def prepare(self, t: dict, bits: int):
+        from ..formats import native
+
+        return native.cpu_layout(t, bits)
+
+    def run(self, x: torch.Tensor, prepared, bias: torch.Tensor | None, path: int = 0) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise ValueError(f"qgemm cpu backend: x is on {x.device}; the CPU kernels need CPU tensors")
+        L = prepared
+        y = torch.ops.quantkern.qgemm_cpu(
+            x.reshape(-1, L.n), L.qw, L.sc, L.kb_start, L.x_index, L.bits, L.m, bias, path
+        )
+        return y.view(*x.shape[:-1], L.m)
+
+
 register_qgemm_backend("reference", ReferenceBackend())
+if _ext.has_cpu():
+    register_qgemm_backend("cpu", CpuBackend())
