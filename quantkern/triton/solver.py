@@ -19,7 +19,7 @@ import triton.language as tl
 from ..ops.solver import group_runs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-RNE_MAGIC = 12582912.0  # 1.5 * 2^23
+RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 
 
 @triton.jit
