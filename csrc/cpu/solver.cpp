@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
   const int64_t B = std::min<int64_t>(blocksize, n), nblk = (n + B - 1) / B;
 
   // beam b of row r is row r*K + b of Wk; only columns >= the current block start are live
-  at::Tensor Wk = W_in.contiguous().unsqueeze(1).expand({m, K, n}).contiguous().view({m * K, n});
+  at::Tensor Wk = W_in.unsqueeze(1).expand({m, K, n}).clone(at::MemoryFormat::Contiguous).view({m * K, n});  // never alias W (K = 1)
   at::Tensor Err = at::zeros({m * K, B}, W_in.options());
   at::Tensor S = at::zeros({m, K}, W_in.options().dtype(at::kDouble));
   // codes of the final beam b of each block (in-block slice) and its block-start ancestor

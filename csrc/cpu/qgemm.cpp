@@ -1,0 +1,156 @@
+// CPU qgemm: y = x @ dequant(W)^T (+ bias) on the kernel-native layout from repack.cpp.
+// Decode (<= 8 tokens): fused dequant + fp32 FMA GEMV, threaded over 16-row tiles.
+// Prefill: dequantize panels of rows to fp32 W^T (cache-sized) and multiply with at::mm.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu_features.h"
+#include "qgemm_kernels.h"
+
+namespace {
+
+namespace qg = qk::cpu::qgemm;
+
+constexpr int64_t kPanelBytes = 8 << 20;  // fp32 W^T panel per at::mm call
+
+template <typename T>
+void gather_x(const at::Tensor& x, const int32_t* xi, int64_t Kpad, float* xn) {
+  const int64_t B = x.size(0), n = x.size(1);
+  const T* src = x.data_ptr<T>();
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t p = 0; p < Kpad; ++p) xn[b * Kpad + p] = xi[p] < 0 ? 0.0f : static_cast<float>(src[b * n + xi[p]]);
+  });
+}
+
+void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& kb_start,
+                   const at::Tensor& x_index, int64_t bits, int64_t m, const c10::optional<at::Tensor>& bias,
+                   int64_t path, at::Tensor& out) {
+  const char* op = "quantkern::qgemm_cpu";
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &qw, &sc, &kb_start, &x_index, &out})
+    TORCH_CHECK(t->device().is_cpu(), op, ": expected CPU tensors, got one on ", t->device(),
+                " (use the cuda/triton backend for GPU tensors)");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, op, ": bits must be 2, 3, 4 or 8, got ", bits);
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, in_features], got ", x.sizes());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", xt);
+  TORCH_CHECK(qw.dim() == 4 && qw.scalar_type() == at::kInt && qw.size(2) == bits && qw.size(3) == qg::kTileRows &&
+                  qw.is_contiguous(),
+              op, ": native qweight must be contiguous int32 [tiles, kblocks, bits=", bits, ", 16], got ",
+              qw.sizes(), " ", qw.scalar_type());
+  const int64_t Mt = qw.size(0), KB = qw.size(1), Kpad = KB * qg::kBlock;
+  TORCH_CHECK(m > (Mt - 1) * qg::kTileRows && m <= Mt * qg::kTileRows, op, ": m=", m, " does not match ", Mt,
+              " row tiles");
+  TORCH_CHECK(sc.dim() == 4 && sc.scalar_type() == at::kFloat && sc.size(0) == Mt && sc.size(2) == 2 &&
+                  sc.size(3) == qg::kTileRows && sc.is_contiguous(),
+              op, ": native scales must be contiguous float32 [", Mt, ", G, 2, 16], got ", sc.sizes());
+  const int64_t G = sc.size(1);
+  TORCH_CHECK(kb_start.dim() == 1 && kb_start.scalar_type() == at::kInt && kb_start.size(0) == G + 1, op,
+              ": kb_start must be int32 [G+1=", G + 1, "]");
+  TORCH_CHECK(x_index.dim() == 1 && x_index.scalar_type() == at::kInt && x_index.size(0) == Kpad, op,
+              ": x_index must be int32 [", Kpad, "]");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == m &&
+                  out.is_contiguous(),
+              op, ": out must be contiguous float32 [", x.size(0), ", ", m, "], got ", out.sizes(), " ",
+              out.scalar_type());
+  const int32_t* kbs = kb_start.data_ptr<int32_t>();
+  TORCH_CHECK(kbs[0] == 0 && kbs[G] == KB, op, ": kb_start does not cover the ", KB, " k-blocks");
+  const int32_t* xi = x_index.data_ptr<int32_t>();
+  const int64_t n = x.size(1);
+  for (int64_t p = 0; p < Kpad; ++p)
+    TORCH_CHECK(xi[p] < n, op, ": the layout reads input channel ", xi[p], " but x has only ", n,
+                " (x.shape[-1] does not match the weight)");
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == m, op, ": bias must be a CPU [", m,
+                "] tensor, got ", bias->sizes(), " on ", bias->device());
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const int64_t B = x.size(0);
+  if (B == 0 || m == 0) return;
+
+  std::vector<int32_t> kb_group(KB);
+  for (int64_t g = 0; g < G; ++g)
+    for (int32_t k = kbs[g]; k < kbs[g + 1]; ++k) kb_group[k] = static_cast<int32_t>(g);
+  const qg::Layout L{qw.data_ptr<int32_t>(), sc.data_ptr<float>(), kbs, kb_group.data(), G, KB, Mt, m,
+                     static_cast<int>(bits)};
+  const bool avx512 = qk::cpu::use_avx512();
+  const float* bptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  float* y = out.data_ptr<float>();
+
+  // x in native channel order (act-order gather + group padding), fp32.
+  const auto xc = x.contiguous();
+  auto xn = at::empty({B, Kpad}, x.options().dtype(at::kFloat));
+  float* xnp = xn.data_ptr<float>();
+  if (xt == at::kFloat) gather_x<float>(xc, xi, Kpad, xnp);
+  else if (xt == at::kBFloat16) gather_x<at::BFloat16>(xc, xi, Kpad, xnp);
+  else gather_x<at::Half>(xc, xi, Kpad, xnp);
+
+  if (path == 1 || (path == 0 && B <= qg::kMaxGemvBatch)) {
+    std::vector<float> xsum(B * G);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < G; ++g) {
+        double s = 0;
+        for (int64_t p = kbs[g] * qg::kBlock; p < kbs[g + 1] * qg::kBlock; ++p) s += xnp[b * Kpad + p];
+        xsum[b * G + g] = static_cast<float>(s);
+      }
+    for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxGemvBatch) {
+      const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxGemvBatch, B - b0));
+      at::parallel_for(0, Mt, 4, [&](int64_t t0, int64_t t1) {
+        (avx512 ? qg::gemv_avx512 : qg::gemv_avx2)(L, nb, xnp + b0 * Kpad, Kpad, xsum.data() + b0 * G, bptr,
+                                                   y + b0 * m, m, t0, t1);
+      });
+    }
+    return;
+  }
+
+  // Prefill: panels of rows, dequantized to fp32 W^T [Kpad, rows] in cache, then one at::mm each.
+  const int64_t panel_tiles = std::max<int64_t>(1, std::min<int64_t>(Mt, kPanelBytes / (Kpad * 4 * qg::kTileRows)));
+  auto wt = at::empty({Kpad, panel_tiles * qg::kTileRows}, xn.options());
+  for (int64_t t0 = 0; t0 < Mt; t0 += panel_tiles) {
+    const int64_t t1 = std::min(Mt, t0 + panel_tiles), cols = (t1 - t0) * qg::kTileRows;
+    const int64_t r0 = t0 * qg::kTileRows, valid = std::min(m, t1 * qg::kTileRows) - r0;
+    float* wtp = wt.data_ptr<float>();
+    const int64_t ldw = wt.size(1);
+    at::parallel_for(t0, t1, 1, [&](int64_t a, int64_t b) {
+      (avx512 ? qg::dequant_avx512 : qg::dequant_avx2)(L, a, b, wtp + (a - t0) * qg::kTileRows, ldw);
+    });
+    auto yp = at::mm(xn, wt.narrow(1, 0, cols)).narrow(1, 0, valid);
+    if (bias_f.defined()) yp.add_(bias_f.narrow(0, r0, valid));
+    out.narrow(1, r0, valid).copy_(yp);
+  }
+}
+
+at::Tensor qgemm_cpu(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& kb_start,
+                     const at::Tensor& x_index, int64_t bits, int64_t m, const c10::optional<at::Tensor>& bias,
+                     int64_t path) {
+  TORCH_CHECK(x.dim() == 2, "quantkern::qgemm_cpu: x must be 2-D [tokens, in_features], got ", x.sizes());
+  auto out = at::empty({x.size(0), m}, x.options().dtype(at::kFloat));
+  qgemm_cpu_out(x, qw, sc, kb_start, x_index, bits, m, bias, path, out);
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+void qgemm_cpu_out_op(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& kb_start,
+                      const at::Tensor& x_index, int64_t bits, int64_t m, const c10::optional<at::Tensor>& bias,
+                      int64_t path, at::Tensor out) {
+  qgemm_cpu_out(x, qw, sc, kb_start, x_index, bits, m, bias, path, out);
+}
+
+}  // namespace
+
+// path: 0 = choose (GEMV for <= 8 tokens, else panels + at::mm), 1 = force GEMV, 2 = force GEMM (tests).
+TORCH_LIBRARY_FRAGMENT(quantkern, m) {
+  m.def("qgemm_cpu(Tensor x, Tensor qw, Tensor sc, Tensor kb_start, Tensor x_index, int bits, int m,"
+        " Tensor? bias, int path=0) -> Tensor");
+  m.def("qgemm_cpu_out(Tensor x, Tensor qw, Tensor sc, Tensor kb_start, Tensor x_index, int bits, int m,"
+        " Tensor? bias, int path, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(quantkern, CPU, m) {
+  m.impl("qgemm_cpu", &qgemm_cpu);
+  m.impl("qgemm_cpu_out", &qgemm_cpu_out_op);
+}

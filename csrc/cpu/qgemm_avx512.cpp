@@ -1,0 +1,142 @@
+// AVX-512 qgemm kernels (chosen at run time). No ATen here: see qgemm_kernels.h.
+// Codes become floats through vpermps with a 16-entry table: it reads only the low 4 bits of each
+// lane, so a right shift alone extracts a code (no mask, no int->float convert).
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#include <immintrin.h>
+
+#include "qgemm_kernels.h"
+
+namespace qk::cpu::qgemm {
+namespace {
+
+template <int BITS>
+inline __m512 code_table() {
+  const int mask = BITS == 4 ? 15 : (1 << BITS) - 1;
+  alignas(64) float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = static_cast<float>(i & mask);
+  return _mm512_load_ps(t);
+}
+
+// Code p (0..31) of a k-block as floats, 16 rows; w = the block's words.
+template <int BITS>
+inline __m512 code_at(const __m512i* w, int p, __m512 table) {
+  if constexpr (BITS == 4) {
+    return _mm512_permutexvar_ps(_mm512_srli_epi32(w[p >> 3], 4 * (p & 7)), table);
+  } else if constexpr (BITS == 2) {
+    return _mm512_permutexvar_ps(_mm512_srli_epi32(w[p >> 4], 2 * (p & 15)), table);
+  } else if constexpr (BITS == 3) {
+    const __m512i lo = _mm512_srli_epi32(w[p >> 4], 2 * (p & 15));
+    const __m512i hi = p >= 2 ? _mm512_srli_epi32(w[2], p - 2) : _mm512_slli_epi32(w[2], 2 - p);
+    // bits 0-1 from lo, the rest from hi (bit 2 = the high code bit); the table ignores bit 3
+    return _mm512_permutexvar_ps(_mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi32(3), 0xE4), table);
+  } else {  // 8
+    const __m512i v = _mm512_srli_epi32(w[p >> 2], 8 * (p & 3));
+    return _mm512_cvtepi32_ps((p & 3) == 3 ? v : _mm512_and_si512(v, _mm512_set1_epi32(0xFF)));
+  }
+}
+
+template <int BITS, int B>
+void gemv_tiles(const Layout& L, const float* x, int64_t ldx, const float* xsum, const float* bias, float* out,
+                int64_t ldo, int64_t t0, int64_t t1) {
+  constexpr int NA = B == 1 ? 4 : (B == 2 ? 2 : 1);  // independent FMA chains per token
+  const __m512 table = code_table<BITS>();
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    __m512 y[B];
+    for (int b = 0; b < B; ++b) y[b] = _mm512_setzero_ps();
+    const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
+    const float* sc = L.sc + tile * L.G * 2 * kTileRows;
+    for (int64_t g = 0; g < L.G; ++g) {
+      const int k0 = L.kb_start[g], k1 = L.kb_start[g + 1];
+      if (k0 == k1) continue;
+      __m512 acc[B][NA];
+      for (int b = 0; b < B; ++b)
+        for (int a = 0; a < NA; ++a) acc[b][a] = _mm512_setzero_ps();
+      for (int kb = k0; kb < k1; ++kb) {
+        __m512i w[BITS];
+        const int32_t* wp = wtile + static_cast<int64_t>(kb) * BITS * kTileRows;
+#pragma GCC unroll 8
+        for (int i = 0; i < BITS; ++i) w[i] = _mm512_loadu_si512(wp + i * kTileRows);
+        const float* xk = x + static_cast<int64_t>(kb) * kBlock;
+#pragma GCC unroll 32
+        for (int p = 0; p < kBlock; ++p) {
+          const __m512 f = code_at<BITS>(w, p, table);
+#pragma GCC unroll 8
+          for (int b = 0; b < B; ++b)
+            acc[b][p % NA] = _mm512_fmadd_ps(f, _mm512_set1_ps(xk[b * ldx + p]), acc[b][p % NA]);
+        }
+      }
+      const __m512 s = _mm512_loadu_ps(sc + g * 2 * kTileRows);
+      const __m512 sz = _mm512_mul_ps(s, _mm512_loadu_ps(sc + g * 2 * kTileRows + kTileRows));
+      for (int b = 0; b < B; ++b) {
+        __m512 a = acc[b][0];
+        for (int i = 1; i < NA; ++i) a = _mm512_add_ps(a, acc[b][i]);
+        y[b] = _mm512_fmadd_ps(s, a, y[b]);
+        y[b] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsum[b * L.G + g]), y[b]);
+      }
+    }
+    const int64_t r0 = tile * kTileRows;
+    const int64_t valid = L.m - r0 < kTileRows ? L.m - r0 : kTileRows;
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + r0) : _mm512_setzero_ps();
+    for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + b * ldo + r0, mask, _mm512_add_ps(y[b], bv));
+  }
+}
+
+template <int BITS>
+void gemv_bits(const Layout& L, int B, const float* x, int64_t ldx, const float* xsum, const float* bias,
+               float* out, int64_t ldo, int64_t t0, int64_t t1) {
+  switch (B) {
+    case 1: return gemv_tiles<BITS, 1>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
+    case 2: return gemv_tiles<BITS, 2>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
+    case 3: return gemv_tiles<BITS, 3>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
+    case 4: return gemv_tiles<BITS, 4>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
+    case 5: return gemv_tiles<BITS, 5>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
+    case 6: return gemv_tiles<BITS, 6>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
+    case 7: return gemv_tiles<BITS, 7>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
+    default: return gemv_tiles<BITS, 8>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
+  }
+}
+
+template <int BITS>
+void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+  const __m512 table = code_table<BITS>();
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
+    const float* sc = L.sc + tile * L.G * 2 * kTileRows;
+    float* dst = wt + (tile - t0) * kTileRows;
+    for (int64_t kb = 0; kb < L.KB; ++kb) {
+      const int64_t g = L.kb_group[kb];
+      const __m512 s = _mm512_loadu_ps(sc + g * 2 * kTileRows);
+      const __m512 z = _mm512_loadu_ps(sc + g * 2 * kTileRows + kTileRows);
+      __m512i w[BITS];
+      for (int i = 0; i < BITS; ++i) w[i] = _mm512_loadu_si512(wtile + (kb * BITS + i) * kTileRows);
+#pragma GCC unroll 32
+      for (int p = 0; p < kBlock; ++p)
+        _mm512_storeu_ps(dst + (kb * kBlock + p) * ldw,
+                         _mm512_mul_ps(_mm512_sub_ps(code_at<BITS>(w, p, table), z), s));
+    }
+  }
+}
+
+}  // namespace
+
+void gemv_avx512(const Layout& L, int B, const float* x, int64_t ldx, const float* xsum, const float* bias,
+                 float* out, int64_t ldo, int64_t t0, int64_t t1) {
+  switch (L.bits) {
+    case 2: return gemv_bits<2>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
+    case 3: return gemv_bits<3>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
+    case 4: return gemv_bits<4>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
+    default: return gemv_bits<8>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
+  }
+}
+
+void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+  switch (L.bits) {
+    case 2: return dequant_tiles<2>(L, t0, t1, wt, ldw);
+    case 3: return dequant_tiles<3>(L, t0, t1, wt, ldw);
+    case 4: return dequant_tiles<4>(L, t0, t1, wt, ldw);
+    default: return dequant_tiles<8>(L, t0, t1, wt, ldw);
+  }
+}
+
+}  // namespace qk::cpu::qgemm

@@ -1,0 +1,47 @@
+// The CPU qgemm kernel-native layout and the per-ISA kernels that read it (see formats/native.py).
+//
+// Rows (output features) come in tiles of 16 (one AVX-512 vector, two AVX2 vectors; m padded with
+// zero-scale rows). Input channels are reordered once at load so each group is contiguous (act-order
+// handled here, never in the inner loop) and each group is padded to whole k-blocks of 32 channels;
+// x is gathered into the same order (padding reads 0) on every call.
+//
+//   qw  int32 [Mt][KB][bits][16]  one k-block of one tile = `bits` words per row, lane = row:
+//         2-bit: word p/16, bits 2*(p%16)    4-bit: word p/8, bits 4*(p%8)    8-bit: word p/4, bits 8*(p%4)
+//         3-bit, planar 2+1: low 2 bits in word p/16 at 2*(p%16), high bit in word 2 at bit p
+//         (no code straddles a word)
+//   sc  fp32  [Mt][G][2][16]     per group and row: scale s, zero point z (so W = (q - z) * s)
+//   kb_start int32 [G+1]         group g owns k-blocks [kb_start[g], kb_start[g+1])
+//
+// GEMV: y = sum_g s_g * (sum_{k in g} q_k x_k - z_g * sum_{k in g} x_k), fp32 FMA (no int8 rounding).
+// This header is included by the AVX-512 file too, so it must not include ATen (ODR: its inline
+// functions would get compiled with AVX-512 instructions).
+#pragma once
+#include <cstdint>
+
+namespace qk::cpu::qgemm {
+
+constexpr int kTileRows = 16;
+constexpr int kBlock = 32;  // input channels per k-block
+constexpr int kMaxGemvBatch = 8;
+
+struct Layout {
+  const int32_t* qw;
+  const float* sc;
+  const int32_t* kb_start;  // [G + 1]
+  const int32_t* kb_group;  // [KB] group of each k-block
+  int64_t G, KB, Mt, m;
+  int bits;
+};
+
+// out[b * ldo + r] = y for tiles [t0, t1) and B <= kMaxGemvBatch tokens; x [B][ldx] in native order,
+// xsum [B][G] per-group sums of x; bias fp32 [m] or null. Writes exactly the rows < m.
+void gemv_avx512(const Layout& L, int B, const float* x, int64_t ldx, const float* xsum, const float* bias,
+                 float* out, int64_t ldo, int64_t t0, int64_t t1);
+void gemv_avx2(const Layout& L, int B, const float* x, int64_t ldx, const float* xsum, const float* bias,
+               float* out, int64_t ldo, int64_t t0, int64_t t1);
+
+// Dense W^T of tiles [t0, t1): wt[p * ldw + (tile - t0) * 16 + lane] = (q - z) * s for native position p.
+void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw);
+void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw);
+
+}  // namespace qk::cpu::qgemm

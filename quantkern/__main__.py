@@ -1,0 +1,4 @@
+"""`python -m quantkern ...` is the `quantkern` console script."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""QuantLinear: nn.Linear with a packed GPTQ v1 weight, run through the qgemm dispatcher.
+
+The state_dict is the on-disk GPTQ format (qweight, qzeros, scales, g_idx, bias). The kernel-native
+layout of the chosen backend is built lazily on first use and cached (not persisted); the cache key
+includes the buffers' storage and version counters, so .to(device), load_state_dict and in-place copies
+all trigger a rebuild.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats import bitstream, gptq
+from ..ops import qgemm as _qgemm
+from ..spec import QuantSpec
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = True,
+                 device=None, dtype: torch.dtype = torch.float16):
+        """An empty (all-zero codes) layer of the given shape, ready for load_state_dict."""
+        super().__init__()
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"QuantLinear: spec must be a QuantSpec, got {type(spec).__name__}")
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"QuantLinear: features must be positive, got in={in_features}, out={out_features}")
+        if dtype not in _qgemm.ACT_DTYPES:
+            raise TypeError(f"QuantLinear: dtype (of scales and bias) must be a float dtype, got {dtype}")
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        n, m, bits, G = in_features, out_features, spec.bits, spec.num_groups(in_features)
+        i32 = dict(dtype=torch.int32, device=device)
+        self.register_buffer("qweight", torch.zeros(bitstream.packed_rows(n, bits), m, **i32))
+        # empty layer: symmetric zero point 2^(bits-1) everywhere (v1 stores zero - 1)
+        mid = torch.full((m, G), (1 << (bits - 1)) - 1, dtype=torch.int64, device=device)
+        qzeros = bitstream.pack_dim0(mid, bits).t().contiguous()
+        self.register_buffer("qzeros", qzeros)
+        self.register_buffer("scales", torch.ones(G, m, dtype=dtype, device=device))
+        g_idx = torch.arange(n, device=device, dtype=torch.int32) // spec.group_len(n)
+        self.register_buffer("g_idx", g_idx.to(torch.int32))
+        self.register_buffer("bias", torch.zeros(m, dtype=dtype, device=device) if bias else None)
+        self._cache: dict[str, tuple[tuple, _qgemm.Prepared]] = {}
+        self.last_backend: str | None = None
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_gptq(cls, tensors: dict, spec: QuantSpec, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Wrap GPTQ v1 tensors (qweight, qzeros, scales, g_idx) quantized with `spec`."""
+        try:
+            m, n, G = gptq.check_tensors(tensors, spec.bits)
+        except ValueError as exc:
+            raise ValueError(f"QuantLinear.from_gptq: tensors do not match {spec.bits}-bit spec: {exc}") from exc
+        if G != spec.num_groups(n):
+            raise ValueError(
+                f"QuantLinear.from_gptq: {G} groups in scales, but group_size={spec.group_size} with "
+                f"in_features={n} gives {spec.num_groups(n)}"
+            )
+        dev = tensors["qweight"].device
+        layer = cls(n, m, spec, bias=bias is not None, device=dev, dtype=tensors["scales"].dtype
+                    if tensors["scales"].dtype in _qgemm.ACT_DTYPES else torch.float16)
+        for k in gptq.TENSOR_NAMES:
+            setattr(layer, k, tensors[k].detach().clone().contiguous())
+        if bias is not None:
+            if bias.shape != (m,):
+                raise ValueError(f"QuantLinear.from_gptq: bias has shape {tuple(bias.shape)}, expected ({m},)")
+            layer.bias = bias.detach().to(device=dev, dtype=layer.scales.dtype).clone()
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, result) -> "QuantLinear":
+        """From an nn.Linear and its quantkern.solve result (anything with .to_gptq() and .spec)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QuantLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        spec = getattr(result, "spec", None)
+        if not isinstance(spec, QuantSpec) or not callable(getattr(result, "to_gptq", None)):
+            raise TypeError("QuantLinear.from_linear: result must have .spec (QuantSpec) and .to_gptq()")
+        t = result.to_gptq()
+        m, n, _ = gptq.check_tensors(t, spec.bits)
+        if (m, n) != (linear.out_features, linear.in_features):
+            raise ValueError(
+                f"QuantLinear.from_linear: result is for a [{m}, {n}] weight, linear is "
+                f"[{linear.out_features}, {linear.in_features}]"
+            )
+        t = {k: v.to(linear.weight.device) for k, v in t.items()}
+        return cls.from_gptq(t, spec, None if linear.bias is None else linear.bias)
+
+    # ---- running ------------------------------------------------------------------------------
+    def _key(self) -> tuple:
+        ts = [self.qweight, self.qzeros, self.scales, self.g_idx]
+        return tuple((t.device, t.data_ptr(), t._version, t.dtype) for t in ts)
+
+    def prepared(self, backend: str | None = None) -> _qgemm.Prepared:
+        """The backend's native layout of this weight, built once and cached until the buffers change."""
+        backend = backend or _qgemm.choose_backend(self.qweight.device)
+        key = self._key()
+        hit = self._cache.get(backend)
+        if hit is None or hit[0] != key:
+            t = {k: getattr(self, k) for k in gptq.TENSOR_NAMES}
+            hit = (key, _qgemm.prepare(t, self.spec.bits, backend))
+            self._cache[backend] = hit
+        return hit[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = _qgemm.choose_backend(x.device)
+        self.last_backend = backend
+        return _qgemm.qgemm(x, None, self.spec.bits, bias=self.bias, prepared=self.prepared(backend))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Dense fp32 [out, in] weight (for checks and fallbacks)."""
+        return gptq.dequantize({k: getattr(self, k) for k in gptq.TENSOR_NAMES}, self.spec.bits)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache.clear()  # layouts live on the old device
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        try:
+            backend = self.last_backend or _qgemm.choose_backend(self.qweight.device)
+        except Exception:  # no usable backend: say so instead of failing repr
+            backend = "none"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
+            f"group_size={s.group_size}, sym={s.sym}, act_order={s.act_order}, bias={self.bias is not None}, "
+            f"backend={backend}"
+        )

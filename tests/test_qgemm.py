@@ -1,0 +1,172 @@
+"""qgemm: every backend against the reference (dequantize + fp32 F.linear), layouts, paths, ISAs, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantkern import _ext
+from quantkern.formats import gptq, native
+from quantkern.ops import qgemm as Q
+from quantkern.ops import registry
+from quantkern.spec import QuantSpec
+
+from qgemm_cases import random_layer, rel_err
+
+needs_cpu = pytest.mark.skipif(not _ext.has_cpu(), reason=f"extension not built: {_ext.LOAD_ERROR}")
+GROUPS = [-1, 32, 64, 128, 48]  # 48 leaves a ragged last group for n = 300
+BATCHES = [1, 3, 17, 128]
+M, N = 100, 300  # neither a multiple of 64 (nor of the 16-row tile)
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request, monkeypatch):
+    if request.param == "avx2":
+        monkeypatch.setenv("QUANTKERN_NO_AVX512", "1")
+    else:
+        monkeypatch.delenv("QUANTKERN_NO_AVX512", raising=False)
+    return request.param
+
+
+def reference(x, t, bits, bias=None):
+    return Q.qgemm(x, t, bits, bias=bias, backend="reference")
+
+
+def test_reference_is_dequantize_then_linear():
+    t = random_layer(20, 70, QuantSpec(bits=3, group_size=32, sym=False), seed=1)
+    x = torch.randn(4, 70, dtype=torch.float64).float()
+    W = gptq.dequantize(t, 3)
+    torch.testing.assert_close(reference(x, t, 3), x @ W.T, rtol=1e-6, atol=1e-6)
+
+
+@needs_cpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("sym,act_order", [(True, False), (False, False), (False, True), (True, True)])
+def test_cpu_matches_reference_fp32(bits, group_size, sym, act_order, isa):
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order)
+    t = random_layer(M, N, spec, seed=bits * 100 + group_size)
+    prep = Q.prepare(t, bits, "cpu")
+    W = gptq.dequantize(t, bits)
+    gen = torch.Generator().manual_seed(7)
+    for B in BATCHES:
+        x = torch.randn(B, N, generator=gen) + 0.5  # non-zero mean exercises the folded zero-point term
+        ref = x @ W.T
+        for path in (1, 2):  # GEMV and panel GEMM for every batch size
+            out = torch.full((B, M), float("nan"))  # poisoned: every element must be written
+            torch.ops.quantkern.qgemm_cpu_out(
+                x, prep.layout.qw, prep.layout.sc, prep.layout.kb_start, prep.layout.x_index, bits, M, None, path, out
+            )
+            assert not out.isnan().any(), f"unwritten outputs (B={B}, path={path})"
+            assert rel_err(out, ref) < 1e-5, (B, path, rel_err(out, ref))
+        y = Q.qgemm(x, None, bits, prepared=prep)  # default path choice
+        assert rel_err(y, ref) < 1e-5
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cpu_half_activations(dtype, bits, isa):
+    spec = QuantSpec(bits=bits, group_size=64, sym=False, act_order=True)
+    t = random_layer(M, N, spec, seed=3)
+    bias = torch.randn(M).to(dtype)
+    for B in (1, 17):
+        x = torch.randn(2, B, N).to(dtype)
+        y = Q.qgemm(x, t, bits, bias=bias, backend="cpu")
+        ref = reference(x, t, bits, bias)
+        assert y.dtype == dtype and y.shape == (2, B, M)
+        assert rel_err(y, ref) < 1e-2
+
+
+@needs_cpu
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cpu_bias_and_leading_dims(bits):
+    t = random_layer(M, N, QuantSpec(bits=bits, group_size=128), seed=5)
+    bias = torch.randn(M)
+    for shape in [(N,), (2, 3, N), (0, N)]:
+        x = torch.randn(*shape)
+        y = Q.qgemm(x, t, bits, bias=bias, backend="cpu")
+        ref = reference(x, t, bits, bias)
+        assert y.shape == (*shape[:-1], M)
+        if x.numel():
+            assert rel_err(y, ref) < 1e-5
+
+
+@needs_cpu
+@pytest.mark.parametrize("bits", [3, 4])
+def test_cpu_long_rows_precision(bits, isa):
+    """One group over 4096 channels, activations with a large mean: the zero-point fold must stay exact."""
+    t = random_layer(40, 4096, QuantSpec(bits=bits, group_size=-1, sym=False), seed=9)
+    x = torch.randn(3, 4096) * 0.5 + 2.0
+    for path in (1, 2):
+        y = Q.get_backend("cpu").run(x, Q.prepare(t, bits, "cpu").layout, None, path)
+        assert rel_err(y, reference(x, t, bits)) < 1e-5
+
+
+@needs_cpu
+def test_native_layout_shapes():
+    spec = QuantSpec(bits=3, group_size=48, act_order=True)
+    t = random_layer(M, N, spec, seed=2)
+    L = native.cpu_layout(t, 3)
+    G = spec.num_groups(N)
+    assert L.qw.shape[0] == -(-M // 16) and L.qw.shape[2:] == (3, 16)
+    assert L.sc.shape == (L.qw.shape[0], G, 2, 16) and L.kb_start.shape == (G + 1,)
+    idx = L.x_index[L.x_index >= 0].long()
+    assert sorted(idx.tolist()) == list(range(N))  # every input channel exactly once
+    g_of = t["g_idx"].long()[idx]
+    assert torch.equal(g_of, g_of.sort().values)  # groups contiguous in native order
+
+
+def _usable_backends(device):
+    return [b for b in Q._BACKENDS if b != "reference" and registry._usable(b, torch.device(device))]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_every_backend_matches_reference(device, bits):
+    """Covers backends registered by other modules (triton, cuda) on the devices present."""
+    backends = _usable_backends(device)
+    if not backends:
+        pytest.skip(f"no compiled qgemm backend on {device}")
+    for gs, sym, act in [(-1, True, False), (32, False, True), (48, False, False), (128, True, True)]:
+        t = {k: v.to(device) for k, v in random_layer(M, N, QuantSpec(bits=bits, group_size=gs, sym=sym,
+                                                                         act_order=act), seed=gs + 11).items()}
+        for b in backends:
+            prep = Q.prepare(t, bits, b)
+            for B in BATCHES:
+                x = torch.randn(B, N, device=device)
+                assert rel_err(Q.qgemm(x, None, bits, prepared=prep), reference(x, t, bits)) < 1e-5, (b, gs, B)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+@needs_cpu
+def test_bad_inputs():
+    bits = 4
+    t = random_layer(M, N, QuantSpec(bits=bits, group_size=64), seed=4)
+    prep = Q.prepare(t, bits, "cpu")
+    with pytest.raises(ValueError, match="in_features=300"):
+        Q.qgemm(torch.randn(2, N + 1), None, bits, prepared=prep)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        Q.qgemm(torch.ones(2, N, dtype=torch.int32), None, bits, prepared=prep)
+    with pytest.raises(ValueError, match="bias has shape"):
+        Q.qgemm(torch.randn(2, N), None, bits, bias=torch.randn(M + 1), prepared=prep)
+    with pytest.raises(ValueError, match="prepared layout is 4-bit"):
+        Q.qgemm(torch.randn(2, N), None, 3, prepared=prep)
+    with pytest.raises(ValueError, match="qweight shape"):  # packed tensors that are not 3-bit
+        Q.qgemm(torch.randn(2, N), t, 3, backend="cpu")
+    with pytest.raises(ValueError, match="x is on meta"):  # a tensor from another device
+        Q.qgemm(torch.randn(2, N, device="meta"), None, bits, prepared=prep)
+    with pytest.raises(RuntimeError, match="cpu cannot run|cannot run on meta"):
+        Q.prepare({k: v.to("meta") for k, v in t.items()}, bits, "cpu")
+    bad = dict(t, qzeros=t["qzeros"].float())
+    with pytest.raises(ValueError, match="qzeros must be torch.int32"):
+        Q.qgemm(torch.randn(2, N), bad, bits, backend="cpu")
+    with pytest.raises(RuntimeError, match="expected CPU tensors|out must be"):
+        torch.ops.quantkern.qgemm_cpu_out(torch.randn(2, N), prep.layout.qw, prep.layout.sc, prep.layout.kb_start,
+                                          prep.layout.x_index, bits, M, None, 0, torch.empty(2, M, dtype=torch.float64))
+
+
+def test_register_rejects_non_backend():
+    with pytest.raises(TypeError, match="prepare"):
+        Q.register_qgemm_backend("cuda", object())
+    with pytest.raises(ValueError, match="unknown backend"):
+        Q.register_qgemm_backend("tpu", Q.ReferenceBackend())
