@@ -104,18 +104,22 @@ def test_cuda_ops_direct_bit_exact_dequant():
             assert torch.equal(got, Wk.t()), (bits, grouping)
 
 
-def test_cuda_gemv_large_shape_and_every_output_written():
-    """A real-size layer: the split-K plan with many splits; NaN-filled outputs must all be overwritten."""
+def test_cuda_gemv_large_shape_split_k():
+    """A real-size layer: many split-K blocks (last-block reduction), batch tiles of 8, repeated calls
+    (the arrival counters must re-arm), bias, and bit-identical results from call to call."""
     _need_cuda_kernels()
     gen = torch.Generator().manual_seed(12)
     t = make_packed(4096, 2048, 4, "g128", True, gen)
     p = gpu_native.prepare(t, 4, device="cuda")
     W = gptq.dequantize(t, 4).cuda()
-    for batch in (1, 2, 5, 8):
+    bias = torch.randn(4096, generator=gen).cuda()
+    for batch in (1, 2, 5, 8, 13):
         x = torch.randn(batch, 2048, generator=gen).cuda()
-        y = torch.ops.quantkern.gpu_qgemm_gemv(x, p.qweight, p.scales, p.zeros, p.g_idx, 4, p.group_size)
+        y = torch.ops.quantkern.gpu_qgemm_gemv(x, p.qweight, p.scales, p.zeros, p.g_idx, 4, p.group_size, bias)
+        y2 = torch.ops.quantkern.gpu_qgemm_gemv(x, p.qweight, p.scales, p.zeros, p.g_idx, 4, p.group_size, bias)
         assert torch.isfinite(y).all()
-        assert rel_err(y, F.linear(x, W)) < 1e-5
+        assert torch.equal(y, y2)
+        assert rel_err(y, F.linear(x, W, bias)) < 1e-5
 
 
 def test_cuda_rejects_bad_input():
