@@ -2,7 +2,8 @@
 
 Cases (weight [out, in]): 4096x14336 and 14336x4096, batch 1, 8 and 128:
   torch fp32 F.linear, torch bf16 F.linear, torch int4 (_weight_int4pack_mm_for_cpu, group 128, bf16
-  activations: its fast path), quantkern cpu at 4, 3 and 2 bits (group 128, fp32 activations).
+  activations: its fast path), quantkern cpu at 4, 3 and 2 bits (group 128, fp32 activations, exact
+  fp32 paths), and quantkern 4-bit with the opt-in int8-activation decode path (qk4_int8x, approximate).
 Every case rotates over enough distinct weights (> --rotate-mb, default 256 MB) that each call reads
 its weight from DRAM, not from the last-level cache. The DRAM read bandwidth is measured in the same
 run (a large tensor sum); effective GB/s = weight bytes read (packed codes + scales + zeros) / time.
@@ -95,6 +96,12 @@ def make_cases(m: int, n: int, names=None) -> list[Case]:
         cases.append(Case(f"qk{bits}", f"quantkern {bits}-bit g{GROUP} (fp32 x)", nbytes,
                           lambda g, b=bits: Q.prepare(random_gptq(m, n, b, g), b, "cpu"),
                           lambda x, p, b=bits: Q.qgemm(x, None, b, prepared=p), torch.float32))
+    # opt-in int8-activation 4-bit decode path (approximate: QUANTKERN_CPU_INT8_ACT=1); exact path above 8 tokens
+    nbytes4 = bitstream.packed_rows(n, 4) * m * 4 + G * m * 2 + G * bitstream.packed_rows(m, 4) * 4
+    cpu = Q.get_backend("cpu")
+    cases.append(Case("qk4_int8x", "quantkern 4-bit, int8 activations (opt-in, approximate)", nbytes4,
+                      lambda g: Q.prepare(random_gptq(m, n, 4, g), 4, "cpu"),
+                      lambda x, p: cpu.run(x, p.layout, None, 4 if x.shape[0] <= 8 else 0), torch.float32))
     return [c for c in cases if names is None or c.name in names]
 
 
@@ -232,7 +239,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--rotate-mb", type=int, default=256, help="distinct weight bytes per case (> LLC)")
     ap.add_argument("--quiet-machine", action="store_true", help="record contended=false in the JSON")
-    ap.add_argument("--only", nargs="*", help="implementations to run (fp32 bf16 torch_int4 qk4 qk3 qk2)")
+    ap.add_argument("--only", nargs="*", help="implementations to run (fp32 bf16 torch_int4 qk4 qk3 qk2 qk4_int8x)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -280,7 +287,7 @@ if pytest is not None:
             _CACHE[(m, n)] = {c.name: c for c in cs}
         return _CACHE[(m, n)]
 
-    @pytest.mark.parametrize("impl", ["fp32", "bf16", "torch_int4", "qk4", "qk3", "qk2"])
+    @pytest.mark.parametrize("impl", ["fp32", "bf16", "torch_int4", "qk4", "qk3", "qk2", "qk4_int8x"])
     @pytest.mark.parametrize("batch", BATCHES)
     @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
     def test_qgemm_cpu(benchmark, shape, batch, impl):

@@ -118,6 +118,21 @@ def test_cpu_threaded_sizes(bits, isa):
 
 
 @needs_cpu
+def test_cpu_int8_activation_path_is_close(monkeypatch):
+    """Opt-in approximate path (4-bit, VNNI): error of int8 activation rounding only; exact path otherwise."""
+    t = random_layer(M, N, QuantSpec(bits=4, group_size=64, sym=False, act_order=True), seed=12)
+    prep = Q.prepare(t, 4, "cpu")
+    x = torch.randn(5, N) + 0.3
+    ref = reference(x, t, 4)
+    y = Q.get_backend("cpu").run(x, prep.layout, None, 4)
+    assert not y.isnan().any() and rel_err(y, ref) < 2e-2
+    monkeypatch.setenv("QUANTKERN_CPU_INT8_ACT", "1")
+    assert rel_err(Q.qgemm(x, None, 4, prepared=prep), ref) < 2e-2
+    monkeypatch.delenv("QUANTKERN_CPU_INT8_ACT")
+    assert rel_err(Q.qgemm(x, None, 4, prepared=prep), ref) < 1e-5
+
+
+@needs_cpu
 def test_native_layout_shapes():
     spec = QuantSpec(bits=3, group_size=48, act_order=True)
     t = random_layer(M, N, spec, seed=2)

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu_features.h"
@@ -98,7 +99,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   else if (xt == at::kBFloat16) gather_x<at::BFloat16>(xc, xi, Kpad, xnp);
   else gather_x<at::Half>(xc, xi, Kpad, xnp);
 
-  if (path == 1 || path == 3 || (path == 0 && B <= qg::kMaxGemvBatch)) {
+  if (path == 1 || path == 3 || path == 4 || (path == 0 && B <= qg::kMaxGemvBatch)) {
     std::vector<float> xsum(B * G);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < G; ++g) {
@@ -109,6 +110,26 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
                                              ((part[4] + part[5]) + (part[6] + part[7])));
       }
     const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * qg::kTileRows));
+    const bool int8 = path == 4 && bits == 4 && avx512 && qk::cpu::isa().avx512vnni;
+    if (int8) {
+      // round x to int8 per token and k-block (symmetric, max-abs); the zero-point fold uses the same
+      // rounded values, so only the activation rounding differs from the exact path
+      std::vector<int8_t> xq(B * Kpad);
+      std::vector<float> dx(B * KB), xsq(B * G, 0.0f);
+      std::vector<int32_t> isum(KB);
+      for (int64_t b = 0; b < B; ++b) {
+        qg::quantize_x_avx512(xnp + b * Kpad, KB, xq.data() + b * Kpad, dx.data() + b * KB, isum.data());
+        for (int64_t kb = 0; kb < KB; ++kb) xsq[b * G + kb_group[kb]] += dx[b * KB + kb] * static_cast<float>(isum[kb]);
+      }
+      for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxGemvBatch) {
+        const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxGemvBatch, B - b0));
+        at::parallel_for(0, Mt, grain, [&](int64_t t0, int64_t t1) {
+          qg::gemv_int8_avx512(L, nb, xq.data() + b0 * Kpad, Kpad, dx.data() + b0 * KB, KB, xsq.data() + b0 * G,
+                               bptr, y + b0 * m, m, t0, t1);
+        });
+      }
+      return;
+    }
     const bool lut = avx512 && (bits == 2 || bits == 3) && (path == 3 || (path == 0 && B <= qg::kMaxLutBatch));
     if (lut) {
       // per token and 4 channels: the 16 subset sums of x
@@ -174,6 +195,7 @@ void qgemm_cpu_out_op(const at::Tensor& x, const at::Tensor& qw, const at::Tenso
 
 // path: 0 = choose (LUT GEMV for 2/3-bit <= 2 tokens on AVX-512, FMA GEMV for <= 8 tokens, else panels +
 // at::mm); 1 = FMA GEMV, 2 = panels + at::mm, 3 = LUT GEMV where available (else FMA GEMV). 1-3 for tests.
+// 4 = int8-activation VNNI GEMV for 4-bit (opt-in, approximate; else the exact GEMV).
 TORCH_LIBRARY_FRAGMENT(quantkern, m) {
   m.def("qgemm_cpu(Tensor x, Tensor qw, Tensor sc, Tensor kb_start, Tensor x_index, int bits, int m,"
         " Tensor? bias, int path=0) -> Tensor");
