@@ -6,7 +6,12 @@ __version__ = "0.1.0"
 from .spec import QuantSpec  # noqa: E402
 from . import ops  # noqa: E402
 from .ops.registry import backends  # noqa: E402
+from .solvers import SolveResult, solve  # noqa: E402
 from . import nn  # noqa: E402
 from .nn import QuantLinear  # noqa: E402
+from .models import load, quantize_model, save_quantized  # noqa: E402
 
-__all__ = ["QuantSpec", "QuantLinear", "backends", "__version__"]
+__all__ = [
+    "QuantSpec", "QuantLinear", "SolveResult", "backends", "load", "quantize_model", "save_quantized",
+    "solve", "__version__",
+]

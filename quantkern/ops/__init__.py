@@ -5,3 +5,5 @@ from . import fake  # noqa: F401
 from .registry import backends, choose, call  # noqa: F401
 from . import solver  # noqa: F401,E402
 from . import qgemm  # noqa: F401
+from . import qgemm_gpu  # noqa: F401
+from . import solver_gpu  # noqa: F401

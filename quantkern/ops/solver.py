@@ -121,8 +121,8 @@ def ksnrq_solve_reference(W, U, gidx, scales, zeros, bits, K, blocksize=128):
             w = Wk[:, :, i]  # [m, K]
             c0 = grid.quantize(w, s, z, maxq)  # [m, K]
             # level order per beam: c0 first, then the others ascending (the tie rule)
-            others = levels.expand(m, K, L)
-            others = others[others != c0[..., None]].view(m, K, L - 1)
+            k = levels[1:]  # rank k >= 1 is the (k-1)-th level other than c0, ascending
+            others = torch.where(k - 1 < c0[..., None], k - 1, k)
             order = torch.cat([c0[..., None], others], dim=2)  # [m, K, L]
             e = (w[..., None] - grid.dequantize(order, s[..., None], z[..., None])) / U[i, i]
             inc = e.double() * e.double()

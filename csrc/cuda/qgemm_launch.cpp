@@ -1,0 +1,128 @@
+// CUDA implementations of quantkern::gpu_qgemm_gemv / gpu_qgemm_dequant_t (schemas in
+// csrc/cpu/common_selftest.cpp). Checks tensors, picks the stream, calls the pure-CUDA kernels.
+// c10/cuda/CUDAStream.h, not ATen/cuda/CUDAContext.h (which needs cuBLAS headers this toolkit lacks).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <utility>
+
+#include "../common/qgemm_layout.h"
+#include "qgemm.h"
+
+namespace {
+
+qk::cuda::DType dtype_of(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kHalf: return qk::cuda::DType::F16;
+    case at::kBFloat16: return qk::cuda::DType::BF16;
+    case at::kFloat: return qk::cuda::DType::F32;
+    default: TORCH_CHECK(false, op, ": dtype must be float16, bfloat16 or float32, got ", t);
+  }
+}
+
+qk::cuda::QWeightView view_of(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor& zeros, const at::Tensor& g_idx, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(qk::supported_bits(bits), op, ": bits must be 2, 3, 4 or 8, got ", bits);
+  TORCH_CHECK(qweight.is_cuda(), op, ": expected CUDA tensors, got ", qweight.device());
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, op, ": qweight must be 2-D int32");
+  TORCH_CHECK(g_idx.dim() == 1 && g_idx.scalar_type() == at::kInt, op, ": g_idx must be 1-D int32");
+  const int64_t n = g_idx.size(0), m = qweight.size(1);
+  TORCH_CHECK(qweight.size(0) == qk::packed_rows(n, bits), op, ": qweight has ", qweight.size(0),
+              " rows, expected ", qk::packed_rows(n, bits), " for n=", n, " at ", bits, " bits");
+  TORCH_CHECK(m % 4 == 0, op, ": the CUDA kernels need out_features % 4 == 0, got ", m);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == m && scales.scalar_type() == at::kHalf, op,
+              ": scales must be fp16 [G, ", m, "]");
+  TORCH_CHECK(zeros.sizes() == scales.sizes() && zeros.scalar_type() == at::kByte, op,
+              ": zeros must be uint8 shaped like scales");
+  TORCH_CHECK(group_size == -1 || group_size > 0, op, ": group_size must be -1 or > 0");
+  for (const auto* t : {&qweight, &scales, &zeros, &g_idx})
+    TORCH_CHECK(t->device() == qweight.device() && t->is_contiguous(), op,
+                ": all tensors must be contiguous and on one device");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0, op, ": qweight must be 16-byte aligned");
+  return qk::cuda::QWeightView{reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
+                               reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                               zeros.data_ptr<uint8_t>(),
+                               g_idx.data_ptr<int32_t>(),
+                               m,
+                               n,
+                               group_size,
+                               static_cast<int>(bits)};
+}
+
+// Split-K arrival counters, zero between calls (each call re-arms them). One set per device and
+// stream, so launches on different streams never share them. Grown on demand, never freed.
+unsigned int* gemv_counters(const at::Device& dev, cudaStream_t stream, int64_t need) {
+  static std::mutex mu;
+  static std::map<std::pair<int, cudaStream_t>, at::Tensor> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& t = cache[{dev.index(), stream}];
+  if (!t.defined() || t.numel() < need)
+    t = at::zeros({std::max<int64_t>(need, 1024)}, at::TensorOptions().device(dev).dtype(at::kInt));
+  return reinterpret_cast<unsigned int*>(t.data_ptr<int32_t>());
+}
+
+at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                     const at::Tensor& g_idx, int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "quantkern::gpu_qgemm_gemv";
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  const auto w = view_of(op, qweight, scales, zeros, g_idx, bits, group_size);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.n, op, ": x must be [batch, ", w.n, "], got ", x.sizes());
+  TORCH_CHECK(x.device() == qweight.device(), op, ": x on ", x.device(), ", weight on ", qweight.device());
+  const auto xt = dtype_of(x.scalar_type(), op);
+  const auto xc = x.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor bc;
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.m, op, ": bias must be [", w.m, "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == x.device(), op, ": bias on ", bias->device(), ", x on ", x.device());
+    bc = bias->to(x.scalar_type()).contiguous();
+  }
+  const int64_t batch = x.size(0);
+  auto y = at::empty({batch, w.m}, x.options());
+  if (batch == 0 || w.m == 0) return y;
+  if (w.n == 0) return has_bias ? bc.unsqueeze(0).expand({batch, w.m}).contiguous() : y.zero_();
+  static const int sms = std::max(qk::cuda::sm_count(), 1);
+  const int64_t target_blocks = 4 * sms;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(qweight.device().index()).stream();
+  const int64_t esize = xc.element_size();
+  for (int64_t b0 = 0; b0 < batch; b0 += 8) {  // batch tiles of up to 8 rows, each re-reads the weight
+    const int64_t nb = std::min<int64_t>(8, batch - b0);
+    const int tile = nb == 1 ? 1 : nb == 2 ? 2 : nb <= 4 ? 4 : 8;
+    const auto plan = qk::plan_gemv(w.m, w.n, tile, target_blocks);
+    at::Tensor ws;
+    if (plan.splits > 1) ws = at::empty({plan.splits, nb, w.m}, x.options().dtype(at::kFloat));
+    const int err = qk::cuda::gemv(static_cast<const char*>(xc.data_ptr()) + b0 * w.n * esize, xt, nb, tile, w,
+                                   has_bias ? bc.data_ptr() : nullptr,
+                                   static_cast<char*>(y.data_ptr()) + b0 * w.m * esize,
+                                   plan.splits > 1 ? ws.data_ptr<float>() : nullptr,
+                                   gemv_counters(x.device(), stream, plan.col_blocks), target_blocks, stream);
+    TORCH_CHECK(err == 0, op, ": kernel launch failed with CUDA error ", err);
+  }
+  return y;
+}
+
+at::Tensor dequant_t_cuda(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                          const at::Tensor& g_idx, int64_t bits, int64_t group_size, at::ScalarType dtype) {
+  constexpr const char* op = "quantkern::gpu_qgemm_dequant_t";
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  const auto w = view_of(op, qweight, scales, zeros, g_idx, bits, group_size);
+  const auto ot = dtype_of(dtype, op);
+  auto out = at::empty({w.n, w.m}, qweight.options().dtype(dtype));
+  auto stream = c10::cuda::getCurrentCUDAStream(qweight.device().index());
+  const int err = qk::cuda::dequant_t(w, out.data_ptr(), ot, stream.stream());
+  TORCH_CHECK(err == 0, op, ": kernel launch failed with CUDA error ", err);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(quantkern, CUDA, m) {
+  m.impl("gpu_qgemm_gemv", &gemv_cuda);
+  m.impl("gpu_qgemm_dequant_t", &dequant_t_cuda);
+}

@@ -1,0 +1,269 @@
+"""`quantkern` command line: quantize / eval / generate / inspect / bench / demo.
+
+    quantkern quantize --model default --method snrq --bits 4 --group-size 64 --output out/smol-snrq4
+    quantkern eval --model out/smol-snrq4            # perplexity on held-out Hamlet + Macbeth
+    quantkern generate --model out/smol-snrq4 --prompt "What is the capital of France?"
+    quantkern inspect out/smol-snrq4
+    quantkern bench --model out/smol-snrq4           # decode tokens/s, packed vs the fp32 model
+    quantkern demo                                   # the whole story on SmolLM2, a few minutes
+
+`--model default` is the built-in SmolLM2-135M-Instruct (see quantkern.models.zoo).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+METHOD_CHOICES = ("rtn", "gptq", "gptaq", "snrq", "ksnrq", "adaround", "oac", "yaqa")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantkern", description="Post-training weight quantization of LLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model layer by layer and save a GPTQ v1 checkpoint")
+    q.add_argument("--model", default="default", help="a local transformers model dir, or 'default' (SmolLM2-135M)")
+    q.add_argument("--method", default="gptq", choices=METHOD_CHOICES)
+    q.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    q.add_argument("--group-size", type=int, default=128, help="-1 = one group per output row")
+    q.add_argument("--alpha", type=float, default=None, help="GPTAQ/SNRQ alpha (default 0.25)")
+    q.add_argument("--alpha-mode", choices=("fixed", "sample", "optimize"), default=None,
+                   help="SNRQ alpha: fixed (--alpha), sampled per sequence (SNRQ-S) or closed-form optimum")
+    q.add_argument("--k", type=int, default=None, help="K-SNRQ beam width (K=1 is SNRQ; ksnrq defaults to 4)")
+    q.add_argument("--nsamples", type=int, default=32)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--calib", nargs="+", default=None,
+                   help="calibration text files/dirs, or a built-in corpus: shakespeare (default), python-docs")
+    q.add_argument("--act-order", action="store_true", help="GPTQ act-order (desc_act)")
+    q.add_argument("--static-groups", action="store_true")
+    q.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
+    q.add_argument("--damp", type=float, default=0.01)
+    q.add_argument("--layers", type=int, default=None, help="quantize only the first N blocks (debugging)")
+    q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
+    q.add_argument("--quiet", action="store_true")
+
+    e = sub.add_parser("eval", help="perplexity on held-out text")
+    e.add_argument("--model", default="default", help="quantized checkpoint, fp model dir, or 'default'")
+    e.add_argument("--text", nargs="+", default=None, help="text files (default: held-out Hamlet + Macbeth)")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-tokens", type=int, default=8192)
+    e.add_argument("--fp", action="store_true", help="also evaluate the fp model named by the checkpoint's source (default SmolLM2)")
+
+    g = sub.add_parser("generate", help="generate text")
+    g.add_argument("--model", default="default")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--raw", action="store_true", help="no chat template")
+
+    i = sub.add_parser("inspect", help="describe a quantized checkpoint")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="decode tokens/s at batch 1: packed weights vs the fp32 model")
+    b.add_argument("--model", default=None, help="quantized checkpoint (default: RTN 4-bit g64 of SmolLM2, in memory)")
+    b.add_argument("--fp-model", default="default")
+    b.add_argument("--tokens", type=int, default=32)
+
+    d = sub.add_parser("demo", help="quantize SmolLM2 with SNRQ 4-bit g64 and report the story")
+    d.add_argument("--nsamples", type=int, default=None)
+    d.add_argument("--seqlen", type=int, default=None)
+    d.add_argument("--eval-tokens", type=int, default=None)
+    d.add_argument("--output", default=None)
+    return p
+
+
+def spec_from_args(args):
+    from .spec import QuantSpec
+
+    return QuantSpec(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order,
+                     static_groups=args.static_groups, damp=args.damp)
+
+
+def method_kwargs_from_args(args) -> dict:
+    kw = {}
+    if args.alpha is not None:
+        kw["alpha"] = args.alpha
+    if args.alpha_mode is not None:
+        kw["alpha_mode"] = args.alpha_mode
+    if args.k is not None:
+        kw["K"] = args.k
+    return kw
+
+
+def is_quantized_dir(path) -> bool:
+    p = Path(path)
+    if (p / "quantize_config.json").exists():
+        return True
+    cfg = p / "config.json"
+    return cfg.exists() and "quantization_config" in json.loads(cfg.read_text())
+
+
+def load_any(name):
+    """(model, tokenizer): a quantized checkpoint via quantkern.load, else a full-precision model."""
+    from transformers import AutoTokenizer
+
+    from .models import load
+    from .models.zoo import load_fp
+
+    if name not in (None, "default", "smollm2") and is_quantized_dir(name):
+        return load(name), AutoTokenizer.from_pretrained(name)
+    return load_fp(name)
+
+
+def cmd_quantize(args) -> int:
+    from .models import quantize_model, save_quantized
+    from .models.zoo import load_fp
+
+    spec = spec_from_args(args)
+    model, tok = load_fp(args.model)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f".{out.name}.quant_log.jsonl"
+    log.unlink(missing_ok=True)
+    _, report = quantize_model(model, tok, spec, method=args.method, calib=args.calib or "shakespeare",
+                               nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
+                               log_path=log, progress=not args.quiet, **method_kwargs_from_args(args))
+    save_quantized(model, out, tokenizer=tok, log_path=log)
+    log.unlink(missing_ok=True)
+    print(f"saved {out}  ({len(report.modules)} linears, {report.total_s:.0f} s: forward {report.forward_s:.0f} s, "
+          f"solve {report.solve_s:.0f} s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .calibration.data import evaluation_tokens
+    from .eval.perplexity import perplexity
+
+    rows = []
+    names = [args.model] + (["default"] if args.fp else [])
+    for name in names:
+        model, tok = load_any(name)
+        docs = evaluation_tokens(tok, args.text or "shakespeare", args.max_tokens)
+        r = perplexity(model, docs, args.seqlen, progress=True)
+        rows.append((name, r))
+        print(f"{name}: perplexity {r['ppl']:.3f} over {r['tokens']} tokens ({r['windows']} windows of {r['seqlen']})")
+    return 0
+
+
+def _prompt_ids(tok, prompt, raw):
+    if not raw and getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)["input_ids"]
+    return tok(prompt, return_tensors="pt").input_ids
+
+
+def generate_text(model, tok, prompt, max_new_tokens=48, raw=False) -> str:
+    import torch
+
+    ids = _prompt_ids(tok, prompt, raw)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def cmd_generate(args) -> int:
+    model, tok = load_any(args.model)
+    print(generate_text(model, tok, args.prompt, args.max_new_tokens, args.raw))
+    return 0
+
+
+def inspect_checkpoint(path) -> dict:
+    from .models.checkpoint import checkpoint_size, read_quantize_config, spec_from_config
+    from .ops import registry
+
+    qc = read_quantize_config(path)
+    spec = spec_from_config(qc)
+    meta = qc.get("meta", {})
+    here = registry.backends()
+    gemm_ops = [op for op in registry._IMPLS if "gemm" in op]
+    quantkern_backends = {}
+    for b, st in here.items():
+        has = any(b in registry._IMPLS[op] for op in gemm_ops) if gemm_ops else b == "reference"
+        quantkern_backends[b] = ("yes" if st["available"] and has else "no") + f" ({st['reason']})" + (
+            "" if has else " [no qgemm kernel registered]")
+    external = {
+        "transformers/GPTQModel (gptq v1 reader)": "yes" if spec.bits in (2, 3, 4, 8) else "no",
+        "vLLM gptq": "yes" if spec.bits in (2, 3, 4, 8) else "no",
+        "Marlin/ExLlama kernels": "yes" if spec.bits in (4, 8) and spec.sym else "no (needs 4/8-bit symmetric)",
+    }
+    return {
+        "path": str(path), "bits": spec.bits, "group_size": spec.group_size, "act_order (desc_act)": spec.act_order,
+        "sym": spec.sym, "static_groups": spec.static_groups,
+        "zero_point_convention": meta.get("zero_point_convention", "v1 (stored zero-1), assumed"),
+        "method": meta.get("method"), "alpha": meta.get("alpha"), "K": meta.get("K"),
+        "quantizer": f"{meta.get('quantizer', '?')} {meta.get('quantizer_version', '')}".strip(),
+        "quantized_modules": len(meta.get("quantized_modules", [])),
+        "fallbacks": sum(1 for v in meta.get("modules", {}).values() if v.get("fallback")),
+        "size_bytes": checkpoint_size(path), "quantkern_backends_here": quantkern_backends, "other_runtimes": external,
+    }
+
+
+def cmd_inspect(args) -> int:
+    info = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for k, v in info.items():
+        if isinstance(v, dict):
+            print(f"{k}:")
+            for kk, vv in v.items():
+                print(f"  {kk}: {vv:,}" if isinstance(vv, int) else f"  {kk}: {vv}")
+        else:
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import copy
+
+    from .eval.speed import decode_tokens_per_s
+    from .models.zoo import load_fp
+
+    fp, tok = load_fp(args.fp_model)
+    if args.model:
+        qmodel, _ = load_any(args.model)
+    else:
+        from .models import quantize_model
+        from .spec import QuantSpec
+
+        qmodel, _ = quantize_model(copy.deepcopy(fp), tok, QuantSpec(bits=4, group_size=64), method="rtn",
+                                   nsamples=1, seqlen=16, progress=False)
+    ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
+    t_fp = decode_tokens_per_s(fp, ids, args.tokens)
+    t_q = decode_tokens_per_s(qmodel, ids, args.tokens)
+    print(f"decode tokens/s at batch 1 ({args.tokens} tokens): fp32 {t_fp:.1f}, packed {t_q:.1f}, "
+          f"ratio {t_q / t_fp:.2f}x")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    kw = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen), ("eval_tokens", args.eval_tokens),
+                            ("output", args.output)) if v is not None}
+    run_demo(**kw)
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect,
+            "bench": cmd_bench, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .calibration.data import MissingDataError
+    from .models.checkpoint import CheckpointError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (MissingDataError, CheckpointError, FileNotFoundError) as e:
+        print(f"quantkern {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Model-level driver: layer-by-layer quantization, checkpoints, the built-in model."""
+from .checkpoint import CheckpointError, load, save_quantized  # noqa: F401
+from .driver import Method, QuantReport, quantize_model, register_method  # noqa: F401

@@ -1,0 +1,97 @@
+"""Where the decoder blocks and their linears are, per architecture.
+
+Each entry names the block list (attribute path from the CausalLM) and the true-sequential order of
+the linears inside one block: linears in the same group read the same input (so share statistics),
+and each group is quantized before the next one's inputs are collected. Architectures not in the
+table are handled generically: the block list is the largest ModuleList of identical modules that
+contain nn.Linear, and the groups are found by tracing one block forward (linears that read the
+very same input tensor form a group, in call order).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch.nn as nn
+
+_LLAMA = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+_PHI3 = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    blocks: str  # attribute path of the nn.ModuleList of decoder blocks
+    sequential: tuple | None  # groups of linear names relative to a block, or None = trace
+
+
+ARCHS = {
+    "llama": Arch("model.layers", _LLAMA),
+    "mistral": Arch("model.layers", _LLAMA),
+    "qwen2": Arch("model.layers", _LLAMA),
+    "qwen3": Arch("model.layers", _LLAMA),
+    "gemma": Arch("model.layers", _LLAMA),
+    "gemma2": Arch("model.layers", _LLAMA),
+    "granite": Arch("model.layers", _LLAMA),
+    "olmo2": Arch("model.layers", _LLAMA),
+    "phi3": Arch("model.layers", _PHI3),
+}
+
+
+def _getattr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(attribute path, ModuleList) of the decoder blocks."""
+    arch = ARCHS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if arch is not None:
+        try:
+            return arch.blocks, _getattr_path(model, arch.blocks)
+        except AttributeError:
+            pass
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            kinds = {type(b) for b in mod}
+            has_linear = any(isinstance(x, nn.Linear) for x in mod[0].modules())
+            if len(kinds) == 1 and has_linear and (best is None or len(mod) > len(best[1])):
+                best = (name, mod)
+    if best is None:
+        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of "
+                         "identical blocks with nn.Linear layers; add an entry to quantkern.models.arch.ARCHS")
+    return best
+
+
+def linear_groups(model: nn.Module, block: nn.Module, trace: Callable[[], None]) -> list[tuple[str, ...]]:
+    """True-sequential groups of linear names in `block`. `trace()` runs the block forward once."""
+    arch = ARCHS.get(getattr(getattr(model, "config", None), "model_type", None))
+    linears = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    if arch is not None and arch.sequential is not None and {n for g in arch.sequential for n in g} == linears:
+        return [tuple(g) for g in arch.sequential]
+    calls: list[tuple[str, int]] = []
+    handles = [m.register_forward_hook(lambda mod, inp, out, name=n: calls.append((name, id(inp[0]))))
+               for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        trace()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    seen, last_input = set(), None
+    for name, inp in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and inp == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = inp
+    return [tuple(g) for g in groups]

@@ -1,0 +1,371 @@
+"""Layer-by-layer quantization of a transformers causal LM.
+
+    model, report = quantize_model(model, tokenizer, QuantSpec(bits=4, group_size=64), method="snrq")
+
+Flow (one block's activations in memory at a time):
+1. Cut calibration samples (quantkern.calibration.data) and capture the inputs of the first block,
+   with the keyword arguments the block needs (attention mask, position ids/embeddings, ...).
+2. For each block: if the method wants the full-precision stream (GPTAQ/SNRQ), run the still
+   unquantized block on the fp inputs and keep the input of each linear group (X_f). Then for each
+   group in true-sequential order (q/k/v, o, gate/up, down): run the block on the quantized stream
+   up to that group (a hook stops the forward there), feed (X_q, X_f) to the group's statistics
+   collector, solve each linear of the group and put its dequantized weight in place. Finally run
+   the quantized block to get the next block's inputs and swap its linears for QuantLinear.
+
+Methods plug in through `Method` (see `register_method`): a method says whether it needs the fp
+stream, makes a per-group statistics collector, and turns (weight, collector) into a SolveResult.
+`Method.prepare(model, samples)` runs once before the layer loop with gradients enabled: the hook
+point for methods that need model-loss gradients w.r.t. each linear's output (OAC, YAQA), e.g. a
+full-model backward with hooks on the linears, storing per-linear statistics for `solve` to use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from ..calibration.data import calibration_samples
+from ..spec import QuantSpec
+from . import _deps
+from .arch import find_blocks, linear_groups
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs, to skip the rest of a block's forward."""
+
+
+# ----------------------------------------------------------------------------------- methods
+
+class Method:
+    """A quantization method as the driver sees it. Subclass and `register_method` to add one.
+
+    needs_fp_inputs: the collector also receives X_f, the input the full-precision model sees.
+    """
+
+    needs_fp_inputs = False
+    solver_method: str | None = None  # name passed to quantkern.solve (defaults to the registry name)
+
+    def __init__(self, name: str, spec: QuantSpec, seed: int = 0, **kwargs):
+        self.name, self.spec, self.seed, self.kwargs = name, spec, seed, kwargs
+
+    def prepare(self, model: nn.Module, samples: torch.Tensor) -> None:
+        """Once, before the layer loop (gradients enabled). Default: nothing."""
+
+    def collector(self, n: int):
+        return _deps.HessianAccumulator(n)
+
+    def add(self, collector, x_q: torch.Tensor, x_f: torch.Tensor | None) -> None:
+        collector.add_batch(x_q)
+
+    def solve(self, name: str, weight: torch.Tensor, collector):
+        return _deps.solve(weight, collector.H, self.spec, method=self.solver_method or self.name, **self.kwargs)
+
+    def meta(self) -> dict:
+        """What the checkpoint records about the method (JSON-serialisable)."""
+        return {"method": self.name, **{k: v for k, v in self.kwargs.items() if isinstance(v, (int, float, str, bool))}}
+
+
+class RTN(Method):
+    def collector(self, n: int):
+        return None
+
+    def add(self, collector, x_q, x_f):
+        pass
+
+    def solve(self, name, weight, collector):
+        return _deps.solve(weight, None, self.spec, method="rtn")
+
+
+class Asymmetric(Method):
+    """GPTAQ / SNRQ / K-SNRQ: H = (2/N) sum Xq Xq^T and D = (2/N) sum (Xf - Xq) Xq^T.
+
+    alpha: a number (fixed, default 0.25), "sample" (SNRQ-S: each sequence's D term is scaled by
+    min(a, 1-a), a ~ Beta(mixup, mixup), inside the accumulator) or "optimize" (SNRQ/K-SNRQ: closed-form
+    alpha* with the authors' one-layer lag: each module uses the alpha* its namesake in the previous
+    block reported). K: beam width for snrq/ksnrq (ksnrq defaults to 4).
+    """
+
+    needs_fp_inputs = True
+
+    def __init__(self, name, spec, seed=0, alpha=0.25, mixup=5.0, K=None, alpha_mode=None, **kwargs):
+        if alpha_mode is not None:  # CLI spelling: --alpha-mode sample
+            if alpha_mode not in ("fixed", "sample", "optimize"):
+                raise ValueError(f"alpha_mode must be 'fixed', 'sample' or 'optimize', got {alpha_mode!r}")
+            alpha = alpha if alpha_mode == "fixed" else alpha_mode
+        if name in ("snrq", "ksnrq"):
+            kwargs["K"] = K if K is not None else (4 if name == "ksnrq" else 1)
+        elif K not in (None, 1):
+            raise ValueError(f"{name} has no K (beam width); use snrq/ksnrq")
+        super().__init__(name, spec, seed, alpha=alpha, **kwargs)
+        self.mixup = mixup
+        self._alpha_lag: dict[str, float] = {}
+
+    def collector(self, n):
+        mode = "sample" if self.kwargs["alpha"] == "sample" else "fixed"
+        return _deps.AsymAccumulator(n, alpha_mode=mode, mixup=self.mixup, seed=self.seed)
+
+    def add(self, collector, x_q, x_f):
+        collector.add_batch(x_q, x_f)
+
+    def solve(self, name, weight, collector):
+        kw = dict(self.kwargs)
+        if kw["alpha"] == "optimize" and name in self._alpha_lag:
+            kw["alpha_prev"] = self._alpha_lag[name]
+        res = _deps.solve(weight, collector.H, self.spec, method=self.solver_method or self.name, D=collector.D, **kw)
+        if kw["alpha"] == "optimize":
+            nxt = res.log.get("alpha_next", res.log.get("alpha"))
+            if nxt is not None:
+                self._alpha_lag[name] = float(nxt)
+        return res
+
+    def meta(self):
+        return {**super().meta(), "mixup": self.mixup} if self.kwargs["alpha"] == "sample" else super().meta()
+
+
+METHODS: dict[str, type[Method]] = {"rtn": RTN, "gptq": Method, "gptaq": Asymmetric, "snrq": Asymmetric,
+                                    "ksnrq": Asymmetric}
+
+
+def register_method(name: str, cls: type[Method]) -> None:
+    """Make `quantize_model(..., method=name)` use `cls` (a Method subclass)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError("register_method needs a quantkern.models.driver.Method subclass")
+    METHODS[name] = cls
+
+
+def make_method(name: str, spec: QuantSpec, seed: int = 0, **kwargs) -> Method:
+    # unknown names still go to quantkern.solve with H: solvers registered there work without a driver entry
+    return METHODS.get(name, Method)(name, spec, seed=seed, **kwargs)
+
+
+# ----------------------------------------------------------------------------------- report
+
+@dataclasses.dataclass
+class QuantReport:
+    method: str
+    spec: dict
+    method_meta: dict
+    nsamples: int
+    seqlen: int
+    layers: list
+    modules: list = dataclasses.field(default_factory=list)  # one dict per quantized linear
+    capture_s: float = 0.0
+    forward_s: float = 0.0  # block forwards (incl. statistics collection in hooks)
+    solve_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _block_out(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Timer:
+    def __init__(self):
+        self.t = 0.0
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.t += time.perf_counter() - self.t0
+
+
+def _capture_first_block(model, block0, samples) -> tuple[list[torch.Tensor], dict]:
+    inps, kwargs = [], {}
+
+    def hook(mod, args, kw):
+        kw = dict(kw)
+        x = args[0] if args else kw.pop("hidden_states")
+        inps.append(x.detach())
+        if not kwargs:
+            kwargs.update(kw)
+        raise _StopForward
+
+    h = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for s in samples:
+            try:
+                model(input_ids=s[None].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        h.remove()
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    kwargs["use_cache"] = False
+    return inps, kwargs
+
+
+def _resolve_layers(layers, nblocks: int) -> list[int]:
+    if layers is None:
+        return list(range(nblocks))
+    if isinstance(layers, int):
+        return list(range(min(layers, nblocks)))
+    out = sorted(set(int(i) for i in layers))
+    if out and (out[0] < 0 or out[-1] >= nblocks):
+        raise ValueError(f"layers must lie in [0, {nblocks}), got {out}")
+    return out
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | None = None, method: str = "gptq",
+                   calib="shakespeare", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
+                   layers: int | Iterable[int] | None = None, log_path=None, progress: bool = True,
+                   **method_kwargs):
+    """Quantize the decoder blocks of `model` in place; returns (model, QuantReport).
+
+    calib: a built-in corpus name, paths, strings (need `tokenizer`) or a token tensor [N, T].
+    layers: quantize only these block indices (an int N = the first N blocks); others stay fp.
+    method_kwargs go to the method (e.g. alpha=0.25, K=4, alpha_mode="sample").
+    """
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    spec = QuantSpec(**spec) if isinstance(spec, dict) else (spec or QuantSpec())
+    plugin = make_method(method, spec, seed=seed, **method_kwargs)
+    if isinstance(calib, torch.Tensor) and calib.dim() == 2:
+        samples = calib.long()
+    else:
+        if tokenizer is None:
+            raise ValueError("quantize_model needs a tokenizer to cut calibration text (or pass calib as a token tensor)")
+        samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
+    nsamples, seqlen = samples.shape
+    model.eval()
+    block_path, blocks = find_blocks(model)
+    chosen = _resolve_layers(layers, len(blocks))
+    report = QuantReport(method, spec.to_dict(), plugin.meta(), nsamples, seqlen, chosen)
+    if not chosen:
+        return model, report
+    log = open(log_path, "a") if log_path else None
+    fwd, slv = _Timer(), _Timer()
+
+    with torch.enable_grad():
+        plugin.prepare(model, samples)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        inps, kw = _capture_first_block(model, blocks[0], samples)
+        report.capture_s = time.perf_counter() - t0
+        fp_inps = [x.clone() for x in inps] if plugin.needs_fp_inputs else None
+        _preflight(model, blocks, chosen, inps, kw, plugin, progress)
+
+        bar = tqdm(range(chosen[-1] + 1), desc=f"{method} {spec.bits}b g{spec.group_size}", disable=not progress)
+        for li in bar:
+            block = blocks[li]
+            if li not in chosen:
+                with fwd:
+                    inps = [_block_out(block(x, **kw)) for x in inps]
+                    if fp_inps is not None:
+                        fp_inps = [_block_out(block(x, **kw)) for x in fp_inps]
+                continue
+            groups = linear_groups(model, block, lambda: block(inps[0], **kw))
+            fp_group_inputs = None
+            if fp_inps is not None:
+                with fwd:
+                    fp_group_inputs, fp_inps = _run_fp_stream(block, groups, fp_inps, kw)
+            results = {}
+            for gi, group in enumerate(groups):
+                first = block.get_submodule(group[0])
+                collector = plugin.collector(first.in_features)
+                sample = [0]
+
+                def hook(mod, inp, out, collector=collector, gi=gi, sample=sample):
+                    x_f = None if fp_group_inputs is None else fp_group_inputs[gi][sample[0]]
+                    plugin.add(collector, inp[0].detach(), x_f)
+                    raise _StopForward
+
+                if collector is not None:
+                    h = first.register_forward_hook(hook)
+                    try:
+                        with fwd:
+                            for s, x in enumerate(inps):
+                                sample[0] = s
+                                try:
+                                    block(x, **kw)
+                                except _StopForward:
+                                    pass
+                    finally:
+                        h.remove()
+                for name in group:
+                    lin = block.get_submodule(name)
+                    with slv:
+                        t0 = time.perf_counter()
+                        res = plugin.solve(name, lin.weight.data.float(), collector)
+                        dt = time.perf_counter() - t0
+                    lin.weight.data.copy_(res.dequantized.to(lin.weight.dtype))
+                    results[name] = res
+                    row = {"layer": li, "module": name, "out": lin.out_features, "in": lin.in_features,
+                           "loss": float(res.loss), "damp": float(res.log.get("damp", float("nan"))),
+                           "retries": int(res.log.get("retries", 0) or 0), "fallback": res.log.get("fallback"),
+                           "time_s": round(dt, 4)}
+                    report.modules.append(row)
+                    if log:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                    if progress:
+                        tqdm.write(f"  layer {li:>3}  {name:<18} loss {row['loss']:>10.4g}  damp {row['damp']:.3g}"
+                                   f"{'  FALLBACK ' + str(row['fallback']) if row['fallback'] else ''}  {dt:6.2f}s")
+                del collector
+            with fwd:
+                inps = [_block_out(block(x, **kw)) for x in inps]
+            for name, res in results.items():
+                lin = block.get_submodule(name)
+                _set_module(block, name, _deps.QuantLinear.from_linear(lin, res))
+            del results, fp_group_inputs
+    if log:
+        log.close()
+    report.forward_s, report.solve_s = fwd.t, slv.t
+    report.total_s = time.perf_counter() - t_start
+    model.quantkern_info = {
+        "spec": spec.to_dict(), "method": plugin.meta(), "block_path": block_path,
+        "modules": {f"{block_path}.{r['layer']}.{r['module']}": {k: r[k] for k in ("damp", "retries", "fallback", "loss")}
+                    for r in report.modules},
+    }
+    return model, report
+
+
+def _run_fp_stream(block, groups, fp_inps, kw):
+    """Run the unquantized block on the fp stream; keep each group's input per sample."""
+    cache = [[] for _ in groups]
+    handles = [block.get_submodule(g[0]).register_forward_hook(
+        lambda mod, inp, out, i=i: cache[i].append(inp[0].detach())) for i, g in enumerate(groups)]
+    try:
+        outs = [_block_out(block(x, **kw)) for x in fp_inps]
+    finally:
+        for h in handles:
+            h.remove()
+    return cache, outs
+
+
+def _preflight(model, blocks, chosen, inps, kw, plugin, progress):
+    """One line: activation memory and a forward-time estimate, from timing block 0 once."""
+    t0 = time.perf_counter()
+    blocks[0](inps[0], **kw)
+    tb = time.perf_counter() - t0
+    n = len(inps)
+    act = sum(x.numel() * x.element_size() for x in inps)
+    streams = 2 if plugin.needs_fp_inputs else 1
+    mem = act * 2 * streams + (act * 4 if plugin.needs_fp_inputs else 0)  # in+out per stream, + fp group inputs
+    last = chosen[-1]
+    nq = len(chosen)
+    passes = nq * (1 + 2 + (1 if plugin.needs_fp_inputs else 0)) + (last + 1 - nq) * streams  # groups stop early: ~2
+    est = passes * n * tb
+    nlin = sum(isinstance(m, nn.Linear) for i in chosen for m in blocks[i].modules())
+    msg = (f"preflight: {len(blocks)} blocks, quantizing {nq} (up to block {last}), {n} x {inps[0].shape[-2]} tokens, "
+           f"method {plugin.name}; activations ~{mem / 2**20:.0f} MiB; block forwards ~{est:.0f} s "
+           f"({tb * 1e3:.0f} ms each) + solving {nlin} linears")
+    if progress:
+        print(msg, flush=True)
+    return msg

@@ -1,0 +1,28 @@
+"""Method registry: `@register_method("name")` adds a solver that `quantkern.solve` can dispatch to.
+
+A method is `fn(W, H, spec, log, **params) -> SolveResult`. W [m, n] fp32 and H [n, n] fp32 are
+already validated (shape, finite); `log` is the dict that becomes SolveResult.log. Unknown keyword
+arguments must raise TypeError (so typos in solve(...) are caught). Other helpers add methods
+(adaround, oac, yaqa, ...) with one import line in quantkern/solvers/__init__.py.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+METHODS: dict[str, Callable] = {}
+
+
+def register_method(name: str):
+    def deco(fn):
+        if name in METHODS and METHODS[name] is not fn:
+            raise ValueError(f"solver method {name!r} registered twice")
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Callable:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,107 @@
+"""SNRQ / CoreQ greedy successive rounding, SNRQ-S (sampled alpha) and K-SNRQ (bounded K-best search).
+
+Objective (algorithms.md 1.1): ||W X_t(alpha) - Q X_q||^2, X_t = X_q + alpha dX, which up to a
+constant is tr((W_ref - Q) H (W_ref - Q)^T) with the shifted target
+    W_ref = W (H + alpha D) H^-1 = W + alpha (W D) H^-1       (H damped; computed as (W D) U^T U).
+The decode is the core loop on W_ref, act-order always on, group params computed ONCE from W_ref
+(groups contiguous in processing order -> g_idx). LDLQ's reverse decode with the Cholesky of H is the
+same algorithm (algorithms.md 1.2, verified bit-identical there).
+
+alpha:
+  float in [0, 1]  fixed: M = H + alpha D.
+  "sample"         D was accumulated with a per-sequence alpha_s (AsymAccumulator(alpha_mode=
+                   "sample")), so M = H + D (alpha = 1 on the pre-scaled D).
+  "optimize"       closed form alpha* = clamp(<Q - W, W D> / ||(W D) U^T||_F^2, 0, 1) from a solve:
+                   with alpha_prev given (the one-layer lag of the authors' drivers: the previous
+                   layer's alpha* for this module type) that alpha is used for this solve and
+                   alpha* is reported as log["alpha_next"]; without it a first pass uses
+                   alpha_init (0.25), alpha* is computed from its Q and the layer is re-solved
+                   with alpha* (log["alpha_first"], log["alpha"]).
+K > 1: the K-best beam search per row (ksnrq_solve); K = 1 is exactly the greedy decode.
+cd_passes: optional coordinate-descent passes on tr((W_ref - Q) H_d (W_ref - Q)^T) afterwards.
+res.loss: tr((W_ref - Q) H_d (W_ref - Q)^T) of the returned codes (the loop's sum of err^2).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import grid
+from . import core
+from .gptaq import check_alpha, check_D
+from .registry import register_method
+
+
+def _alpha_star(Wp, WDp, Qp, U) -> float:
+    num = float(((Qp - Wp).double() * WDp.double()).sum())
+    den = float(((WDp.double() @ U.double().t()) ** 2).sum())
+    if not (den > 0):
+        return 0.0
+    return min(max(num / den, 0.0), 1.0)
+
+
+def _solve_once(prep, WDp, alpha, K, cd_passes, log, backend):
+    spec = prep.spec
+    U = prep.U
+    Wref = prep.W + alpha * ((WDp @ U.t()) @ U) if alpha != 0 else prep.W
+    gidx_p = prep.processing_groups()
+    scales, zeros = prep.static_params_processing(Wref)
+    if K == 1:
+        codes_p, _, _, loss = core.run_block_solve(Wref, U, None, gidx_p, scales, zeros, spec, False, log, backend)
+    else:
+        codes_p, loss = core.run_ksnrq(Wref, U, gidx_p, scales, zeros, spec, K, log, backend)
+    if cd_passes:
+        codes_p = core.coordinate_descent(codes_p, Wref, prep.Hd, scales, zeros, gidx_p, spec, cd_passes, log)
+        Q = grid.dequantize_groups(codes_p, scales, zeros, gidx_p)
+        E = (Wref - Q).double()
+        loss = ((E @ prep.Hd.double()) * E).sum(dim=1)
+    return codes_p, scales, zeros, gidx_p, loss, Wref
+
+
+def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, method):
+    n = W.shape[1]
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ValueError(f"K must be an integer >= 1, got {K!r}")
+    if isinstance(cd_passes, bool) or not isinstance(cd_passes, int) or cd_passes < 0:
+        raise ValueError(f"cd_passes must be an integer >= 0, got {cd_passes!r}")
+    if alpha == 0 and D is None:
+        D = torch.zeros(n, n, dtype=torch.float32, device=W.device)
+    D = check_D(D, n)
+    spec = spec.replace(act_order=True)
+    prep = core.Prepared(W, H, spec, True, log)
+    Dp = D.clone()
+    Dp[:, prep.dead] = 0
+    Dp = prep.permute_sym(Dp)
+    WDp = prep.W @ Dp
+    params = {"alpha": alpha, "K": K, "cd_passes": cd_passes}
+    if alpha == "sample":
+        a = 1.0
+    elif alpha == "optimize":
+        a = check_alpha(alpha_prev if alpha_prev is not None else alpha_init)
+    else:
+        a = check_alpha(alpha)
+    codes_p, scales, zeros, gidx_p, loss, Wref = _solve_once(prep, WDp, a, K, cd_passes, log, backend)
+    if alpha == "optimize":
+        Qp = grid.dequantize_groups(codes_p, scales, zeros, gidx_p)
+        a_star = _alpha_star(prep.W, WDp, Qp, prep.U)
+        if alpha_prev is not None:
+            log["alpha_next"] = a_star
+            params["alpha_prev"] = a
+        else:
+            log["alpha_first"] = a
+            a = a_star
+            codes_p, scales, zeros, gidx_p, loss, Wref = _solve_once(prep, WDp, a, K, cd_passes, log, backend)
+            Qp = grid.dequantize_groups(codes_p, scales, zeros, gidx_p)
+            log["alpha_next"] = _alpha_star(prep.W, WDp, Qp, prep.U)
+    log["alpha"] = a
+    params["alpha_used"] = a
+    return core.make_result(prep, codes_p, scales, zeros, gidx_p, loss, log, method, params)
+
+
+@register_method("snrq")
+def snrq(W, H, spec, log, D=None, alpha=0.25, K=1, cd_passes=0, alpha_prev=None, alpha_init=0.25, backend=None):
+    return _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, "snrq" if K == 1 else "ksnrq")
+
+
+@register_method("ksnrq")
+def ksnrq(W, H, spec, log, D=None, alpha=0.25, K=4, cd_passes=0, alpha_prev=None, alpha_init=0.25, backend=None):
+    return _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, "ksnrq")

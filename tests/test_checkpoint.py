@@ -1,0 +1,118 @@
+"""Checkpoint format: GPTQ keys and config, manifest, atomic save, corruption refused (tiny random Llama)."""
+import json
+
+import pytest
+import torch
+
+from driver_tiny import tiny_llama, tiny_tokens
+
+import quantkern
+from quantkern.models import checkpoint as ckpt
+from quantkern.models import _deps
+from quantkern.spec import QuantSpec
+
+GPTQ_KEYS = {"bits", "group_size", "desc_act", "sym", "static_groups", "damp_percent", "true_sequential",
+             "quant_method", "checkpoint_format", "pack_dtype", "meta"}
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    model = tiny_llama()
+    spec = QuantSpec(bits=4, group_size=32)
+    model, report = quantkern.quantize_model(model, None, spec, method="gptq", calib=tiny_tokens(), progress=False)
+    return model, report
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_quantized_modules_replaced(quantized):
+    model, report = quantized
+    q = ckpt.quant_modules(model)
+    assert len(q) == 2 * 7 and all(isinstance(m, _deps.QuantLinear) for m in q.values())
+    assert len(report.modules) == 14 and all(r["damp"] > 0 for r in report.modules)
+    assert "lm_head" not in q
+
+
+def test_config_keys_and_manifest(quantized, tmp_path):
+    model, _ = quantized
+    out = quantkern.save_quantized(model, tmp_path / "ck")
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert GPTQ_KEYS <= set(qc)
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["quant_method"], qc["checkpoint_format"], qc["pack_dtype"]) == (
+        4, 32, True, "gptq", "gptq", "int32")
+    assert qc["desc_act"] is False
+    meta = qc["meta"]
+    assert meta["quantizer"] == "quantkern" and meta["quantizer_version"] == quantkern.__version__
+    assert meta["method"] == "gptq" and meta["zero_point_convention"] == "v1 (stored zero-1)"
+    assert len(meta["modules"]) == 14 and all("damp" in v and "fallback" in v for v in meta["modules"].values())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["bits"] == 4 and cfg["quantization_config"]["quant_method"] == "gptq"
+    man = json.loads((out / ckpt.MANIFEST).read_text())
+    assert set(man["files"]) == {p.name for p in out.iterdir()} - {ckpt.MANIFEST}
+    from safetensors.torch import load_file
+
+    sd = load_file(str(out / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj"
+    assert sd[name + ".qweight"].dtype == torch.int32 and sd[name + ".qweight"].shape == (64 * 4 // 32, 64)
+    assert sd[name + ".qzeros"].shape == (2, 64 * 4 // 32) and sd[name + ".scales"].dtype == torch.float16
+    assert sd[name + ".g_idx"].dtype == torch.int32 and name + ".weight" not in sd
+    assert "model.embed_tokens.weight" in sd and "lm_head.weight" not in sd  # tied: stored once
+    assert meta["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def test_roundtrip_logits_equal(quantized, tmp_path):
+    model, _ = quantized
+    out = quantkern.save_quantized(model, tmp_path / "ck")
+    loaded = quantkern.load(out)
+    assert len(ckpt.quant_modules(loaded)) == 14
+    ids = tiny_tokens(2, 24, seed=5)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_corrupted_file_refused(quantized, tmp_path):
+    model, _ = quantized
+    out = quantkern.save_quantized(model, tmp_path / "ck")
+    w = out / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors.*sha256"):
+        quantkern.load(out)
+    w.write_bytes(bytes(data[:-10]))
+    with pytest.raises(ckpt.CheckpointError, match="bytes"):
+        quantkern.load(out)
+
+
+def test_interrupted_save_keeps_old(quantized, tmp_path, monkeypatch):
+    model, _ = quantized
+    out = quantkern.save_quantized(model, tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = ckpt._write_weights
+
+    def half_then_fail(tmp, tensors, metadata):
+        real(tmp, tensors, metadata)
+        (tmp / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt("simulated crash mid-write")
+
+    monkeypatch.setattr(ckpt, "_write_weights", half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        quantkern.save_quantized(model, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp dirs left behind
+    quantkern.load(out)  # still loads and verifies
+
+
+def test_unquantized_model_refused(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="quantize_model"):
+        quantkern.save_quantized(tiny_llama(), tmp_path / "x")
+
+
+def test_spec_from_config_rejects_other_formats():
+    with pytest.raises(ckpt.CheckpointError, match="gptq v1"):
+        ckpt.spec_from_config({"quant_method": "awq", "bits": 4, "group_size": 128})
+    with pytest.raises(ckpt.CheckpointError, match="gptq v1"):
+        ckpt.spec_from_config({"quant_method": "gptq", "checkpoint_format": "gptq_v2", "bits": 4, "group_size": 128})

@@ -1,0 +1,67 @@
+"""CLI: argument parsing, and quantize -> inspect -> eval -> generate on a tiny random Llama directory."""
+import json
+
+import pytest
+
+from driver_tiny import tiny_model_dir
+
+from quantkern import cli
+
+TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(300))
+
+
+def test_quantize_arguments():
+    a = cli.build_parser().parse_args(
+        "quantize --model default --method snrq --bits 3 --group-size 64 --alpha 0.5 --k 4 --nsamples 8 "
+        "--seqlen 128 --calib a.txt b.txt --act-order --asym --output out".split())
+    assert (a.command, a.model, a.method, a.bits, a.group_size, a.nsamples, a.seqlen) == (
+        "quantize", "default", "snrq", 3, 64, 8, 128)
+    assert a.calib == ["a.txt", "b.txt"] and a.output == "out"
+    spec = cli.spec_from_args(a)
+    assert (spec.bits, spec.group_size, spec.sym, spec.act_order) == (3, 64, False, True)
+    assert cli.method_kwargs_from_args(a) == {"alpha": 0.5, "K": 4}
+
+
+def test_defaults_and_errors(capsys):
+    a = cli.build_parser().parse_args(["quantize", "--output", "o"])
+    assert (a.model, a.method, a.bits, a.group_size, a.asym, a.act_order) == ("default", "gptq", 4, 128, False, False)
+    assert cli.method_kwargs_from_args(a) == {}
+    for bad in (["quantize", "--bits", "5", "--output", "o"], ["quantize", "--method", "nope", "--output", "o"],
+                ["quantize"], ["frobnicate"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(bad)
+    e = cli.build_parser().parse_args(["eval", "--model", "m", "--text", "x.txt"])
+    assert e.text == ["x.txt"] and e.seqlen == 512
+    g = cli.build_parser().parse_args(["generate", "--model", "m", "--prompt", "hi there"])
+    assert g.prompt == "hi there"
+    assert cli.build_parser().parse_args(["inspect", "d"]).path == "d"
+    assert cli.build_parser().parse_args(["bench"]).model is None
+
+
+def test_missing_model_dir_is_a_clean_error(tmp_path, capsys):
+    rc = cli.main(["eval", "--model", str(tmp_path / "nothing")])
+    assert rc == 2 and "no config.json" in capsys.readouterr().err
+
+
+def test_quantize_inspect_eval_generate(tmp_path, capsys):
+    src = tiny_model_dir(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(TEXT)
+    (tmp_path / "eval.txt").write_text(TEXT[::-1])
+    out = tmp_path / "q"
+    rc = cli.main(["quantize", "--model", str(src), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                   "--act-order", "--nsamples", "4", "--seqlen", "32", "--calib", str(tmp_path / "calib.txt"),
+                   "--output", str(out), "--quiet"])
+    assert rc == 0 and (out / "quantize_config.json").exists() and (out / "quant_log.jsonl").exists()
+    rows = [json.loads(line) for line in (out / "quant_log.jsonl").read_text().splitlines()]
+    assert len(rows) == 14 and {"layer", "module", "loss", "damp", "time_s"} <= set(rows[0])
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["bits"], info["group_size"], info["act_order (desc_act)"], info["method"]) == (4, 32, True, "gptq")
+    assert info["zero_point_convention"] == "v1 (stored zero-1)" and info["quantized_modules"] == 14
+    assert info["size_bytes"]["packed_linears"] > 0
+    assert cli.main(["eval", "--model", str(out), "--text", str(tmp_path / "eval.txt"), "--seqlen", "64",
+                     "--max-tokens", "256"]) == 0
+    o = capsys.readouterr().out
+    assert "perplexity" in o and "256" not in o.split("over")[0]
+    assert cli.main(["generate", "--model", str(out), "--prompt", "Line 1", "--max-new-tokens", "5", "--raw"]) == 0
