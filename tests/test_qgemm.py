@@ -196,6 +196,17 @@ def test_bad_inputs():
                                           prep.layout.x_index, bits, M, None, 0, torch.empty(2, M, dtype=torch.float64))
 
 
+@needs_cpu
+def test_fake_kernel_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    L = Q.prepare(random_layer(M, N, QuantSpec(bits=3, group_size=64), seed=1), 3, "cpu").layout
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(5, N).bfloat16())
+        y = torch.ops.quantkern.qgemm_cpu(x, L.qw, L.sc, L.kb_start, L.x_index, 3, M, None, 0)
+    assert y.shape == (5, M) and y.dtype == torch.bfloat16
+
+
 def test_register_rejects_non_backend():
     with pytest.raises(TypeError, match="prepare"):
         Q.register_qgemm_backend("cuda", object())
