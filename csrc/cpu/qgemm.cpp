@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -24,6 +25,21 @@ constexpr int64_t kMinWeightsPerTask = 1 << 18;
 // L2) and accumulate x[:, chunk] @ panel into its output columns with a single-threaded BLAS call.
 constexpr int64_t kPanelTiles = 16;
 constexpr int64_t kPanelBlocks = 32;
+
+// Like at::parallel_for, but threads take chunks of `grain` items from a shared counter: when a thread
+// is descheduled (a busy or shared machine), the others take over its work instead of waiting for it.
+template <typename F>
+void dynamic_for(int64_t n, int64_t grain, const F& fn) {
+  if (n <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(grain, n / (8 * at::get_num_threads()));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t a; (a = next.fetch_add(chunk)) < n;) fn(a, std::min(n, a + chunk));
+  });
+}
 
 template <typename T>
 void gather_x(const at::Tensor& x, const int32_t* xi, int64_t Kpad, float* xn) {
@@ -123,7 +139,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
       }
       for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxGemvBatch) {
         const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxGemvBatch, B - b0));
-        at::parallel_for(0, Mt, grain, [&](int64_t t0, int64_t t1) {
+        dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
           qg::gemv_int8_avx512(L, nb, xq.data() + b0 * Kpad, Kpad, dx.data() + b0 * KB, KB, xsq.data() + b0 * G,
                                bptr, y + b0 * m, m, t0, t1);
         });
@@ -138,7 +154,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
       for (int64_t b = 0; b < B; ++b) qg::build_lut_avx512(xnp + b * Kpad, chunks, tab.data() + b * chunks * 16);
       for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxLutBatch) {
         const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxLutBatch, B - b0));
-        at::parallel_for(0, Mt, grain, [&](int64_t t0, int64_t t1) {
+        dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
           qg::gemv_lut_avx512(L, nb, tab.data() + b0 * chunks * 16, chunks * 16, xsum.data() + b0 * G, bptr,
                               y + b0 * m, m, t0, t1);
         });
@@ -147,7 +163,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
     }
     for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxGemvBatch) {
       const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxGemvBatch, B - b0));
-      at::parallel_for(0, Mt, grain, [&](int64_t t0, int64_t t1) {
+      dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
         (avx512 ? qg::gemv_avx512 : qg::gemv_avx2)(L, nb, xnp + b0 * Kpad, Kpad, xsum.data() + b0 * G, bptr,
                                                    y + b0 * m, m, t0, t1);
       });
@@ -158,7 +174,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   // Prefill: see kPanelTiles. Threads split the output columns, so no two write the same element.
   const int64_t panels = (Mt + kPanelTiles - 1) / kPanelTiles;
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * kPanelTiles * qg::kTileRows));
-  at::parallel_for(0, panels, grain, [&](int64_t pa, int64_t pb) {
+  dynamic_for(panels, grain, [&](int64_t pa, int64_t pb) {
     auto buf = at::empty({kPanelBlocks * qg::kBlock, kPanelTiles * qg::kTileRows}, xn.options());
     float* bp = buf.data_ptr<float>();
     for (int64_t pi = pa; pi < pb; ++pi) {
