@@ -286,21 +286,20 @@ except ImportError:  # script mode without pytest
 if pytest is not None:
     _CACHE: dict = {}
 
-    def _cases(m, n):
-        if (m, n) not in _CACHE:
-            _CACHE.clear()  # keep one shape's weights in memory at a time
-            cs = make_cases(m, n)
-            gen = torch.Generator().manual_seed(0)
-            for c in cs:
-                c.setup(256 * 2**20, gen)
-            _CACHE[(m, n)] = {c.name: c for c in cs}
-        return _CACHE[(m, n)]
+    def _case(m, n, impl) -> Case:
+        if (m, n, impl) not in _CACHE:
+            if any(k[:2] != (m, n) for k in _CACHE):
+                _CACHE.clear()  # keep one shape's weights in memory at a time
+            (c,) = make_cases(m, n, [impl])
+            c.setup(256 * 2**20, torch.Generator().manual_seed(0))
+            _CACHE[(m, n, impl)] = c
+        return _CACHE[(m, n, impl)]
 
     @pytest.mark.parametrize("impl", ["fp32", "bf16", "torch_int4", "qk4", "qk3", "qk2", "qk4_int8x"])
     @pytest.mark.parametrize("batch", BATCHES)
     @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
     def test_qgemm_cpu(benchmark, shape, batch, impl):
-        c = _cases(*shape)[impl]
+        c = _case(*shape, impl)
         x = torch.randn(batch, shape[1]).to(c.x_dtype)
         benchmark.group = f"qgemm {shape[0]}x{shape[1]} batch {batch} (per {len(c.weights)} distinct weights)"
         benchmark.extra_info.update(contended=True, weight_bytes=c.bytes_per_weight * len(c.weights))
