@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <vector>
 
 #include "cpu_features.h"
@@ -23,6 +25,21 @@ constexpr int64_t kMinWeightsPerTask = 1 << 18;
 // L2) and accumulate x[:, chunk] @ panel into its output columns with a single-threaded BLAS call.
 constexpr int64_t kPanelTiles = 16;
 constexpr int64_t kPanelBlocks = 32;
+
+// Like at::parallel_for, but threads take chunks of `grain` items from a shared counter: when a thread
+// is descheduled (a busy or shared machine), the others take over its work instead of waiting for it.
+template <typename F>
+void dynamic_for(int64_t n, int64_t grain, const F& fn) {
+  if (n <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(grain, n / (8 * at::get_num_threads()));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t a; (a = next.fetch_add(chunk)) < n;) fn(a, std::min(n, a + chunk));
+  });
+}
 
 template <typename T>
 void gather_x(const at::Tensor& x, const int32_t* xi, int64_t Kpad, float* xn) {
@@ -98,7 +115,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   else if (xt == at::kBFloat16) gather_x<at::BFloat16>(xc, xi, Kpad, xnp);
   else gather_x<at::Half>(xc, xi, Kpad, xnp);
 
-  if (path == 1 || path == 3 || (path == 0 && B <= qg::kMaxGemvBatch)) {
+  if (path == 1 || path == 3 || path == 4 || (path == 0 && B <= qg::kMaxGemvBatch)) {
     std::vector<float> xsum(B * G);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < G; ++g) {
@@ -109,6 +126,26 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
                                              ((part[4] + part[5]) + (part[6] + part[7])));
       }
     const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * qg::kTileRows));
+    const bool int8 = path == 4 && bits == 4 && avx512 && qk::cpu::isa().avx512vnni;
+    if (int8) {
+      // round x to int8 per token and k-block (symmetric, max-abs); the zero-point fold uses the same
+      // rounded values, so only the activation rounding differs from the exact path
+      std::vector<int8_t> xq(B * Kpad);
+      std::vector<float> dx(B * KB), xsq(B * G, 0.0f);
+      std::vector<int32_t> isum(KB);
+      for (int64_t b = 0; b < B; ++b) {
+        qg::quantize_x_avx512(xnp + b * Kpad, KB, xq.data() + b * Kpad, dx.data() + b * KB, isum.data());
+        for (int64_t kb = 0; kb < KB; ++kb) xsq[b * G + kb_group[kb]] += dx[b * KB + kb] * static_cast<float>(isum[kb]);
+      }
+      for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxGemvBatch) {
+        const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxGemvBatch, B - b0));
+        dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
+          qg::gemv_int8_avx512(L, nb, xq.data() + b0 * Kpad, Kpad, dx.data() + b0 * KB, KB, xsq.data() + b0 * G,
+                               bptr, y + b0 * m, m, t0, t1);
+        });
+      }
+      return;
+    }
     const bool lut = avx512 && (bits == 2 || bits == 3) && (path == 3 || (path == 0 && B <= qg::kMaxLutBatch));
     if (lut) {
       // per token and 4 channels: the 16 subset sums of x
@@ -117,7 +154,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
       for (int64_t b = 0; b < B; ++b) qg::build_lut_avx512(xnp + b * Kpad, chunks, tab.data() + b * chunks * 16);
       for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxLutBatch) {
         const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxLutBatch, B - b0));
-        at::parallel_for(0, Mt, grain, [&](int64_t t0, int64_t t1) {
+        dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
           qg::gemv_lut_avx512(L, nb, tab.data() + b0 * chunks * 16, chunks * 16, xsum.data() + b0 * G, bptr,
                               y + b0 * m, m, t0, t1);
         });
@@ -126,7 +163,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
     }
     for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxGemvBatch) {
       const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxGemvBatch, B - b0));
-      at::parallel_for(0, Mt, grain, [&](int64_t t0, int64_t t1) {
+      dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
         (avx512 ? qg::gemv_avx512 : qg::gemv_avx2)(L, nb, xnp + b0 * Kpad, Kpad, xsum.data() + b0 * G, bptr,
                                                    y + b0 * m, m, t0, t1);
       });
@@ -137,7 +174,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   // Prefill: see kPanelTiles. Threads split the output columns, so no two write the same element.
   const int64_t panels = (Mt + kPanelTiles - 1) / kPanelTiles;
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * kPanelTiles * qg::kTileRows));
-  at::parallel_for(0, panels, grain, [&](int64_t pa, int64_t pb) {
+  dynamic_for(panels, grain, [&](int64_t pa, int64_t pb) {
     auto buf = at::empty({kPanelBlocks * qg::kBlock, kPanelTiles * qg::kTileRows}, xn.options());
     float* bp = buf.data_ptr<float>();
     for (int64_t pi = pa; pi < pb; ++pi) {
@@ -174,6 +211,7 @@ void qgemm_cpu_out_op(const at::Tensor& x, const at::Tensor& qw, const at::Tenso
 
 // path: 0 = choose (LUT GEMV for 2/3-bit <= 2 tokens on AVX-512, FMA GEMV for <= 8 tokens, else panels +
 // at::mm); 1 = FMA GEMV, 2 = panels + at::mm, 3 = LUT GEMV where available (else FMA GEMV). 1-3 for tests.
+// 4 = int8-activation VNNI GEMV for 4-bit (opt-in, approximate; else the exact GEMV).
 TORCH_LIBRARY_FRAGMENT(quantkern, m) {
   m.def("qgemm_cpu(Tensor x, Tensor qw, Tensor sc, Tensor kb_start, Tensor x_index, int bits, int m,"
         " Tensor? bias, int path=0) -> Tensor");

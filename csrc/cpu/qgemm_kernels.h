@@ -50,6 +50,14 @@ void build_lut_avx512(const float* x, int64_t chunks, float* lut);  // x [chunks
 void gemv_lut_avx512(const Layout& L, int B, const float* lut, int64_t ldl, const float* xsum, const float* bias,
                      float* out, int64_t ldo, int64_t t0, int64_t t1);
 
+// Opt-in int8-activation GEMV (4-bit, AVX-512 VNNI; NOT exact: x rounded to int8 per k-block).
+// xq: per token and k-block 32 int8 ordered [even channels of word 0..3 | odd channels of word 0..3] as
+// 4 bytes each (the byte order vpdpbusd needs against nibbles split into low/high bytes);
+// dx [B][KB] per-k-block scales; xsq [B][G] per-group sums of the rounded activations.
+void quantize_x_avx512(const float* x, int64_t KB, int8_t* q, float* d, int32_t* isum);  // one token
+void gemv_int8_avx512(const Layout& L, int B, const int8_t* xq, int64_t ldq, const float* dx, int64_t ldd,
+                      const float* xsq, const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1);
+
 // Dense W^T of tiles [t0, t1) x k-blocks [kb0, kb1):
 // wt[(p - 32 * kb0) * ldw + (tile - t0) * 16 + lane] = (q - z) * s for native position p.
 void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
