@@ -51,7 +51,7 @@ def test_cpu_matches_reference_fp32(bits, group_size, sym, act_order, isa):
     for B in BATCHES:
         x = torch.randn(B, N, generator=gen) + 0.5  # non-zero mean exercises the folded zero-point term
         ref = x @ W.T
-        for path in (1, 2):  # GEMV and panel GEMM for every batch size
+        for path in (1, 2, 3):  # FMA GEMV, panel GEMM, LUT GEMV (2/3-bit, AVX-512) for every batch size
             out = torch.full((B, M), float("nan"))  # poisoned: every element must be written
             torch.ops.quantkern.qgemm_cpu_out(
                 x, prep.layout.qw, prep.layout.sc, prep.layout.kb_start, prep.layout.x_index, bits, M, None, path, out
@@ -92,14 +92,29 @@ def test_cpu_bias_and_leading_dims(bits):
 
 
 @needs_cpu
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_cpu_long_rows_precision(bits, isa):
     """One group over 4096 channels, activations with a large mean: the zero-point fold must stay exact."""
     t = random_layer(40, 4096, QuantSpec(bits=bits, group_size=-1, sym=False), seed=9)
     x = torch.randn(3, 4096) * 0.5 + 2.0
-    for path in (1, 2):
+    for path in (1, 2, 3):
         y = Q.get_backend("cpu").run(x, Q.prepare(t, bits, "cpu").layout, None, path)
         assert rel_err(y, reference(x, t, bits)) < 1e-5
+
+
+@needs_cpu
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cpu_threaded_sizes(bits, isa):
+    """Big enough that GEMV, LUT and panel dequant split rows over threads (small layers run inline)."""
+    m, n = 600, 1000
+    t = random_layer(m, n, QuantSpec(bits=bits, group_size=128, sym=False, act_order=True), seed=bits)
+    L = Q.prepare(t, bits, "cpu").layout
+    W = gptq.dequantize(t, bits)
+    for B in (1, 2, 9):
+        x = torch.randn(B, n)
+        for path in (1, 2, 3):
+            y = Q.get_backend("cpu").run(x, L, None, path)
+            assert rel_err(y, x @ W.T) < 1e-5, (B, path)
 
 
 @needs_cpu

@@ -100,15 +100,16 @@ def adaround(
         from tqdm import tqdm
 
         it_range = tqdm(it_range, desc="adaround", leave=False)
-    for it in it_range:
-        opt.zero_grad(set_to_none=True)
-        h = rect_sigmoid(V)
-        loss = rec_of(wq_of(h))
-        beta = beta_at(it, iters, warmup, b_start, b_end)
-        if beta is not None:
-            loss = loss + lam * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
-        loss.backward()
-        opt.step()
+    with torch.enable_grad():  # callers (the driver) run solvers under no_grad
+        for it in it_range:
+            opt.zero_grad(set_to_none=True)
+            h = rect_sigmoid(V)
+            loss = rec_of(wq_of(h))
+            beta = beta_at(it, iters, warmup, b_start, b_end)
+            if beta is not None:
+                loss = loss + lam * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+            loss.backward()
+            opt.step()
     with torch.no_grad():
         h = rect_sigmoid(V)
         hard = (h >= 0.5).float()
