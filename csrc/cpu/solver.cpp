@@ -328,7 +328,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
 // ------------------------------------------------------------------------------------------------
 struct Cand {
   double score;
-  int64_t key;  // parent * L + rank (rank 0 = the greedy code): the tie order of solver.h
+  int64_t key;   // (parent << bits) + rank (rank 0 = the greedy code): the tie order of solver.h
+  float err;     // e_c as scored (kept so the winners need no second division)
+  int32_t code;
   bool operator<(const Cand& o) const { return score < o.score || (score == o.score && key < o.key); }
 };
 
@@ -399,14 +401,15 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
           // as soon as it cannot beat the current K-th candidate. Same survivors and order as
           // scoring every level (solver.h); kept sorted by (score, key) with insertion.
           int64_t nc = 0;
-          auto offer = [&](double sc_, int64_t key) {
-            if (nc == K && !(Cand{sc_, key} < cand[K - 1])) return false;
+          auto offer = [&](double sc_, int64_t key, float e, int code) {
+            const Cand cn{sc_, key, e, code};
+            if (nc == K && !(cn < cand[K - 1])) return false;
             int64_t pos = nc < K ? nc++ : K - 1;
-            while (pos > 0 && Cand{sc_, key} < cand[pos - 1]) {
+            while (pos > 0 && cn < cand[pos - 1]) {
               cand[pos] = cand[pos - 1];
               --pos;
             }
-            cand[pos] = Cand{sc_, key};
+            cand[pos] = cn;
             return true;
           };
           for (int64_t b = 0; b < K; ++b) {
@@ -415,23 +418,24 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
             const int cg = static_cast<int>(qk::quant_code(w, s, z, maxq));
             const float e0 = (w - qk::dequant(static_cast<float>(cg), s, z)) / d;
             const double inc0 = static_cast<double>(e0) * static_cast<double>(e0);
-            if (!offer(score[b] + inc0, b * L)) continue;
+            const int64_t kb = b << bits;
+            if (!offer(score[b] + inc0, kb, e0, cg)) continue;
             const int reach = static_cast<int>(std::min<int64_t>(K - 1, L - 1));
             for (int c = cg + 1; c <= std::min(L - 1, cg + reach); ++c) {
               const float e = (w - qk::dequant(static_cast<float>(c), s, z)) / d;
               const double inc = std::max(static_cast<double>(e) * static_cast<double>(e), inc0);
               if (nc == K && score[b] + inc > cand[K - 1].score) break;
-              offer(score[b] + inc, b * L + c);
+              offer(score[b] + inc, kb + c, e, c);
             }
             for (int c = cg - 1; c >= std::max(0, cg - reach); --c) {
               const float e = (w - qk::dequant(static_cast<float>(c), s, z)) / d;
               const double inc = std::max(static_cast<double>(e) * static_cast<double>(e), inc0);
               if (nc == K && score[b] + inc > cand[K - 1].score) break;
-              offer(score[b] + inc, b * L + c + 1);
+              offer(score[b] + inc, kb + c + 1, e, c);
             }
           }
           while (nc < K) {  // fewer live candidates than beams (start of the search): dead beams
-            cand[nc] = Cand{inf, static_cast<int64_t>(L) * K + nc};
+            cand[nc] = Cand{inf, (K << bits) + nc, 0.f, 0};
             ++nc;
           }
           const float* urow = u + i * n;
@@ -444,11 +448,9 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
               std::copy_n(&cur[0], nb, &nxt[t * nb]);
               continue;
             }
-            const int64_t pb = cand[t].key / L, k = cand[t].key % L;
-            const float w = cur[pb * nb + ii];
-            const int cg = static_cast<int>(qk::quant_code(w, s, z, maxq));
-            const int code = k == 0 ? cg : (k <= cg ? static_cast<int>(k) - 1 : static_cast<int>(k));
-            const float e = (w - qk::dequant(static_cast<float>(code), s, z)) / d;  // as scored above
+            const int64_t pb = cand[t].key >> bits;
+            const int code = cand[t].code;
+            const float e = cand[t].err;
             nscore[t] = cand[t].score;
             par[ii * K + t] = static_cast<int32_t>(pb);
             chosen[ii * K + t] = static_cast<uint8_t>(code);
