@@ -334,6 +334,33 @@ struct Cand {
   bool operator<(const Cand& o) const { return score < o.score || (score == o.score && key < o.key); }
 };
 
+// Greedy child of every beam of one column at once (AVX2, 8 beams a vector): the code, its error
+// and inc0 = e^2 as float64. Same IEEE ops as qk::quant_code / qk::dequant (bit-identical), but the
+// K division chains overlap instead of running one beam after another.
+static void greedy_children(const float* w, int64_t K, float s, float z, float d, float maxq, int32_t* cg, float* e0,
+                            double* inc0) {
+  int64_t b = 0;
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vd = _mm256_set1_ps(d);
+  const __m256 vmax = _mm256_set1_ps(maxq), zero = _mm256_setzero_ps();
+  for (; b + 8 <= K; b += 8) {
+    const __m256 vw = _mm256_loadu_ps(w + b);
+    __m256 c = _mm256_add_ps(_mm256_round_ps(_mm256_div_ps(vw, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+    c = _mm256_min_ps(_mm256_max_ps(c, zero), vmax);
+    const __m256 e = _mm256_div_ps(_mm256_sub_ps(vw, _mm256_mul_ps(vs, _mm256_sub_ps(c, vz))), vd);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cg + b), _mm256_cvttps_epi32(c));
+    _mm256_storeu_ps(e0 + b, e);
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(e)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1));
+    _mm256_storeu_pd(inc0 + b, _mm256_mul_pd(lo, lo));
+    _mm256_storeu_pd(inc0 + b + 4, _mm256_mul_pd(hi, hi));
+  }
+  for (; b < K; ++b) {
+    const float c = qk::quant_code(w[b], s, z, maxq);
+    cg[b] = static_cast<int32_t>(c);
+    e0[b] = (w[b] - qk::dequant(c, s, z)) / d;
+    inc0[b] = static_cast<double>(e0[b]) * static_cast<double>(e0[b]);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at::Tensor& U_in,
                                                const at::Tensor& gidx_in, const at::Tensor& scales_in,
                                                const at::Tensor& zeros_in, int64_t bits, int64_t K,
@@ -376,6 +403,10 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
     std::vector<float> cur(static_cast<size_t>(K) * B), nxt(static_cast<size_t>(K) * B);
     std::vector<double> score(K), nscore(K);
     std::vector<Cand> cand(static_cast<size_t>(K));
+    std::vector<float> wcol(static_cast<size_t>(K)), e0v(static_cast<size_t>(K));
+    std::vector<int32_t> cgv(static_cast<size_t>(K));
+    std::vector<double> inc0v(static_cast<size_t>(K));
+    std::vector<int64_t> slots(static_cast<size_t>(K));
     std::vector<int32_t> par(static_cast<size_t>(B) * K);
     std::vector<uint8_t> chosen(static_cast<size_t>(B) * K);
     std::vector<float> cerr(static_cast<size_t>(B) * K);
@@ -412,12 +443,14 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
             cand[pos] = cn;
             return true;
           };
+          for (int64_t b = 0; b < K; ++b) wcol[b] = cur[b * nb + ii];
+          greedy_children(wcol.data(), K, s, z, d, maxq, cgv.data(), e0v.data(), inc0v.data());
           for (int64_t b = 0; b < K; ++b) {
             if (score[b] == inf) continue;  // dead beam: all its children are +inf
-            const float w = cur[b * nb + ii];
-            const int cg = static_cast<int>(qk::quant_code(w, s, z, maxq));
-            const float e0 = (w - qk::dequant(static_cast<float>(cg), s, z)) / d;
-            const double inc0 = static_cast<double>(e0) * static_cast<double>(e0);
+            const float w = wcol[b];
+            const int cg = cgv[b];
+            const float e0 = e0v[b];
+            const double inc0 = inc0v[b];
             const int64_t kb = b << bits;
             if (!offer(score[b] + inc0, kb, e0, cg)) continue;
             const int reach = static_cast<int>(std::min<int64_t>(K - 1, L - 1));
@@ -464,14 +497,19 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
         }
         // resolve the block by traceback: codes and errors of every final beam, block-start ancestor
         int32_t* anc = &banc[(rl * nblk + blk) * K];
-        for (int64_t b = 0; b < K; ++b) {
-          int64_t slot = b;
-          uint8_t* dst = &bcodes[(rl * K + b) * n + i1];
-          for (int64_t ii = nb - 1; ii >= 0; --ii) {
-            dst[ii] = chosen[ii * K + slot];
-            err[ii * ld + rl * K + b] = cerr[ii * K + slot];
-            slot = par[ii * K + slot];
+        // (column-outer so the K pointer chains overlap)
+        for (int64_t b = 0; b < K; ++b) slots[b] = b;
+        for (int64_t ii = nb - 1; ii >= 0; --ii) {
+          float* erow = err + ii * ld + rl * K;
+          for (int64_t b = 0; b < K; ++b) {
+            const int64_t slot = slots[b];
+            bcodes[(rl * K + b) * n + i1 + ii] = chosen[ii * K + slot];
+            erow[b] = cerr[ii * K + slot];
+            slots[b] = par[ii * K + slot];
           }
+        }
+        for (int64_t b = 0; b < K; ++b) {
+          const int64_t slot = slots[b];
           anc[b] = static_cast<int32_t>(slot);
           gather[rl * K + b] = static_cast<int32_t>(rl * K + slot);
           reorder |= slot != b;
