@@ -334,6 +334,20 @@ struct Cand {
   bool operator<(const Cand& o) const { return score < o.score || (score == o.score && key < o.key); }
 };
 
+// In-place permutation of one tail row's beams, row[q] = row[gather[q]], where every beam's source
+// lies in its own row's K-group and K divides 16: one vpermps per 16 floats, idx precomputed.
+__attribute__((target("avx512f"))) static void permute_row_avx512(float* row, const int32_t* idx, int64_t ld) {
+  for (int64_t q = 0; q < ld; q += 16) {
+    const __m512i iv = _mm512_loadu_si512(idx + q);
+    if (q + 16 <= ld) {
+      _mm512_storeu_ps(row + q, _mm512_permutexvar_ps(iv, _mm512_loadu_ps(row + q)));
+    } else {
+      const __mmask16 k = static_cast<__mmask16>((1u << (ld - q)) - 1u);
+      _mm512_mask_storeu_ps(row + q, k, _mm512_permutexvar_ps(iv, _mm512_maskz_loadu_ps(k, row + q)));
+    }
+  }
+}
+
 // Greedy child of every beam of one column at once (AVX2, 8 beams a vector): the code, its error
 // and inc0 = e^2 as float64. Same IEEE ops as qk::quant_code / qk::dequant (bit-identical), but the
 // K division chains overlap instead of running one beam after another.
@@ -389,6 +403,8 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
   // As gptq_block_solve: every chunk of rows runs the whole search, its tail GEMMs included, in
   // the same transposed layout (so K = 1 runs exactly the greedy kernel's GEMMs).
   const int64_t rows = chunk_rows(m, K);
+  const bool avx512 = qk::cpu::use_avx512();
+  const bool vec_perm = avx512 && 16 % K == 0;  // a row's K beams never straddle a 16-float vector
   parallel_chunks((m + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t c0 = chunk * rows, c1 = std::min(m, c0 + rows), mc = c1 - c0, ld = mc * K;
     // column (r - c0) * K + b of WkT [n, ld] is beam b of row r; only columns >= the block are live
@@ -412,6 +428,7 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
     std::vector<float> cerr(static_cast<size_t>(B) * K);
     std::vector<int32_t> gather(static_cast<size_t>(ld));
     std::vector<float> tmp(static_cast<size_t>(ld));
+    std::vector<int32_t> pidx(static_cast<size_t>(ld + 16), 0);
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const int64_t i1 = blk * B, i2 = std::min(i1 + B, n), nb = i2 - i1;
       float* err = ErrT.data_ptr<float>();
@@ -518,10 +535,15 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
       }
       if (i2 < n) {
         if (reorder) {  // beams' tails follow their block-start ancestors (one pass over the tail)
-          for (int64_t j = i2; j < n; ++j) {
-            float* row = wk + j * ld;
-            std::copy_n(row, ld, tmp.data());
-            for (int64_t q = 0; q < ld; ++q) row[q] = tmp[gather[q]];
+          if (vec_perm) {
+            for (int64_t q = 0; q < ld; ++q) pidx[q] = gather[q] - (q & ~int64_t{15});
+            for (int64_t j = i2; j < n; ++j) permute_row_avx512(wk + j * ld, pidx.data(), ld);
+          } else {
+            for (int64_t j = i2; j < n; ++j) {
+              float* row = wk + j * ld;
+              std::copy_n(row, ld, tmp.data());
+              for (int64_t q = 0; q < ld; ++q) row[q] = tmp[gather[q]];
+            }
           }
         }
         tail_update(WkT, U, ErrT, i1, i2, n, -1.0);
