@@ -416,7 +416,9 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
     // codes of the final beam b of each block (in-block slice) and its block-start ancestor
     std::vector<uint8_t> bcodes(static_cast<size_t>(ld) * n);
     std::vector<int32_t> banc(static_cast<size_t>(mc) * nblk * K);
-    std::vector<float> cur(static_cast<size_t>(K) * B), nxt(static_cast<size_t>(K) * B);
+    const int64_t Bp = (B + 7) & ~int64_t{7};  // block row stride, a whole number of 8-float vectors
+    std::vector<float> cur(static_cast<size_t>(K) * Bp, 0.f), nxt(static_cast<size_t>(K) * Bp, 0.f);
+    std::vector<float> ublk(static_cast<size_t>(B) * Bp, 0.f);  // U's block, strict upper part, padded
     std::vector<double> score(K), nscore(K);
     std::vector<Cand> cand(static_cast<size_t>(K));
     std::vector<float> wcol(static_cast<size_t>(K)), e0v(static_cast<size_t>(K));
@@ -430,13 +432,16 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
     std::vector<float> tmp(static_cast<size_t>(ld));
     std::vector<int32_t> pidx(static_cast<size_t>(ld + 16), 0);
     for (int64_t blk = 0; blk < nblk; ++blk) {
-      const int64_t i1 = blk * B, i2 = std::min(i1 + B, n), nb = i2 - i1;
+      const int64_t i1 = blk * B, i2 = std::min(i1 + B, n), nb = i2 - i1, nbp = (nb + 7) & ~int64_t{7};
       float* err = ErrT.data_ptr<float>();
+      std::fill(ublk.begin(), ublk.end(), 0.f);
+      for (int64_t a = 0; a < nb; ++a)
+        for (int64_t j = a + 1; j < nb; ++j) ublk[a * Bp + j] = u[(i1 + a) * n + i1 + j];
       bool reorder = false;
       for (int64_t rl = 0; rl < mc; ++rl) {
         const int64_t r = c0 + rl;
         for (int64_t b = 0; b < K; ++b) {
-          for (int64_t j = 0; j < nb; ++j) cur[b * nb + j] = wk[(i1 + j) * ld + rl * K + b];
+          for (int64_t j = 0; j < nb; ++j) cur[b * Bp + j] = wk[(i1 + j) * ld + rl * K + b];
           score[b] = Sp[rl * K + b];
         }
         for (int64_t i = i1; i < i2; ++i) {
@@ -460,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
             cand[pos] = cn;
             return true;
           };
-          for (int64_t b = 0; b < K; ++b) wcol[b] = cur[b * nb + ii];
+          for (int64_t b = 0; b < K; ++b) wcol[b] = cur[b * Bp + ii];
           greedy_children(wcol.data(), K, s, z, d, maxq, cgv.data(), e0v.data(), inc0v.data());
           for (int64_t b = 0; b < K; ++b) {
             if (score[b] == inf) continue;  // dead beam: all its children are +inf
@@ -488,14 +493,13 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
             cand[nc] = Cand{inf, (K << bits) + nc, 0.f, 0};
             ++nc;
           }
-          const float* urow = u + i * n;
           for (int64_t t = 0; t < K; ++t) {
             if (cand[t].score == inf) {  // dead beam: keep a finite copy of beam 0, score +inf
               nscore[t] = inf;
               par[ii * K + t] = 0;
               chosen[ii * K + t] = 0;
               cerr[ii * K + t] = 0.f;
-              std::copy_n(&cur[0], nb, &nxt[t * nb]);
+              std::copy_n(&cur[0], Bp, &nxt[t * Bp]);
               continue;
             }
             const int64_t pb = cand[t].key >> bits;
@@ -505,9 +509,13 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
             par[ii * K + t] = static_cast<int32_t>(pb);
             chosen[ii * K + t] = static_cast<uint8_t>(code);
             cerr[ii * K + t] = e;
-            const float* src = &cur[pb * nb];
-            float* dst = &nxt[t * nb];
-            for (int64_t j = ii + 1; j < nb; ++j) dst[j] = src[j] - e * urow[i1 + j];
+            const float* src = &cur[pb * Bp];
+            float* dst = &nxt[t * Bp];
+            // whole 8-float vectors from the one holding column ii + 1 on: entries <= ii are never
+            // read again and the padding of ublk is zero, so the extra lanes are harmless
+            const float* ur = &ublk[ii * Bp];
+            for (int64_t j = (ii + 1) & ~int64_t{7}; j < nbp; j += 8)
+              for (int v = 0; v < 8; ++v) dst[j + v] = src[j + v] - e * ur[j + v];
           }
           std::swap(cur, nxt);
           std::swap(score, nscore);
