@@ -42,13 +42,14 @@ QK_HD int64_t num_chunks(int64_t n) { return (n + kCodesPerChunk - 1) / kCodesPe
 // Word row of word i (0..BITS-1) of chunk c in qweight.
 QK_HD int64_t word_row(int64_t chunk, int i, int bits) { return chunk * bits + i; }
 
-// ---- one chunk of 4 adjacent columns: acc[c][b] += sum_j (code_cj - zero_c) * x[b][j] ------------
-// w[c]: the BITS words of column c's chunk (stride 1); x: row b at x + b * x_stride, 16-byte aligned
-// with x_stride % 4 == 0 on the GPU (float4 loads, each x value feeds 4 columns); codes past n must
-// meet x == 0 (the caller zero-pads x). Unscaled: one group per chunk, the caller applies the scale.
+// ---- one chunk of 4 adjacent columns: acc[c][b] += sum_j dequant(code_cj) * x[b][j] -------------
+// w[c]: the BITS words of column c's chunk (stride 1); one group per chunk (scale[c], zero[c]); x: row
+// b at x + b * x_stride, 16-byte aligned with x_stride % 4 == 0 on the GPU (float4 loads; each x value
+// feeds 4 columns); codes past n must meet x == 0 (the caller zero-pads x). The weights are exactly
+// the reference's fp32 scale * (code - zero), so only the summation order differs from it.
 template <int BITS, int BATCH>
-QK_HD void chunk_dot4(const uint32_t (*w)[BITS], const float* x, int64_t x_stride, const float* zero,
-                      float (*acc)[BATCH]) {
+QK_HD void chunk_dot4(const uint32_t (*w)[BITS], const float* x, int64_t x_stride, const float* scale,
+                      const float* zero, float (*acc)[BATCH]) {
   float mz[4];
   for (int c = 0; c < 4; ++c) mz[c] = magic_zero(zero[c]);
 #if defined(__CUDA_ARCH__)
@@ -72,7 +73,7 @@ QK_HD void chunk_dot4(const uint32_t (*w)[BITS], const float* x, int64_t x_strid
 #pragma unroll
 #endif
       for (int c = 0; c < 4; ++c) {
-        const float v = magic_code(get_code(w[c], 1, j0 + jj, BITS)) - mz[c];
+        const float v = (magic_code(get_code(w[c], 1, j0 + jj, BITS)) - mz[c]) * scale[c];
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif

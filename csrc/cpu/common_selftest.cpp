@@ -100,9 +100,7 @@ void gemv_columns4(const Layout& w, const float* xpad, int64_t kpad, int64_t bat
           zero[c] = zero_at(w, g, cc);
           scale[c] = scale_at(w, g, cc);
         }
-        float part[4][1] = {{0.f}, {0.f}, {0.f}, {0.f}};
-        qk::chunk_dot4<BITS, 1>(words, xb + ch * 32, kpad, zero, part);
-        for (int c = 0; c < 4; ++c) acc[c][0] = fmaf(scale[c], part[c][0], acc[c][0]);
+        qk::chunk_dot4<BITS, 1>(words, xb + ch * 32, kpad, scale, zero, acc);
       } else {  // the per-code path
         for (int j = 0; j < qk::kCodesPerChunk && ch * 32 + j < w.n; ++j) {
           const int64_t g = qk::group_of(ch * 32 + j, w.group_size, w.g_idx);

@@ -38,26 +38,29 @@ static_assert(sizeof(vrow) == kRT * sizeof(float), "tile column size");
 
 // Rank-1 update of one tile's block columns j in [jb, je): col_j -= e * u_j (- w * p_j), written
 // with intrinsics so each column is loaded, updated and stored exactly once (no spills).
-__attribute__((target("avx512f"))) static void update_avx512(
-    float* w1, const float* e, const float* w, const float* urow, const float* prow, int64_t jb, int64_t je,
-    int64_t i1) {
-  static_assert(kRT == 32, "two zmm per tile column");
-  const __m512 e0 = _mm512_loadu_ps(e), e1 = _mm512_loadu_ps(e + 16);
+__attribute__((target("avx512f"))) static void update_avx512(float* w1, const float* e, const float* w,
+                                                          const float* urow, const float* prow, int64_t jb,
+                                                          int64_t je, int64_t i1) {
+  constexpr int V = kRT / 16;
+  __m512 ev[V], wv[V];
+  for (int k = 0; k < V; ++k) {
+    ev[k] = _mm512_loadu_ps(e + 16 * k);
+    wv[k] = _mm512_loadu_ps(w + 16 * k);
+  }
   if (prow == nullptr) {
     for (int64_t j = jb; j < je; ++j) {
       float* cj = w1 + (j - i1) * kRT;
       const __m512 uj = _mm512_set1_ps(urow[j]);
-      _mm512_store_ps(cj, _mm512_sub_ps(_mm512_load_ps(cj), _mm512_mul_ps(e0, uj)));
-      _mm512_store_ps(cj + 16, _mm512_sub_ps(_mm512_load_ps(cj + 16), _mm512_mul_ps(e1, uj)));
+      for (int k = 0; k < V; ++k)
+        _mm512_store_ps(cj + 16 * k, _mm512_sub_ps(_mm512_load_ps(cj + 16 * k), _mm512_mul_ps(ev[k], uj)));
     }
   } else {
-    const __m512 w0 = _mm512_loadu_ps(w), w1v = _mm512_loadu_ps(w + 16);
     for (int64_t j = jb; j < je; ++j) {
       float* cj = w1 + (j - i1) * kRT;
       const __m512 uj = _mm512_set1_ps(urow[j]), pj = _mm512_set1_ps(prow[j]);
-      _mm512_store_ps(cj, _mm512_sub_ps(_mm512_load_ps(cj), _mm512_sub_ps(_mm512_mul_ps(e0, uj), _mm512_mul_ps(w0, pj))));
-      _mm512_store_ps(cj + 16, _mm512_sub_ps(_mm512_load_ps(cj + 16),
-                                             _mm512_sub_ps(_mm512_mul_ps(e1, uj), _mm512_mul_ps(w1v, pj))));
+      for (int k = 0; k < V; ++k)
+        _mm512_store_ps(cj + 16 * k, _mm512_sub_ps(_mm512_load_ps(cj + 16 * k),
+                                                   _mm512_sub_ps(_mm512_mul_ps(ev[k], uj), _mm512_mul_ps(wv[k], pj))));
     }
   }
 }

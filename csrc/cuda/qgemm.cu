@@ -5,8 +5,8 @@
 // columns and reads their packed words with one 16-byte load per word row (a warp reads 512
 // contiguous bytes); warp w takes chunks w, w+8, ... of the block's split-K range. Activations of
 // that range are staged once in shared memory as fp32 (zero-padded past n). Codes become exact
-// floats with the 2^23 trick and are accumulated per chunk, then scaled once per chunk (one group
-// per chunk) or dequantized per code (any other grouping). Warps reduce through shared memory and
+// floats with the 2^23 trick, are dequantized exactly as the reference (scale * (code - zero)) and
+// accumulated in fp32; the next chunk's words are loaded while the current one is computed. Warps reduce through shared memory and
 // with several splits the last block to finish a column range sums their fp32 partials (fixed
 // order), adds the bias and writes y in the activation dtype: one launch per call.
 // dequant_t: W^T [n, m] in fp16/bf16/fp32 for the large-batch path (dequantize, then torch matmul).
@@ -50,6 +50,17 @@ __device__ __forceinline__ void load_group4(const QWeightView& w, int64_t g, int
   for (int c = 0; c < 4; ++c) z[c] = static_cast<float>((zv >> (8 * c)) & 0xFFu);
 }
 
+// The BITS words of chunk ch for columns col..col+3: one 16-byte load per word row.
+template <int BITS>
+__device__ __forceinline__ void load_words4(const QWeightView& w, int64_t ch, int64_t col, uint32_t (*words)[BITS]) {
+#pragma unroll
+  for (int i = 0; i < BITS; ++i) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(w.qweight + word_row(ch, i, BITS) * w.m + col));
+#pragma unroll
+    for (int c = 0; c < 4; ++c) words[c][i] = lane_word(v, c);
+  }
+}
+
 template <typename T, int BITS, int BATCH, bool PER_CODE>
 __global__ void __launch_bounds__(kGemvWarps * 32)
 gemv_kernel(const T* __restrict__ x, int64_t batch, QWeightView w, int64_t chunks_per_split, int splits,
@@ -64,10 +75,12 @@ gemv_kernel(const T* __restrict__ x, int64_t batch, QWeightView w, int64_t chunk
   const int64_t k_begin = c_begin * kCodesPerChunk;
   const int64_t kr = (c_end - c_begin) * kCodesPerChunk;
 
-  for (int64_t i = threadIdx.x; i < BATCH * kr; i += blockDim.x) {
-    const int64_t b = i / kr, k = k_begin + i % kr;
-    smem[i] = (b < batch && k < w.n) ? to_float(x[b * w.n + k]) : 0.f;
-  }
+#pragma unroll
+  for (int b = 0; b < BATCH; ++b)
+    for (int64_t kk = threadIdx.x; kk < kr; kk += blockDim.x) {
+      const int64_t k = k_begin + kk;
+      smem[b * kr + kk] = (b < batch && k < w.n) ? to_float(x[b * w.n + k]) : 0.f;
+    }
   __syncthreads();
 
   float acc[4][BATCH];
@@ -78,27 +91,17 @@ gemv_kernel(const T* __restrict__ x, int64_t batch, QWeightView w, int64_t chunk
 
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * 32 + lane) * 4;
   if (col < w.m) {
-    for (int64_t ch = c_begin + warp; ch < c_end; ch += kGemvWarps) {
-      uint32_t words[4][BITS];
-#pragma unroll
-      for (int i = 0; i < BITS; ++i) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(w.qweight + word_row(ch, i, BITS) * w.m + col));
-#pragma unroll
-        for (int c = 0; c < 4; ++c) words[c][i] = lane_word(v, c);
-      }
+    // software pipeline: the next chunk's packed words are in flight while this one is computed
+    uint32_t words[4][BITS], next[4][BITS];
+    int64_t ch = c_begin + warp;
+    if (ch < c_end) load_words4<BITS>(w, ch, col, words);
+    for (; ch < c_end; ch += kGemvWarps) {
+      if (ch + kGemvWarps < c_end) load_words4<BITS>(w, ch + kGemvWarps, col, next);
       const float* xs = smem + (ch - c_begin) * kCodesPerChunk;
       if constexpr (!PER_CODE) {
-        float s[4], z[4], part[4][BATCH];
+        float s[4], z[4];
         load_group4(w, ch * kCodesPerChunk / w.group_size, col, s, z);
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-#pragma unroll
-          for (int b = 0; b < BATCH; ++b) part[c][b] = 0.f;
-        chunk_dot4<BITS, BATCH>(words, xs, kr, z, part);
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-#pragma unroll
-          for (int b = 0; b < BATCH; ++b) acc[c][b] = fmaf(s[c], part[c][b], acc[c][b]);
+        chunk_dot4<BITS, BATCH>(words, xs, kr, s, z, acc);
       } else {
         const int64_t k0 = ch * kCodesPerChunk;
 #pragma unroll
@@ -116,6 +119,10 @@ gemv_kernel(const T* __restrict__ x, int64_t batch, QWeightView w, int64_t chunk
           }
         }
       }
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+#pragma unroll
+        for (int i = 0; i < BITS; ++i) words[c][i] = next[c][i];
     }
   }
 
