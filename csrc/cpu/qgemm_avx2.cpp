@@ -47,6 +47,7 @@ void gemv_tiles(const Layout& L, const float* x, int64_t ldx, const float* xsum,
       for (int kb = k0; kb < k1; ++kb) {
         __m256i w[2][BITS];
         const int32_t* wp = wtile + static_cast<int64_t>(kb) * BITS * kTileRows;
+        for (int i = 0; i < BITS; ++i) _mm_prefetch(reinterpret_cast<const char*>(wp + 1024 + i * kTileRows), _MM_HINT_T0);
         for (int i = 0; i < BITS; ++i) {
           w[0][i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + i * kTileRows));
           w[1][i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + i * kTileRows + 8));

@@ -9,6 +9,8 @@
 namespace qk::cpu::qgemm {
 namespace {
 
+constexpr int64_t kPrefetch = 1024;  // int32 words ahead (4 KiB)
+
 template <int BITS>
 inline __m512 code_table() {
   const int mask = BITS == 4 ? 15 : (1 << BITS) - 1;
@@ -57,6 +59,7 @@ void gemv_lut_tiles(const Layout& L, const float* lut, int64_t ldl, const float*
       for (int kb = k0; kb < k1; ++kb) {
         __m512i w[BITS];
         const int32_t* wp = wtile + static_cast<int64_t>(kb) * BITS * kTileRows;
+        for (int i = 0; i < BITS; ++i) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + i * kTileRows), _MM_HINT_T0);
         for (int i = 0; i < BITS; ++i) w[i] = _mm512_loadu_si512(wp + i * kTileRows);
         const float* lk = lut + static_cast<int64_t>(kb) * (kBlock / 4) * 16;
 #pragma GCC unroll 8
@@ -112,6 +115,10 @@ void gemv_tiles(const Layout& L, const float* x, int64_t ldx, const float* xsum,
       for (int kb = k0; kb < k1; ++kb) {
         __m512i w[BITS];
         const int32_t* wp = wtile + static_cast<int64_t>(kb) * BITS * kTileRows;
+        // stream ahead (the next tiles follow this one in memory): the hardware prefetcher alone
+        // leaves the decode GEMV waiting on DRAM
+#pragma GCC unroll 8
+        for (int i = 0; i < BITS; ++i) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + i * kTileRows), _MM_HINT_T0);
 #pragma GCC unroll 8
         for (int i = 0; i < BITS; ++i) w[i] = _mm512_loadu_si512(wp + i * kTileRows);
         const float* xk = x + static_cast<int64_t>(kb) * kBlock;
@@ -193,6 +200,7 @@ void gemv_int8_tiles(const Layout& L, const int8_t* xq, int64_t ldq, const float
       for (int b = 0; b < B; ++b) facc[b] = _mm512_setzero_ps();
       for (int kb = k0; kb < k1; ++kb) {
         const int32_t* wp = wtile + static_cast<int64_t>(kb) * 4 * kTileRows;
+        for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + i * kTileRows), _MM_HINT_T0);
         __m512i ie[B], io[B];
         for (int b = 0; b < B; ++b) ie[b] = io[b] = _mm512_setzero_si512();
 #pragma GCC unroll 4
