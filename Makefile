@@ -42,7 +42,7 @@ demo: build
 	$(PY) -m quantkern demo
 
 bench: build
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 # compile every .cu (no torch headers) for sm_80 and sm_90a with the CUDA toolkit
 cuda-check:

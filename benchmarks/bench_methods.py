@@ -37,6 +37,8 @@ def main(argv=None):
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--layers", type=int, default=None, help="quantize only the first N blocks")
     p.add_argument("--adaround-iters", type=int, default=100)
+    p.add_argument("--opt", nargs="*", default=[], metavar="METHOD:KEY=VALUE",
+                   help="extra method options, e.g. yaqa:grid_from=rtn yaqa:h_in=act")
     p.add_argument("--fp", action="store_true", help="also measure the full-precision model")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
@@ -55,13 +57,18 @@ def main(argv=None):
         for method in args.methods:
             model, _ = load_fp("default")
             kw = {"iters": args.adaround_iters} if method == "adaround" else {}
+            for o in args.opt:
+                meth, _, kv = o.partition(":")
+                key, _, val = kv.partition("=")
+                if meth == method:
+                    kw[key] = int(val) if val.lstrip("-").isdigit() else val
             spec = QuantSpec(bits=bits, group_size=args.group_size)
             t0 = time.perf_counter()
             model, rep = quantize_model(model, tok, spec, method=method, nsamples=args.nsamples, seqlen=args.seqlen,
                                         layers=args.layers, progress=False, **kw)
             qs = time.perf_counter() - t0
             ppl = perplexity(model, docs)["ppl"]
-            rows.append({**base, "method": method, "bits": bits, "ppl": ppl, "quant_s": round(qs, 1),
+            rows.append({**base, "method": method, "options": {k: v for k, v in kw.items()}, "bits": bits, "ppl": ppl, "quant_s": round(qs, 1),
                          "solve_s": round(rep.solve_s, 1), "meta": rep.method_meta})
             print(json.dumps(rows[-1]), flush=True)
             with open(args.out, "a") as f:

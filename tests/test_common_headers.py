@@ -52,6 +52,10 @@ def test_gemv_matches_reference(bits, grouping, sym):
     y = _ops().gpu_qgemm_gemv(gpu_native.gather_input(x, p), *_args(p))
     assert y.dtype == torch.float32 and y.shape == (3, m)
     assert rel_err(y, F.linear(x, W)) < 1e-5
+    bias = torch.randn(m, generator=gen)
+    yb = _ops().gpu_qgemm_gemv(gpu_native.gather_input(x.half(), p), *_args(p), bias.half())
+    assert yb.dtype == torch.float16
+    assert rel_err(yb, F.linear(x.half().float(), W, bias.half().float())) < 1e-2
 
 
 def test_chunk_uniform_and_per_code_paths_agree():

@@ -51,7 +51,7 @@ def test_cpu_matches_reference_fp32(bits, group_size, sym, act_order, isa):
     for B in BATCHES:
         x = torch.randn(B, N, generator=gen) + 0.5  # non-zero mean exercises the folded zero-point term
         ref = x @ W.T
-        for path in (1, 2):  # GEMV and panel GEMM for every batch size
+        for path in (1, 2, 3):  # FMA GEMV, panel GEMM, LUT GEMV (2/3-bit, AVX-512) for every batch size
             out = torch.full((B, M), float("nan"))  # poisoned: every element must be written
             torch.ops.quantkern.qgemm_cpu_out(
                 x, prep.layout.qw, prep.layout.sc, prep.layout.kb_start, prep.layout.x_index, bits, M, None, path, out
@@ -92,14 +92,44 @@ def test_cpu_bias_and_leading_dims(bits):
 
 
 @needs_cpu
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_cpu_long_rows_precision(bits, isa):
     """One group over 4096 channels, activations with a large mean: the zero-point fold must stay exact."""
     t = random_layer(40, 4096, QuantSpec(bits=bits, group_size=-1, sym=False), seed=9)
     x = torch.randn(3, 4096) * 0.5 + 2.0
-    for path in (1, 2):
+    for path in (1, 2, 3):
         y = Q.get_backend("cpu").run(x, Q.prepare(t, bits, "cpu").layout, None, path)
         assert rel_err(y, reference(x, t, bits)) < 1e-5
+
+
+@needs_cpu
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cpu_threaded_sizes(bits, isa):
+    """Big enough that GEMV, LUT and panel dequant split rows over threads (small layers run inline)."""
+    m, n = 600, 1000
+    t = random_layer(m, n, QuantSpec(bits=bits, group_size=128, sym=False, act_order=True), seed=bits)
+    L = Q.prepare(t, bits, "cpu").layout
+    W = gptq.dequantize(t, bits)
+    for B in (1, 2, 9):
+        x = torch.randn(B, n)
+        for path in (1, 2, 3):
+            y = Q.get_backend("cpu").run(x, L, None, path)
+            assert rel_err(y, x @ W.T) < 1e-5, (B, path)
+
+
+@needs_cpu
+def test_cpu_int8_activation_path_is_close(monkeypatch):
+    """Opt-in approximate path (4-bit, VNNI): error of int8 activation rounding only; exact path otherwise."""
+    t = random_layer(M, N, QuantSpec(bits=4, group_size=64, sym=False, act_order=True), seed=12)
+    prep = Q.prepare(t, 4, "cpu")
+    x = torch.randn(5, N) + 0.3
+    ref = reference(x, t, 4)
+    y = Q.get_backend("cpu").run(x, prep.layout, None, 4)
+    assert not y.isnan().any() and rel_err(y, ref) < 2e-2
+    monkeypatch.setenv("QUANTKERN_CPU_INT8_ACT", "1")
+    assert rel_err(Q.qgemm(x, None, 4, prepared=prep), ref) < 2e-2
+    monkeypatch.delenv("QUANTKERN_CPU_INT8_ACT")
+    assert rel_err(Q.qgemm(x, None, 4, prepared=prep), ref) < 1e-5
 
 
 @needs_cpu
@@ -132,7 +162,8 @@ def test_every_backend_matches_reference(device, bits):
                                                                          act_order=act), seed=gs + 11).items()}
         for b in backends:
             prep = Q.prepare(t, bits, b)
-            for B in BATCHES:
+            interpreted = b == "triton" and device == "cpu"  # TRITON_INTERPRET: slow, fewer batches
+            for B in ([1, 17] if interpreted else BATCHES):
                 x = torch.randn(B, N, device=device)
                 assert rel_err(Q.qgemm(x, None, bits, prepared=prep), reference(x, t, bits)) < 1e-5, (b, gs, B)
 
@@ -163,6 +194,17 @@ def test_bad_inputs():
     with pytest.raises(RuntimeError, match="expected CPU tensors|out must be"):
         torch.ops.quantkern.qgemm_cpu_out(torch.randn(2, N), prep.layout.qw, prep.layout.sc, prep.layout.kb_start,
                                           prep.layout.x_index, bits, M, None, 0, torch.empty(2, M, dtype=torch.float64))
+
+
+@needs_cpu
+def test_fake_kernel_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    L = Q.prepare(random_layer(M, N, QuantSpec(bits=3, group_size=64), seed=1), 3, "cpu").layout
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(5, N).bfloat16())
+        y = torch.ops.quantkern.qgemm_cpu(x, L.qw, L.sc, L.kb_start, L.x_index, 3, M, None, 0)
+    assert y.shape == (5, M) and y.dtype == torch.bfloat16
 
 
 def test_register_rejects_non_backend():

@@ -126,3 +126,5 @@ def test_bad_inputs():
         layer(torch.randn(3, N - 1))
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         layer(torch.randn(3, N).double())
+    with pytest.raises(ValueError, match="input is on meta"):
+        layer(torch.randn(3, N, device="meta"))

@@ -42,21 +42,44 @@ QK_HD int64_t num_chunks(int64_t n) { return (n + kCodesPerChunk - 1) / kCodesPe
 // Word row of word i (0..BITS-1) of chunk c in qweight.
 QK_HD int64_t word_row(int64_t chunk, int i, int bits) { return chunk * bits + i; }
 
-// ---- one chunk of one column: sum_j (code_j - zero) * x[b][j] for BATCH activation rows --------
-// w: the BITS words of the chunk (stride 1); x: row b at x + b * x_stride; codes past n must meet
-// x == 0 (the caller zero-pads x). acc[b] += result (unscaled: one group per chunk, scale after).
+// ---- one chunk of 4 adjacent columns: acc[c][b] += sum_j dequant(code_cj) * x[b][j] -------------
+// w[c]: the BITS words of column c's chunk (stride 1); one group per chunk (scale[c], zero[c]); x: row
+// b at x + b * x_stride, 16-byte aligned with x_stride % 4 == 0 on the GPU (float4 loads; each x value
+// feeds 4 columns); codes past n must meet x == 0 (the caller zero-pads x). The weights are exactly
+// the reference's fp32 scale * (code - zero), so only the summation order differs from it.
 template <int BITS, int BATCH>
-QK_HD void chunk_dot(const uint32_t* w, const float* x, int64_t x_stride, float zero, float* acc) {
-  const float mz = magic_zero(zero);
+QK_HD void chunk_dot4(const uint32_t (*w)[BITS], const float* x, int64_t x_stride, const float* scale,
+                      const float* zero, float (*acc)[BATCH]) {
+  float mz[4];
+  for (int c = 0; c < 4; ++c) mz[c] = magic_zero(zero[c]);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int j = 0; j < kCodesPerChunk; ++j) {
-    const float v = magic_code(get_code(w, 1, j, BITS)) - mz;
+  for (int j0 = 0; j0 < kCodesPerChunk; j0 += 4) {
+    float xv[BATCH][4];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+      const float4 q = *reinterpret_cast<const float4*>(x + b * x_stride + j0);
+      xv[b][0] = q.x; xv[b][1] = q.y; xv[b][2] = q.z; xv[b][3] = q.w;
+    }
+#pragma unroll
+#else
+    for (int b = 0; b < BATCH; ++b)
+      for (int jj = 0; jj < 4; ++jj) xv[b][jj] = x[b * x_stride + j0 + jj];
+#endif
+    for (int jj = 0; jj < 4; ++jj) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int b = 0; b < BATCH; ++b) acc[b] = fmaf(v, x[b * x_stride + j], acc[b]);
+      for (int c = 0; c < 4; ++c) {
+        const float v = (magic_code(get_code(w[c], 1, j0 + jj, BITS)) - mz[c]) * scale[c];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int b = 0; b < BATCH; ++b) acc[c][b] = fmaf(v, xv[b][jj], acc[c][b]);
+      }
+    }
   }
 }
 

@@ -150,6 +150,16 @@ QK_HD float round_to_half(float x) {
   return r;
 }
 
+// Correctly rounded fp32 division on host and device: nvcc --use_fast_math (setup.py) would turn '/'
+// into an approximation in device code, and the contract needs IEEE divisions.
+QK_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
 // Grid parameters of one group from the min and max of its values (grid.find_params, exactly):
 //   xmin = min(min, 0), xmax = max(max, 0); sym: xmax = max(|xmin|, xmax), xmin = -xmax;
 //   all-zero group -> range [-1, 1]; scale = (xmax - xmin) / maxq;
@@ -166,12 +176,12 @@ QK_HD void grid_params(float vmin, float vmax, int bits, bool sym, float* scale,
     xmin = -xmax;
   }
   if (xmin == 0.f && xmax == 0.f) { xmin = -1.f; xmax = 1.f; }
-  float s = (xmax - xmin) / maxq, z;
+  float s = div_rn(xmax - xmin, maxq), z;
   if (sym) {
     z = (maxq + 1.f) * 0.5f;  // integer for every supported bits
   } else {
-    z = rintf(-xmin / s);
-    if (z < 1.f) { s = xmax / (maxq - 1.f); z = 1.f; }
+    z = rintf(div_rn(-xmin, s));
+    if (z < 1.f) { s = div_rn(xmax, maxq - 1.f); z = 1.f; }
     z = z < 1.f ? 1.f : (z > maxq ? maxq : z);
   }
   s = round_to_half(s);
@@ -182,7 +192,7 @@ QK_HD void grid_params(float vmin, float vmax, int bits, bool sym, float* scale,
 
 // Nearest code (float, integer-valued): clamp(round_half_even(w / scale) + zero, 0, maxq).
 QK_HD float quant_code(float w, float scale, float zero, float maxq) {
-  float c = rintf(w / scale) + zero;
+  float c = rintf(div_rn(w, scale)) + zero;
   c = c < 0.f ? 0.f : c;
   return c > maxq ? maxq : c;
 }

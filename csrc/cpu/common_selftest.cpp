@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "../common/qgemm_layout.h"
@@ -77,53 +79,70 @@ at::Tensor dequant_t_cpu(const at::Tensor& qweight, const at::Tensor& scales, co
   return dtype == at::kFloat ? out : out.to(dtype);
 }
 
+// Columns col0..col0+3 (missing ones past m read as zero words and are dropped), exactly as one GPU
+// lane computes them: chunk_dot4 per chunk in the one-group-per-chunk case, dequant_code per code else.
 template <int BITS>
-void gemv_column(const Layout& w, const float* xpad, int64_t kpad, int64_t batch, int64_t col, float* y) {
-  uint32_t words[BITS];
+void gemv_columns4(const Layout& w, const float* xpad, int64_t kpad, int64_t batch, int64_t col0, float* y) {
+  uint32_t words[4][BITS];
+  float zero[4], scale[4];
   for (int64_t b = 0; b < batch; ++b) {
     const float* xb = xpad + b * kpad;
-    float acc = 0.f;
+    float acc[4][1] = {{0.f}, {0.f}, {0.f}, {0.f}};
     for (int64_t ch = 0; ch < qk::num_chunks(w.n); ++ch) {
-      chunk_words(w, ch, col, words);
+      for (int c = 0; c < 4; ++c) {
+        if (col0 + c < w.m) chunk_words(w, ch, col0 + c, words[c]);
+        else for (int i = 0; i < BITS; ++i) words[c][i] = 0;
+      }
       if (qk::chunk_uniform_groups(w.group_size)) {  // the CUDA kernel's one-group-per-chunk path
         const int64_t g = ch * 32 / w.group_size;
-        float part = 0.f;
-        qk::chunk_dot<BITS, 1>(words, xb + ch * 32, kpad, zero_at(w, g, col), &part);
-        acc = fmaf(scale_at(w, g, col), part, acc);
+        for (int c = 0; c < 4; ++c) {
+          const int64_t cc = std::min(col0 + c, w.m - 1);
+          zero[c] = zero_at(w, g, cc);
+          scale[c] = scale_at(w, g, cc);
+        }
+        qk::chunk_dot4<BITS, 1>(words, xb + ch * 32, kpad, scale, zero, acc);
       } else {  // the per-code path
         for (int j = 0; j < qk::kCodesPerChunk && ch * 32 + j < w.n; ++j) {
           const int64_t g = qk::group_of(ch * 32 + j, w.group_size, w.g_idx);
-          acc = fmaf(qk::dequant_code(qk::get_code(words, 1, j, BITS), scale_at(w, g, col), zero_at(w, g, col)),
-                     xb[ch * 32 + j], acc);
+          for (int c = 0; c < 4; ++c) {
+            const int64_t cc = std::min(col0 + c, w.m - 1);
+            acc[c][0] = fmaf(qk::dequant_code(qk::get_code(words[c], 1, j, BITS), scale_at(w, g, cc), zero_at(w, g, cc)),
+                             xb[ch * 32 + j], acc[c][0]);
+          }
         }
       }
     }
-    y[b * w.m + col] = acc;
+    for (int c = 0; c < 4 && col0 + c < w.m; ++c) y[b * w.m + col0 + c] = acc[c][0];
   }
 }
 
 at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                    const at::Tensor& g_idx, int64_t bits, int64_t group_size) {
+                    const at::Tensor& g_idx, int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias) {
   check_layout("quantkern::gpu_qgemm_gemv", qweight, scales, zeros, g_idx, bits, group_size);
   const Layout w = view(qweight, scales, zeros, g_idx, bits, group_size);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.n, "quantkern::gpu_qgemm_gemv: x must be [batch, ", w.n, "], got ",
               x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "quantkern::gpu_qgemm_gemv: expected CPU tensors");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.m, "quantkern::gpu_qgemm_gemv: bias must be [", w.m,
+                "], got ", bias->sizes());
   const int64_t batch = x.size(0), kpad = qk::num_chunks(w.n) * 32;
   auto xpad = at::zeros({batch, kpad}, x.options().dtype(at::kFloat));  // zero past n, as the kernel stages it
   xpad.narrow(1, 0, w.n).copy_(x);
   auto y = at::empty({batch, w.m}, x.options().dtype(at::kFloat));
   const float* xp = xpad.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, w.m, 16, [&](int64_t c0, int64_t c1) {
-    for (int64_t col = c0; col < c1; ++col) switch (w.bits) {
-        case 2: gemv_column<2>(w, xp, kpad, batch, col, yp); break;
-        case 3: gemv_column<3>(w, xp, kpad, batch, col, yp); break;
-        case 4: gemv_column<4>(w, xp, kpad, batch, col, yp); break;
-        default: gemv_column<8>(w, xp, kpad, batch, col, yp); break;
+  at::parallel_for(0, (w.m + 3) / 4, 4, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) switch (w.bits) {
+        case 2: gemv_columns4<2>(w, xp, kpad, batch, q * 4, yp); break;
+        case 3: gemv_columns4<3>(w, xp, kpad, batch, q * 4, yp); break;
+        case 4: gemv_columns4<4>(w, xp, kpad, batch, q * 4, yp); break;
+        default: gemv_columns4<8>(w, xp, kpad, batch, q * 4, yp); break;
       }
   });
-  return y;
+  if (has_bias) y += bias->to(x.scalar_type()).to(at::kFloat);  // bias rounded to x's dtype, as on the GPU
+  return y.to(x.scalar_type());
 }
 
 }  // namespace
@@ -132,9 +151,10 @@ TORCH_LIBRARY_FRAGMENT(quantkern, m) {
   // W^T [n, m] of the GPU layout in kernel channel order, in `dtype`.
   m.def("gpu_qgemm_dequant_t(Tensor qweight, Tensor scales, Tensor zeros, Tensor g_idx, int bits, int group_size, "
         "ScalarType dtype) -> Tensor");
-  // fp32 [batch, m] = x [batch, n] (kernel order) @ dequant(W)^T; the CUDA impl is the small-batch GEMV.
+  // y [batch, m] in x's dtype = x [batch, n] (kernel order) @ dequant(W)^T (+ bias); fp32 accumulation.
+  // The CUDA impl is the small-batch GEMV (batch tiles of 8).
   m.def("gpu_qgemm_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor g_idx, int bits, "
-        "int group_size) -> Tensor");
+        "int group_size, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantkern, CPU, m) {

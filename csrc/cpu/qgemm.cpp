@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <vector>
 
 #include "cpu_features.h"
@@ -14,13 +17,35 @@ namespace {
 
 namespace qg = qk::cpu::qgemm;
 
-constexpr int64_t kPanelBytes = 8 << 20;  // fp32 W^T panel per at::mm call
+// Threads only pay off above this many weights per chunk (small layers run inline: no fork/join).
+constexpr int64_t kMinWeightsPerTask = 1 << 18;
+
+// Prefill blocking: each thread owns column panels of kPanelTiles * 16 outputs and walks K in chunks of
+// kPanelBlocks k-blocks: dequantize a [kPanelBlocks * 32, kPanelTiles * 16] fp32 W^T panel (1 MiB, stays in
+// L2) and accumulate x[:, chunk] @ panel into its output columns with a single-threaded BLAS call.
+constexpr int64_t kPanelTiles = 16;
+constexpr int64_t kPanelBlocks = 32;
+
+// Like at::parallel_for, but threads take chunks of `grain` items from a shared counter: when a thread
+// is descheduled (a busy or shared machine), the others take over its work instead of waiting for it.
+template <typename F>
+void dynamic_for(int64_t n, int64_t grain, const F& fn) {
+  if (n <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(grain, n / (8 * at::get_num_threads()));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t a; (a = next.fetch_add(chunk)) < n;) fn(a, std::min(n, a + chunk));
+  });
+}
 
 template <typename T>
 void gather_x(const at::Tensor& x, const int32_t* xi, int64_t Kpad, float* xn) {
   const int64_t B = x.size(0), n = x.size(1);
   const T* src = x.data_ptr<T>();
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(Kpad, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t p = 0; p < Kpad; ++p) xn[b * Kpad + p] = xi[p] < 0 ? 0.0f : static_cast<float>(src[b * n + xi[p]]);
   });
@@ -61,9 +86,9 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   TORCH_CHECK(kbs[0] == 0 && kbs[G] == KB, op, ": kb_start does not cover the ", KB, " k-blocks");
   const int32_t* xi = x_index.data_ptr<int32_t>();
   const int64_t n = x.size(1);
-  for (int64_t p = 0; p < Kpad; ++p)
-    TORCH_CHECK(xi[p] < n, op, ": the layout reads input channel ", xi[p], " but x has only ", n,
-                " (x.shape[-1] does not match the weight)");
+  const int32_t max_index = Kpad ? *std::max_element(xi, xi + Kpad) : -1;
+  TORCH_CHECK(max_index < n, op, ": the layout reads input channel ", max_index, " but x has only ", n,
+              " (x.shape[-1] does not match the weight)");
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == m, op, ": bias must be a CPU [", m,
@@ -90,17 +115,55 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   else if (xt == at::kBFloat16) gather_x<at::BFloat16>(xc, xi, Kpad, xnp);
   else gather_x<at::Half>(xc, xi, Kpad, xnp);
 
-  if (path == 1 || (path == 0 && B <= qg::kMaxGemvBatch)) {
+  if (path == 1 || path == 3 || path == 4 || (path == 0 && B <= qg::kMaxGemvBatch)) {
     std::vector<float> xsum(B * G);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < G; ++g) {
-        double s = 0;
-        for (int64_t p = kbs[g] * qg::kBlock; p < kbs[g + 1] * qg::kBlock; ++p) s += xnp[b * Kpad + p];
-        xsum[b * G + g] = static_cast<float>(s);
+        double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent chains (k-blocks are whole multiples of 8)
+        for (int64_t p = kbs[g] * qg::kBlock; p < kbs[g + 1] * qg::kBlock; p += 8)
+          for (int i = 0; i < 8; ++i) part[i] += xnp[b * Kpad + p + i];
+        xsum[b * G + g] = static_cast<float>(((part[0] + part[1]) + (part[2] + part[3])) +
+                                             ((part[4] + part[5]) + (part[6] + part[7])));
       }
+    const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * qg::kTileRows));
+    const bool int8 = path == 4 && bits == 4 && avx512 && qk::cpu::isa().avx512vnni;
+    if (int8) {
+      // round x to int8 per token and k-block (symmetric, max-abs); the zero-point fold uses the same
+      // rounded values, so only the activation rounding differs from the exact path
+      std::vector<int8_t> xq(B * Kpad);
+      std::vector<float> dx(B * KB), xsq(B * G, 0.0f);
+      std::vector<int32_t> isum(KB);
+      for (int64_t b = 0; b < B; ++b) {
+        qg::quantize_x_avx512(xnp + b * Kpad, KB, xq.data() + b * Kpad, dx.data() + b * KB, isum.data());
+        for (int64_t kb = 0; kb < KB; ++kb) xsq[b * G + kb_group[kb]] += dx[b * KB + kb] * static_cast<float>(isum[kb]);
+      }
+      for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxGemvBatch) {
+        const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxGemvBatch, B - b0));
+        dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
+          qg::gemv_int8_avx512(L, nb, xq.data() + b0 * Kpad, Kpad, dx.data() + b0 * KB, KB, xsq.data() + b0 * G,
+                               bptr, y + b0 * m, m, t0, t1);
+        });
+      }
+      return;
+    }
+    const bool lut = avx512 && (bits == 2 || bits == 3) && (path == 3 || (path == 0 && B <= qg::kMaxLutBatch));
+    if (lut) {
+      // per token and 4 channels: the 16 subset sums of x
+      const int64_t chunks = Kpad / 4;
+      std::vector<float> tab(B * chunks * 16);
+      for (int64_t b = 0; b < B; ++b) qg::build_lut_avx512(xnp + b * Kpad, chunks, tab.data() + b * chunks * 16);
+      for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxLutBatch) {
+        const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxLutBatch, B - b0));
+        dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
+          qg::gemv_lut_avx512(L, nb, tab.data() + b0 * chunks * 16, chunks * 16, xsum.data() + b0 * G, bptr,
+                              y + b0 * m, m, t0, t1);
+        });
+      }
+      return;
+    }
     for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxGemvBatch) {
       const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxGemvBatch, B - b0));
-      at::parallel_for(0, Mt, 4, [&](int64_t t0, int64_t t1) {
+      dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
         (avx512 ? qg::gemv_avx512 : qg::gemv_avx2)(L, nb, xnp + b0 * Kpad, Kpad, xsum.data() + b0 * G, bptr,
                                                    y + b0 * m, m, t0, t1);
       });
@@ -108,21 +171,25 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
     return;
   }
 
-  // Prefill: panels of rows, dequantized to fp32 W^T [Kpad, rows] in cache, then one at::mm each.
-  const int64_t panel_tiles = std::max<int64_t>(1, std::min<int64_t>(Mt, kPanelBytes / (Kpad * 4 * qg::kTileRows)));
-  auto wt = at::empty({Kpad, panel_tiles * qg::kTileRows}, xn.options());
-  for (int64_t t0 = 0; t0 < Mt; t0 += panel_tiles) {
-    const int64_t t1 = std::min(Mt, t0 + panel_tiles), cols = (t1 - t0) * qg::kTileRows;
-    const int64_t r0 = t0 * qg::kTileRows, valid = std::min(m, t1 * qg::kTileRows) - r0;
-    float* wtp = wt.data_ptr<float>();
-    const int64_t ldw = wt.size(1);
-    at::parallel_for(t0, t1, 1, [&](int64_t a, int64_t b) {
-      (avx512 ? qg::dequant_avx512 : qg::dequant_avx2)(L, a, b, wtp + (a - t0) * qg::kTileRows, ldw);
-    });
-    auto yp = at::mm(xn, wt.narrow(1, 0, cols)).narrow(1, 0, valid);
-    if (bias_f.defined()) yp.add_(bias_f.narrow(0, r0, valid));
-    out.narrow(1, r0, valid).copy_(yp);
-  }
+  // Prefill: see kPanelTiles. Threads split the output columns, so no two write the same element.
+  const int64_t panels = (Mt + kPanelTiles - 1) / kPanelTiles;
+  const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * kPanelTiles * qg::kTileRows));
+  dynamic_for(panels, grain, [&](int64_t pa, int64_t pb) {
+    auto buf = at::empty({kPanelBlocks * qg::kBlock, kPanelTiles * qg::kTileRows}, xn.options());
+    float* bp = buf.data_ptr<float>();
+    for (int64_t pi = pa; pi < pb; ++pi) {
+      const int64_t t0 = pi * kPanelTiles, t1 = std::min(Mt, t0 + kPanelTiles);
+      const int64_t r0 = t0 * qg::kTileRows, valid = std::min(m, t1 * qg::kTileRows) - r0;
+      auto yv = out.narrow(1, r0, valid);
+      for (int64_t kb0 = 0; kb0 < KB; kb0 += kPanelBlocks) {
+        const int64_t kb1 = std::min(KB, kb0 + kPanelBlocks), rows = (kb1 - kb0) * qg::kBlock;
+        (avx512 ? qg::dequant_avx512 : qg::dequant_avx2)(L, t0, t1, kb0, kb1, bp, buf.size(1));
+        auto panel = buf.narrow(0, 0, rows).narrow(1, 0, valid);
+        yv.addmm_(xn.narrow(1, kb0 * qg::kBlock, rows), panel, /*beta=*/kb0 == 0 ? 0 : 1);
+      }
+      if (bias_f.defined()) yv.add_(bias_f.narrow(0, r0, valid));
+    }
+  });
 }
 
 at::Tensor qgemm_cpu(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& kb_start,
@@ -142,7 +209,9 @@ void qgemm_cpu_out_op(const at::Tensor& x, const at::Tensor& qw, const at::Tenso
 
 }  // namespace
 
-// path: 0 = choose (GEMV for <= 8 tokens, else panels + at::mm), 1 = force GEMV, 2 = force GEMM (tests).
+// path: 0 = choose (LUT GEMV for 2/3-bit <= 2 tokens on AVX-512, FMA GEMV for <= 8 tokens, else panels +
+// at::mm); 1 = FMA GEMV, 2 = panels + at::mm, 3 = LUT GEMV where available (else FMA GEMV). 1-3 for tests.
+// 4 = int8-activation VNNI GEMV for 4-bit (opt-in, approximate; else the exact GEMV).
 TORCH_LIBRARY_FRAGMENT(quantkern, m) {
   m.def("qgemm_cpu(Tensor x, Tensor qw, Tensor sc, Tensor kb_start, Tensor x_index, int bits, int m,"
         " Tensor? bias, int path=0) -> Tensor");

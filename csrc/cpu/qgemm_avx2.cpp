@@ -9,10 +9,16 @@ namespace {
 // Code p (0..31) of one half-tile k-block as floats; w = that half's words.
 template <int BITS>
 inline __m256 code_at(const __m256i* w, int p) {
-  if constexpr (BITS == 3) {
-    const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(w[p >> 4], 2 * (p & 15)), _mm256_set1_epi32(3));
-    const __m256i hi = p >= 2 ? _mm256_srli_epi32(w[2], p - 2) : _mm256_slli_epi32(w[2], 2 - p);
-    return _mm256_cvtepi32_ps(_mm256_or_si256(lo, _mm256_and_si256(hi, _mm256_set1_epi32(4))));
+  if constexpr (BITS == 2 || BITS == 3) {  // bit planes: bit i of code p is bit p of word i
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256i v = _mm256_and_si256(_mm256_srli_epi32(w[0], p), one);
+    const __m256i b1 = p >= 1 ? _mm256_srli_epi32(w[1], p - 1) : _mm256_slli_epi32(w[1], 1);
+    v = _mm256_or_si256(v, _mm256_and_si256(b1, _mm256_set1_epi32(2)));
+    if constexpr (BITS == 3) {
+      const __m256i b2 = p >= 2 ? _mm256_srli_epi32(w[2], p - 2) : _mm256_slli_epi32(w[2], 2 - p);
+      v = _mm256_or_si256(v, _mm256_and_si256(b2, _mm256_set1_epi32(4)));
+    }
+    return _mm256_cvtepi32_ps(v);
   } else {
     constexpr int per_word = 32 / BITS;
     const int shift = BITS * (p % per_word);
@@ -96,13 +102,14 @@ void gemv_bits(const Layout& L, int B, const float* x, int64_t ldx, const float*
 }
 
 template <int BITS>
-void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw) {
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
     const float* sc = L.sc + tile * L.G * 2 * kTileRows;
     for (int h = 0; h < 2; ++h) {
       float* dst = wt + (tile - t0) * kTileRows + h * 8;
-      for (int64_t kb = 0; kb < L.KB; ++kb) {
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t g = L.kb_group[kb];
         const __m256 s = _mm256_loadu_ps(sc + g * 2 * kTileRows + h * 8);
         const __m256 z = _mm256_loadu_ps(sc + g * 2 * kTileRows + kTileRows + h * 8);
@@ -111,7 +118,7 @@ void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t l
           w[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wtile + (kb * BITS + i) * kTileRows + h * 8));
 #pragma GCC unroll 32
         for (int p = 0; p < kBlock; ++p)
-          _mm256_storeu_ps(dst + (kb * kBlock + p) * ldw, _mm256_mul_ps(_mm256_sub_ps(code_at<BITS>(w, p), z), s));
+          _mm256_storeu_ps(dst + ((kb - kb0) * kBlock + p) * ldw, _mm256_mul_ps(_mm256_sub_ps(code_at<BITS>(w, p), z), s));
       }
     }
   }
@@ -129,12 +136,13 @@ void gemv_avx2(const Layout& L, int B, const float* x, int64_t ldx, const float*
   }
 }
 
-void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw) {
   switch (L.bits) {
-    case 2: return dequant_tiles<2>(L, t0, t1, wt, ldw);
-    case 3: return dequant_tiles<3>(L, t0, t1, wt, ldw);
-    case 4: return dequant_tiles<4>(L, t0, t1, wt, ldw);
-    default: return dequant_tiles<8>(L, t0, t1, wt, ldw);
+    case 2: return dequant_tiles<2>(L, t0, t1, kb0, kb1, wt, ldw);
+    case 3: return dequant_tiles<3>(L, t0, t1, kb0, kb1, wt, ldw);
+    case 4: return dequant_tiles<4>(L, t0, t1, kb0, kb1, wt, ldw);
+    default: return dequant_tiles<8>(L, t0, t1, kb0, kb1, wt, ldw);
   }
 }
 

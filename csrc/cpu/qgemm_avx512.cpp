@@ -1,7 +1,7 @@
 // AVX-512 qgemm kernels (chosen at run time). No ATen here: see qgemm_kernels.h.
 // Codes become floats through vpermps with a 16-entry table: it reads only the low 4 bits of each
 // lane, so a right shift alone extracts a code (no mask, no int->float convert).
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
 #include <immintrin.h>
 
 #include "qgemm_kernels.h"
@@ -22,16 +22,74 @@ template <int BITS>
 inline __m512 code_at(const __m512i* w, int p, __m512 table) {
   if constexpr (BITS == 4) {
     return _mm512_permutexvar_ps(_mm512_srli_epi32(w[p >> 3], 4 * (p & 7)), table);
-  } else if constexpr (BITS == 2) {
-    return _mm512_permutexvar_ps(_mm512_srli_epi32(w[p >> 4], 2 * (p & 15)), table);
-  } else if constexpr (BITS == 3) {
-    const __m512i lo = _mm512_srli_epi32(w[p >> 4], 2 * (p & 15));
-    const __m512i hi = p >= 2 ? _mm512_srli_epi32(w[2], p - 2) : _mm512_slli_epi32(w[2], 2 - p);
-    // bits 0-1 from lo, the rest from hi (bit 2 = the high code bit); the table ignores bit 3
-    return _mm512_permutexvar_ps(_mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi32(3), 0xE4), table);
-  } else {  // 8
+  } else if constexpr (BITS == 8) {
     const __m512i v = _mm512_srli_epi32(w[p >> 2], 8 * (p & 3));
     return _mm512_cvtepi32_ps((p & 3) == 3 ? v : _mm512_and_si512(v, _mm512_set1_epi32(0xFF)));
+  } else {  // planes: bit i of code p is bit p of word i; merge bit i into place i, vpermps masks the rest
+    const __m512i b1 = p >= 1 ? _mm512_srli_epi32(w[1], p - 1) : _mm512_slli_epi32(w[1], 1);
+    __m512i idx = _mm512_ternarylogic_epi32(_mm512_srli_epi32(w[0], p), b1, _mm512_set1_epi32(1), 0xE4);
+    if constexpr (BITS == 3) {
+      const __m512i b2 = p >= 2 ? _mm512_srli_epi32(w[2], p - 2) : _mm512_slli_epi32(w[2], 2 - p);
+      idx = _mm512_ternarylogic_epi32(idx, b2, _mm512_set1_epi32(3), 0xE4);  // bits 0-1 from idx
+    }
+    return _mm512_permutexvar_ps(idx, table);
+  }
+}
+
+// LUT GEMV on bit planes: for each 4 channels c, lut[c][s] = sum of x over the subset s; plane i of
+// 16 rows gives 16 nibbles = 16 table indices (vpermps reads the low 4 bits of each lane).
+template <int BITS, int B>
+void gemv_lut_tiles(const Layout& L, const float* lut, int64_t ldl, const float* xsum, const float* bias,
+                    float* out, int64_t ldo, int64_t t0, int64_t t1) {
+  constexpr int NA = B == 1 ? 2 : 1;
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    __m512 y[B];
+    for (int b = 0; b < B; ++b) y[b] = _mm512_setzero_ps();
+    const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
+    const float* sc = L.sc + tile * L.G * 2 * kTileRows;
+    for (int64_t g = 0; g < L.G; ++g) {
+      const int k0 = L.kb_start[g], k1 = L.kb_start[g + 1];
+      if (k0 == k1) continue;
+      __m512 acc[B][BITS][NA];
+      for (int b = 0; b < B; ++b)
+        for (int i = 0; i < BITS; ++i)
+          for (int a = 0; a < NA; ++a) acc[b][i][a] = _mm512_setzero_ps();
+      for (int kb = k0; kb < k1; ++kb) {
+        __m512i w[BITS];
+        const int32_t* wp = wtile + static_cast<int64_t>(kb) * BITS * kTileRows;
+        for (int i = 0; i < BITS; ++i) w[i] = _mm512_loadu_si512(wp + i * kTileRows);
+        const float* lk = lut + static_cast<int64_t>(kb) * (kBlock / 4) * 16;
+#pragma GCC unroll 8
+        for (int c = 0; c < kBlock / 4; ++c) {
+#pragma GCC unroll 3
+          for (int i = 0; i < BITS; ++i) {
+            const __m512i idx = c ? _mm512_srli_epi32(w[i], 4 * c) : w[i];
+#pragma GCC unroll 2
+            for (int b = 0; b < B; ++b)
+              acc[b][i][c % NA] = _mm512_add_ps(
+                  acc[b][i][c % NA], _mm512_permutexvar_ps(idx, _mm512_loadu_ps(lk + b * ldl + c * 16)));
+          }
+        }
+      }
+      const __m512 s = _mm512_loadu_ps(sc + g * 2 * kTileRows);
+      const __m512 sz = _mm512_mul_ps(s, _mm512_loadu_ps(sc + g * 2 * kTileRows + kTileRows));
+      for (int b = 0; b < B; ++b) {
+        __m512 plane[BITS];
+        for (int i = 0; i < BITS; ++i) {
+          plane[i] = acc[b][i][0];
+          for (int a = 1; a < NA; ++a) plane[i] = _mm512_add_ps(plane[i], acc[b][i][a]);
+        }
+        __m512 a = plane[BITS - 1];  // sum_i 2^i plane_i, Horner
+        for (int i = BITS - 2; i >= 0; --i) a = _mm512_add_ps(_mm512_add_ps(a, a), plane[i]);
+        y[b] = _mm512_fmadd_ps(s, a, y[b]);
+        y[b] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsum[b * L.G + g]), y[b]);
+      }
+    }
+    const int64_t r0 = tile * kTileRows;
+    const int64_t valid = L.m - r0 < kTileRows ? L.m - r0 : kTileRows;
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + r0) : _mm512_setzero_ps();
+    for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + b * ldo + r0, mask, _mm512_add_ps(y[b], bv));
   }
 }
 
@@ -98,13 +156,14 @@ void gemv_bits(const Layout& L, int B, const float* x, int64_t ldx, const float*
 }
 
 template <int BITS>
-void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw) {
   const __m512 table = code_table<BITS>();
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
     const float* sc = L.sc + tile * L.G * 2 * kTileRows;
     float* dst = wt + (tile - t0) * kTileRows;
-    for (int64_t kb = 0; kb < L.KB; ++kb) {
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
       const int64_t g = L.kb_group[kb];
       const __m512 s = _mm512_loadu_ps(sc + g * 2 * kTileRows);
       const __m512 z = _mm512_loadu_ps(sc + g * 2 * kTileRows + kTileRows);
@@ -112,13 +171,75 @@ void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t l
       for (int i = 0; i < BITS; ++i) w[i] = _mm512_loadu_si512(wtile + (kb * BITS + i) * kTileRows);
 #pragma GCC unroll 32
       for (int p = 0; p < kBlock; ++p)
-        _mm512_storeu_ps(dst + (kb * kBlock + p) * ldw,
+        _mm512_storeu_ps(dst + ((kb - kb0) * kBlock + p) * ldw,
                          _mm512_mul_ps(_mm512_sub_ps(code_at<BITS>(w, p, table), z), s));
     }
   }
 }
 
+template <int B>
+void gemv_int8_tiles(const Layout& L, const int8_t* xq, int64_t ldq, const float* dx, int64_t ldd, const float* xsq,
+                     const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+  const __m512i lo4 = _mm512_set1_epi32(0x0F0F0F0F);
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    __m512 y[B];
+    for (int b = 0; b < B; ++b) y[b] = _mm512_setzero_ps();
+    const int32_t* wtile = L.qw + tile * L.KB * 4 * kTileRows;
+    const float* sc = L.sc + tile * L.G * 2 * kTileRows;
+    for (int64_t g = 0; g < L.G; ++g) {
+      const int k0 = L.kb_start[g], k1 = L.kb_start[g + 1];
+      if (k0 == k1) continue;
+      __m512 facc[B];
+      for (int b = 0; b < B; ++b) facc[b] = _mm512_setzero_ps();
+      for (int kb = k0; kb < k1; ++kb) {
+        const int32_t* wp = wtile + static_cast<int64_t>(kb) * 4 * kTileRows;
+        __m512i ie[B], io[B];
+        for (int b = 0; b < B; ++b) ie[b] = io[b] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const __m512i w = _mm512_loadu_si512(wp + i * kTileRows);
+          const __m512i even = _mm512_and_si512(w, lo4), odd = _mm512_and_si512(_mm512_srli_epi32(w, 4), lo4);
+#pragma GCC unroll 8
+          for (int b = 0; b < B; ++b) {
+            const int32_t* q = reinterpret_cast<const int32_t*>(xq + b * ldq + static_cast<int64_t>(kb) * kBlock);
+            ie[b] = _mm512_dpbusd_epi32(ie[b], even, _mm512_set1_epi32(q[i]));
+            io[b] = _mm512_dpbusd_epi32(io[b], odd, _mm512_set1_epi32(q[4 + i]));
+          }
+        }
+        for (int b = 0; b < B; ++b)
+          facc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ie[b], io[b])),
+                                    _mm512_set1_ps(dx[b * ldd + kb]), facc[b]);
+      }
+      const __m512 s = _mm512_loadu_ps(sc + g * 2 * kTileRows);
+      const __m512 sz = _mm512_mul_ps(s, _mm512_loadu_ps(sc + g * 2 * kTileRows + kTileRows));
+      for (int b = 0; b < B; ++b) {
+        y[b] = _mm512_fmadd_ps(s, facc[b], y[b]);
+        y[b] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsq[b * L.G + g]), y[b]);
+      }
+    }
+    const int64_t r0 = tile * kTileRows;
+    const int64_t valid = L.m - r0 < kTileRows ? L.m - r0 : kTileRows;
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + r0) : _mm512_setzero_ps();
+    for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + b * ldo + r0, mask, _mm512_add_ps(y[b], bv));
+  }
+}
+
 }  // namespace
+
+void gemv_int8_avx512(const Layout& L, int B, const int8_t* xq, int64_t ldq, const float* dx, int64_t ldd,
+                      const float* xsq, const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+  switch (B) {
+    case 1: return gemv_int8_tiles<1>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
+    case 2: return gemv_int8_tiles<2>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
+    case 3: return gemv_int8_tiles<3>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
+    case 4: return gemv_int8_tiles<4>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
+    case 5: return gemv_int8_tiles<5>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
+    case 6: return gemv_int8_tiles<6>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
+    case 7: return gemv_int8_tiles<7>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
+    default: return gemv_int8_tiles<8>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
+  }
+}
 
 void gemv_avx512(const Layout& L, int B, const float* x, int64_t ldx, const float* xsum, const float* bias,
                  float* out, int64_t ldo, int64_t t0, int64_t t1) {
@@ -130,12 +251,59 @@ void gemv_avx512(const Layout& L, int B, const float* x, int64_t ldx, const floa
   }
 }
 
-void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+void gemv_lut_avx512(const Layout& L, int B, const float* lut, int64_t ldl, const float* xsum, const float* bias,
+                     float* out, int64_t ldo, int64_t t0, int64_t t1) {
+  if (L.bits == 2) {
+    if (B == 1) return gemv_lut_tiles<2, 1>(L, lut, ldl, xsum, bias, out, ldo, t0, t1);
+    return gemv_lut_tiles<2, 2>(L, lut, ldl, xsum, bias, out, ldo, t0, t1);
+  }
+  if (B == 1) return gemv_lut_tiles<3, 1>(L, lut, ldl, xsum, bias, out, ldo, t0, t1);
+  return gemv_lut_tiles<3, 2>(L, lut, ldl, xsum, bias, out, ldo, t0, t1);
+}
+
+void build_lut_avx512(const float* x, int64_t chunks, float* lut) {
+  // entry s of a chunk = sum_i bit_i(s) * x_i; multiplying by exact 0/1 masks keeps plain fp32 sums
+  alignas(64) float mk[4][16];
+  for (int i = 0; i < 4; ++i)
+    for (int s = 0; s < 16; ++s) mk[i][s] = static_cast<float>((s >> i) & 1);
+  const __m512 m0 = _mm512_load_ps(mk[0]), m1 = _mm512_load_ps(mk[1]), m2 = _mm512_load_ps(mk[2]),
+               m3 = _mm512_load_ps(mk[3]);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* xc = x + c * 4;
+    __m512 t = _mm512_mul_ps(m0, _mm512_set1_ps(xc[0]));
+    t = _mm512_fmadd_ps(m1, _mm512_set1_ps(xc[1]), t);
+    t = _mm512_fmadd_ps(m2, _mm512_set1_ps(xc[2]), t);
+    t = _mm512_fmadd_ps(m3, _mm512_set1_ps(xc[3]), t);
+    _mm512_storeu_ps(lut + c * 16, t);
+  }
+}
+
+void quantize_x_avx512(const float* x, int64_t KB, int8_t* q, float* d, int32_t* isum) {
+  // output byte o of a k-block takes channel src[o]: evens of word o/4 first, then the odds
+  alignas(64) int32_t src[32];
+  for (int o = 0; o < 32; ++o) src[o] = 8 * ((o % 16) / 4) + 2 * (o % 4) + (o >= 16);
+  const __m512i i_lo = _mm512_load_si512(src), i_hi = _mm512_load_si512(src + 16);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const __m512 a = _mm512_loadu_ps(x + kb * 32), b = _mm512_loadu_ps(x + kb * 32 + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
+    const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kb * 32), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(qa, i_lo, qb)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kb * 32 + 16),
+                     _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(qa, i_hi, qb)));
+    d[kb] = amax / 127.0f;
+    isum[kb] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  }
+}
+
+void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw) {
   switch (L.bits) {
-    case 2: return dequant_tiles<2>(L, t0, t1, wt, ldw);
-    case 3: return dequant_tiles<3>(L, t0, t1, wt, ldw);
-    case 4: return dequant_tiles<4>(L, t0, t1, wt, ldw);
-    default: return dequant_tiles<8>(L, t0, t1, wt, ldw);
+    case 2: return dequant_tiles<2>(L, t0, t1, kb0, kb1, wt, ldw);
+    case 3: return dequant_tiles<3>(L, t0, t1, kb0, kb1, wt, ldw);
+    case 4: return dequant_tiles<4>(L, t0, t1, kb0, kb1, wt, ldw);
+    default: return dequant_tiles<8>(L, t0, t1, kb0, kb1, wt, ldw);
   }
 }
 

@@ -6,13 +6,17 @@
 // x is gathered into the same order (padding reads 0) on every call.
 //
 //   qw  int32 [Mt][KB][bits][16]  one k-block of one tile = `bits` words per row, lane = row:
-//         2-bit: word p/16, bits 2*(p%16)    4-bit: word p/8, bits 4*(p%8)    8-bit: word p/4, bits 8*(p%4)
-//         3-bit, planar 2+1: low 2 bits in word p/16 at 2*(p%16), high bit in word 2 at bit p
-//         (no code straddles a word)
+//         4-bit: word p/8, bits 4*(p%8)      8-bit: word p/4, bits 8*(p%4)
+//         2- and 3-bit: bit planes, word i = bit i of the 32 codes (bit p = channel p); no code
+//         straddles a word, and 4 channels of one plane form a 4-bit index for the LUT kernel
 //   sc  fp32  [Mt][G][2][16]     per group and row: scale s, zero point z (so W = (q - z) * s)
 //   kb_start int32 [G+1]         group g owns k-blocks [kb_start[g], kb_start[g+1])
 //
-// GEMV: y = sum_g s_g * (sum_{k in g} q_k x_k - z_g * sum_{k in g} x_k), fp32 FMA (no int8 rounding).
+// GEMV: y = sum_g s_g * (sum_{k in g} q_k x_k - z_g * sum_{k in g} x_k), in fp32 (no int8 rounding):
+//   FMA kernel: codes -> floats (shift + vpermps table), one FMA per code and token;
+//   LUT kernel (2/3-bit, AVX-512, few tokens): per 4 channels a 16-entry table of the subset sums of x,
+//   sum_k q_k x_k = sum_i 2^i * sum_chunks T[plane-i nibble]: one shift, vpermps and add per
+//   4 codes and plane instead of per code.
 // This header is included by the AVX-512 file too, so it must not include ATen (ODR: its inline
 // functions would get compiled with AVX-512 instructions).
 #pragma once
@@ -40,8 +44,25 @@ void gemv_avx512(const Layout& L, int B, const float* x, int64_t ldx, const floa
 void gemv_avx2(const Layout& L, int B, const float* x, int64_t ldx, const float* xsum, const float* bias,
                float* out, int64_t ldo, int64_t t0, int64_t t1);
 
-// Dense W^T of tiles [t0, t1): wt[p * ldw + (tile - t0) * 16 + lane] = (q - z) * s for native position p.
-void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw);
-void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, float* wt, int64_t ldw);
+// LUT kernel (AVX-512, bits 2/3, B <= kMaxLutBatch): lut [B][Kpad/4][16] subset sums of x per 4 channels.
+constexpr int kMaxLutBatch = 2;
+void build_lut_avx512(const float* x, int64_t chunks, float* lut);  // x [chunks * 4] -> lut [chunks][16]
+void gemv_lut_avx512(const Layout& L, int B, const float* lut, int64_t ldl, const float* xsum, const float* bias,
+                     float* out, int64_t ldo, int64_t t0, int64_t t1);
+
+// Opt-in int8-activation GEMV (4-bit, AVX-512 VNNI; NOT exact: x rounded to int8 per k-block).
+// xq: per token and k-block 32 int8 ordered [even channels of word 0..3 | odd channels of word 0..3] as
+// 4 bytes each (the byte order vpdpbusd needs against nibbles split into low/high bytes);
+// dx [B][KB] per-k-block scales; xsq [B][G] per-group sums of the rounded activations.
+void quantize_x_avx512(const float* x, int64_t KB, int8_t* q, float* d, int32_t* isum);  // one token
+void gemv_int8_avx512(const Layout& L, int B, const int8_t* xq, int64_t ldq, const float* dx, int64_t ldd,
+                      const float* xsq, const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1);
+
+// Dense W^T of tiles [t0, t1) x k-blocks [kb0, kb1):
+// wt[(p - 32 * kb0) * ldw + (tile - t0) * 16 + lane] = (q - z) * s for native position p.
+void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw);
+void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
+                    int64_t ldw);
 
 }  // namespace qk::cpu::qgemm

@@ -17,12 +17,10 @@ using qk::cpu::qgemm::kTileRows;
 // Position p (0..31) of a native k-block: OR code q into the lane's words w[0..bits) (stride 16).
 inline void put_native(uint32_t* w, int bits, int p, uint32_t q) {
   switch (bits) {
-    case 2: w[(p >> 4) * kTileRows] |= q << (2 * (p & 15)); break;
     case 4: w[(p >> 3) * kTileRows] |= q << (4 * (p & 7)); break;
     case 8: w[(p >> 2) * kTileRows] |= q << (8 * (p & 3)); break;
-    default:  // 3: planar 2 + 1
-      w[(p >> 4) * kTileRows] |= (q & 3u) << (2 * (p & 15));
-      w[2 * kTileRows] |= ((q >> 2) & 1u) << p;
+    default:  // 2, 3: bit planes, word i holds bit i of the 32 codes
+      for (int i = 0; i < bits; ++i) w[i * kTileRows] |= ((q >> i) & 1u) << p;
   }
 }
 
@@ -73,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qgemm_repack(const at
   float* sdst = sc.data_ptr<float>();
   const int64_t zrow = qz_c.size(1);
   const int b = static_cast<int>(bits);
-  at::parallel_for(0, Mt, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, Mt, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(Kpad * kTileRows, 1)), [&](int64_t t0, int64_t t1) {
     for (int64_t tile = t0; tile < t1; ++tile) {
       const int64_t r0 = tile * kTileRows, rows = std::min<int64_t>(kTileRows, m - r0);
       for (int64_t p = 0; p < Kpad; ++p) {

@@ -13,19 +13,216 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <limits>
 #include <numeric>
 #include <vector>
 
 #include "../common/solver.h"
+#include "cpu_features.h"
 
 // Keep a*b - c as two roundings (like the reference's separate torch ops): no fma contraction.
 #pragma GCC optimize("fp-contract=off")
 
 namespace {
 
-constexpr int kRT = 16;  // rows per tile: 2 AVX2 / 1 AVX-512 vector
+constexpr int kRT = 32;  // rows per tile: 4 AVX2 / 2 AVX-512 vectors per tile column
+// One tile column (kRT rows) as a GCC vector: the rank-1 updates are then exactly one vector
+// multiply and one subtract per column, whatever the auto-vectorizer would have chosen.
+typedef float vrow __attribute__((vector_size(kRT * sizeof(float)), aligned(64)));
+static_assert(sizeof(vrow) == kRT * sizeof(float), "tile column size");
+
+// Rank-1 update of one tile's block columns j in [jb, je): col_j -= e * u_j (- w * p_j), written
+// with intrinsics so each column is loaded, updated and stored exactly once (no spills).
+__attribute__((target("avx512f"))) static void update_avx512(float* w1, const float* e, const float* w,
+                                                          const float* urow, const float* prow, int64_t jb,
+                                                          int64_t je, int64_t i1) {
+  constexpr int V = kRT / 16;
+  __m512 ev[V], wv[V];
+  for (int k = 0; k < V; ++k) {
+    ev[k] = _mm512_loadu_ps(e + 16 * k);
+    wv[k] = _mm512_loadu_ps(w + 16 * k);
+  }
+  if (prow == nullptr) {
+    for (int64_t j = jb; j < je; ++j) {
+      float* cj = w1 + (j - i1) * kRT;
+      const __m512 uj = _mm512_set1_ps(urow[j]);
+      for (int k = 0; k < V; ++k)
+        _mm512_store_ps(cj + 16 * k, _mm512_sub_ps(_mm512_load_ps(cj + 16 * k), _mm512_mul_ps(ev[k], uj)));
+    }
+  } else {
+    for (int64_t j = jb; j < je; ++j) {
+      float* cj = w1 + (j - i1) * kRT;
+      const __m512 uj = _mm512_set1_ps(urow[j]), pj = _mm512_set1_ps(prow[j]);
+      for (int k = 0; k < V; ++k)
+        _mm512_store_ps(cj + 16 * k, _mm512_sub_ps(_mm512_load_ps(cj + 16 * k),
+                                                   _mm512_sub_ps(_mm512_mul_ps(ev[k], uj), _mm512_mul_ps(wv[k], pj))));
+    }
+  }
+}
+
+static inline __attribute__((always_inline)) void update_avx2(float* w1, const float* e, const float* w,
+                                                              const float* urow, const float* prow, int64_t jb,
+                                                              int64_t je, int64_t i1) {
+  __m256 ev[kRT / 8], wv[kRT / 8];
+  for (int k = 0; k < kRT / 8; ++k) {
+    ev[k] = _mm256_loadu_ps(e + 8 * k);
+    wv[k] = _mm256_loadu_ps(w + 8 * k);
+  }
+  for (int64_t j = jb; j < je; ++j) {
+    float* cj = w1 + (j - i1) * kRT;
+    const __m256 uj = _mm256_set1_ps(urow[j]);
+    if (prow == nullptr) {
+      for (int k = 0; k < kRT / 8; ++k)
+        _mm256_store_ps(cj + 8 * k, _mm256_sub_ps(_mm256_load_ps(cj + 8 * k), _mm256_mul_ps(ev[k], uj)));
+    } else {
+      const __m256 pj = _mm256_set1_ps(prow[j]);
+      for (int k = 0; k < kRT / 8; ++k)
+        _mm256_store_ps(cj + 8 * k, _mm256_sub_ps(_mm256_load_ps(cj + 8 * k),
+                                                  _mm256_sub_ps(_mm256_mul_ps(ev[k], uj), _mm256_mul_ps(wv[k], pj))));
+    }
+  }
+}
+
+// Everything one row tile needs for one block. The chunk's working copy is TRANSPOSED, wt [n, ld]
+// (ld = rows of the chunk), so a tile column is kRT contiguous floats; errors/q go to errT/qT
+// [B, ld] and codes to codesT [n, ld] (transposed back once per chunk).
+struct TileArgs {
+  const float* wt;
+  const float* u;
+  const float* p;
+  float* sc;
+  float* zr;
+  uint8_t* codesT;
+  double* ls;
+  float* errT;
+  float* qT;
+  const int32_t* g;
+  const int32_t* run_end;
+  int64_t n, m, ld, c0;
+  int bits;
+  bool sym, dynamic_groups;
+  float maxq;
+};
+
+// The in-block loop of OP 1 (solver.h) for rows [r0, r0 + nr) (global ids), block columns [i1, i2).
+template <bool HasP, bool Avx512>
+static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, int64_t r0, int64_t nr, int64_t i1,
+                                                             int64_t i2, vrow* w1v) {
+  const int64_t n = a.n, m = a.m, ld = a.ld, nb = i2 - i1, rl0 = r0 - a.c0;
+  (void)n;
+  float* w1 = reinterpret_cast<float*>(w1v);
+  alignas(64) float w[kRT], s[kRT], z[kRT], c[kRT], q[kRT], e[kRT];
+  for (int64_t j = 0; j < nb; ++j) {
+    const float* src = a.wt + (i1 + j) * ld + rl0;
+    float* dst = w1 + j * kRT;
+    if (nr == kRT) {
+      for (int r = 0; r < kRT; ++r) dst[r] = src[r];
+    } else {
+      for (int r = 0; r < kRT; ++r) dst[r] = r < nr ? src[r] : 0.f;
+    }
+  }
+  double lsum[kRT] = {};
+  for (int r = 0; r < nr; ++r) lsum[r] = a.ls[r0 + r];
+  for (int64_t i = i1; i < i2; ++i) {
+    const int32_t g = a.g[i];
+    if (a.dynamic_groups && a.run_end[i] >= 0) {  // block-start values (wt), see solver.h
+      const int64_t e_end = a.run_end[i];
+      alignas(64) float lo[kRT], hi[kRT];
+      const float* row = a.wt + i * ld + rl0;
+      for (int r = 0; r < kRT; ++r) lo[r] = hi[r] = r < nr ? row[r] : 0.f;
+      for (int64_t j = i + 1; j < e_end; ++j) {
+        row = a.wt + j * ld + rl0;
+        if (nr == kRT) {
+          for (int r = 0; r < kRT; ++r) {
+            lo[r] = std::min(lo[r], row[r]);
+            hi[r] = std::max(hi[r], row[r]);
+          }
+        } else {
+          for (int r = 0; r < nr; ++r) {
+            lo[r] = std::min(lo[r], row[r]);
+            hi[r] = std::max(hi[r], row[r]);
+          }
+        }
+      }
+      for (int r = 0; r < nr; ++r) qk::grid_params(lo[r], hi[r], a.bits, a.sym, &a.sc[g * m + r0 + r], &a.zr[g * m + r0 + r]);
+    }
+    for (int r = 0; r < kRT; ++r) {
+      s[r] = r < nr ? a.sc[g * m + r0 + r] : 1.f;
+      z[r] = r < nr ? a.zr[g * m + r0 + r] : 0.f;
+    }
+    const float d = a.u[i * a.n + i];
+    const float* col = &w1[(i - i1) * kRT];
+    for (int r = 0; r < kRT; ++r) {
+      w[r] = col[r];
+      c[r] = qk::quant_code(w[r], s[r], z[r], a.maxq);
+      q[r] = qk::dequant(c[r], s[r], z[r]);
+      e[r] = (w[r] - q[r]) / d;
+    }
+    for (int r = 0; r < kRT; ++r) lsum[r] += static_cast<double>(e[r]) * static_cast<double>(e[r]);
+    uint8_t* cdst = a.codesT + i * ld + rl0;
+    float* edst = a.errT + (i - i1) * ld + rl0;
+    for (int r = 0; r < nr; ++r) {
+      cdst[r] = static_cast<uint8_t>(c[r]);
+      edst[r] = e[r];
+    }
+    if (HasP) {
+      float* qdst = a.qT + (i - i1) * ld + rl0;
+      for (int r = 0; r < nr; ++r) qdst[r] = q[r];
+    }
+    const float* urow = a.u + i * a.n;
+    const float* prow = HasP ? a.p + i * a.n : nullptr;
+    if constexpr (Avx512) {
+      update_avx512(w1, e, w, urow, prow, i + 1, i2, i1);
+    } else {
+      update_avx2(w1, e, w, urow, prow, i + 1, i2, i1);
+    }
+  }
+  for (int r = 0; r < nr; ++r) a.ls[r0 + r] = lsum[r];
+}
+
+using TileFn = void (*)(const TileArgs&, int64_t, int64_t, int64_t, int64_t, vrow*);
+
+template <bool HasP>
+void tile_block_avx2(const TileArgs& a, int64_t r0, int64_t nr, int64_t i1, int64_t i2, vrow* w1v) {
+  tile_block<HasP, false>(a, r0, nr, i1, i2, w1v);
+}
+
+template <bool HasP>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void tile_block_avx512(const TileArgs& a, int64_t r0,
+                                                                                     int64_t nr, int64_t i1,
+                                                                                     int64_t i2, vrow* w1v) {
+  tile_block<HasP, true>(a, r0, nr, i1, i2, w1v);
+}
+
+// The once-per-block GEMM in the transposed layout: WT[i2:, :] += alpha * F[i1:i2, i2:]^T @ XT[:nb, :]
+// (F = U with the errors, or P with the quantized values). Shared by both ops.
+void tail_update(at::Tensor& WT, const at::Tensor& F, const at::Tensor& XT, int64_t i1, int64_t i2, int64_t n,
+                 double alpha) {
+  at::Tensor tail = WT.slice(0, i2, n);
+  tail.addmm_(F.slice(0, i1, i2).slice(1, i2, n).t(), XT.slice(0, 0, i2 - i1), 1.0, alpha);
+}
+
+// Rows per independent chunk (K beams per row count as K rows). The same rule for both ops, so
+// ksnrq with K = 1 runs exactly the GEMM shapes of gptq_block_solve (bit-identical results).
+int64_t chunk_rows(int64_t m, int64_t K) {
+  const int64_t beam_rows = 512;
+  return std::max<int64_t>(1, std::min<int64_t>(m, beam_rows / K));
+}
+
+// Hand chunks to threads dynamically (an atomic counter), one parallel region in all.
+template <class F>
+void parallel_chunks(int64_t nchunks, const F& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), nchunks);
+  at::parallel_for(0, std::max<int64_t>(nt, 1), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) f(c);
+  });
+}
 
 struct Groups {
   std::vector<int32_t> g, run_end;  // group of column i; end of the run if i starts one, else -1
@@ -83,7 +280,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
                 op, ": P must be fp32 [n, n] or None, got ", P_in->sizes());
   const at::Tensor U = U_in.contiguous(), gidx = gidx_in.contiguous();
   const at::Tensor P = has_p ? P_in->contiguous() : at::Tensor();
-  at::Tensor Wc = W_in.clone(at::MemoryFormat::Contiguous);
   at::Tensor scales = scales_in.clone(at::MemoryFormat::Contiguous);
   at::Tensor zeros = zeros_in.clone(at::MemoryFormat::Contiguous);
   at::Tensor codes = at::empty({m, n}, W_in.options().dtype(at::kByte));
@@ -92,89 +288,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
   const Groups gr = group_runs(gidx, G, dynamic_groups, op);
 
   const int64_t B = std::min<int64_t>(blocksize, n);
-  at::Tensor Err = at::empty({m, B}, W_in.options());
-  at::Tensor Qb = has_p ? at::empty({m, B}, W_in.options()) : at::Tensor();
-  float* wc = Wc.data_ptr<float>();
   const float* u = U.data_ptr<float>();
   const float* p = has_p ? P.data_ptr<float>() : nullptr;
   float* sc = scales.data_ptr<float>();
   float* zr = zeros.data_ptr<float>();
-  uint8_t* cd = codes.data_ptr<uint8_t>();
   double* ls = loss.data_ptr<double>();
   const float maxq = static_cast<float>((1 << bits) - 1);
-  const int64_t ntiles = (m + kRT - 1) / kRT;
 
-  for (int64_t i1 = 0; i1 < n; i1 += B) {
-    const int64_t i2 = std::min(i1 + B, n), nb = i2 - i1;
-    float* err_out = Err.data_ptr<float>();
-    float* q_out = has_p ? Qb.data_ptr<float>() : nullptr;
-    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> w1(static_cast<size_t>(nb) * kRT);
-      alignas(64) float w[kRT], s[kRT], z[kRT], c[kRT], q[kRT], e[kRT];
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t * kRT, nr = std::min<int64_t>(kRT, m - r0);
-        for (int64_t j = 0; j < nb; ++j)
-          for (int r = 0; r < kRT; ++r) w1[j * kRT + r] = r < nr ? wc[(r0 + r) * n + i1 + j] : 0.f;
-        double lsum[kRT] = {};
-        for (int r = 0; r < nr; ++r) lsum[r] = ls[r0 + r];
-        for (int64_t i = i1; i < i2; ++i) {
-          const int32_t g = gr.g[i];
-          if (dynamic_groups && gr.run_end[i] >= 0) {  // block-start values Wc (solver.h)
-            const int64_t e_end = gr.run_end[i];
-            for (int r = 0; r < nr; ++r) {
-              const float* row = wc + (r0 + r) * n;
-              float lo = row[i], hi = row[i];
-              for (int64_t j = i + 1; j < e_end; ++j) {
-                lo = std::min(lo, row[j]);
-                hi = std::max(hi, row[j]);
-              }
-              qk::grid_params(lo, hi, static_cast<int>(bits), sym, &sc[g * m + r0 + r], &zr[g * m + r0 + r]);
-            }
-          }
-          for (int r = 0; r < kRT; ++r) {
-            s[r] = r < nr ? sc[g * m + r0 + r] : 1.f;
-            z[r] = r < nr ? zr[g * m + r0 + r] : 0.f;
-          }
-          const float d = u[i * n + i];
-          float* col = &w1[(i - i1) * kRT];
-          for (int r = 0; r < kRT; ++r) {
-            w[r] = col[r];
-            c[r] = qk::quant_code(w[r], s[r], z[r], maxq);
-            q[r] = qk::dequant(c[r], s[r], z[r]);
-            e[r] = (w[r] - q[r]) / d;
-          }
-          for (int r = 0; r < kRT; ++r) lsum[r] += static_cast<double>(e[r]) * static_cast<double>(e[r]);
-          for (int r = 0; r < nr; ++r) {
-            cd[(r0 + r) * n + i] = static_cast<uint8_t>(c[r]);
-            err_out[(r0 + r) * B + (i - i1)] = e[r];
-            if (has_p) q_out[(r0 + r) * B + (i - i1)] = q[r];
-          }
-          const float* urow = u + i * n;
-          if (has_p) {
-            const float* prow = p + i * n;
-            for (int64_t j = i + 1; j < i2; ++j) {
-              float* cj = &w1[(j - i1) * kRT];
-              const float uj = urow[j], pj = prow[j];
-              for (int r = 0; r < kRT; ++r) cj[r] -= e[r] * uj - w[r] * pj;
-            }
-          } else {
-            for (int64_t j = i + 1; j < i2; ++j) {
-              float* cj = &w1[(j - i1) * kRT];
-              const float uj = urow[j];
-              for (int r = 0; r < kRT; ++r) cj[r] -= e[r] * uj;
-            }
-          }
-        }
-        for (int r = 0; r < nr; ++r) ls[r0 + r] = lsum[r];
-      }
-    });
-    if (i2 < n) {
-      at::Tensor tail = Wc.slice(1, i2, n);
-      const at::Tensor eb = nb == B ? Err : Err.slice(1, 0, nb);
-      tail.addmm_(eb, U.slice(0, i1, i2).slice(1, i2, n), 1.0, -1.0);
-      if (has_p) tail.addmm_(nb == B ? Qb : Qb.slice(1, 0, nb), P.slice(0, i1, i2).slice(1, i2, n), 1.0, 1.0);
+  // Rows never interact, so every chunk of rows runs the WHOLE blocked algorithm on its own,
+  // tail GEMMs included: no barrier per block (robust when the CPU is shared), chunks handed out
+  // dynamically.
+  const int64_t rows = chunk_rows(m, 1);
+  const bool avx512 = qk::cpu::use_avx512();
+  TileFn tile_fn = has_p ? (avx512 ? tile_block_avx512<true> : tile_block_avx2<true>)
+                         : (avx512 ? tile_block_avx512<false> : tile_block_avx2<false>);
+  parallel_chunks((m + rows - 1) / rows, [&](int64_t chunk) {
+    const int64_t c0 = chunk * rows, c1 = std::min(m, c0 + rows), mc = c1 - c0;
+    at::Tensor WT = W_in.slice(0, c0, c1).t().contiguous();  // [n, mc]
+    at::Tensor ErrT = at::empty({B, mc}, W_in.options());
+    at::Tensor QT = has_p ? at::empty({B, mc}, W_in.options()) : at::Tensor();
+    at::Tensor codesT = at::empty({n, mc}, W_in.options().dtype(at::kByte));
+    // the tile block, aligned by hand (std::vector does not promise over-aligned storage)
+    std::vector<char> w1buf(static_cast<size_t>(B) * sizeof(vrow) + 128);
+    vrow* w1v = reinterpret_cast<vrow*>((reinterpret_cast<uintptr_t>(w1buf.data()) + 127) & ~uintptr_t(127));
+    TileArgs ta{WT.data_ptr<float>(), u, p, sc, zr, codesT.data_ptr<uint8_t>(), ls, ErrT.data_ptr<float>(),
+                has_p ? QT.data_ptr<float>() : nullptr, gr.g.data(), gr.run_end.data(), n, m, mc, c0,
+                static_cast<int>(bits), sym, dynamic_groups, maxq};
+    for (int64_t i1 = 0; i1 < n; i1 += B) {
+      const int64_t i2 = std::min(i1 + B, n);
+      for (int64_t r0 = c0; r0 < c1; r0 += kRT) tile_fn(ta, r0, std::min<int64_t>(kRT, c1 - r0), i1, i2, w1v);
+      if (i2 < n) tail_update(WT, U, ErrT, i1, i2, n, -1.0);
+      if (i2 < n && has_p) tail_update(WT, P, QT, i1, i2, n, 1.0);
     }
-  }
+    codes.slice(0, c0, c1).copy_(codesT.t());
+  });
   return {codes, scales, zeros, loss};
 }
 
@@ -203,125 +350,154 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
   const float maxq = static_cast<float>(L - 1);
   const int64_t B = std::min<int64_t>(blocksize, n), nblk = (n + B - 1) / B;
 
-  // beam b of row r is row r*K + b of Wk; only columns >= the current block start are live
-  at::Tensor Wk = W_in.unsqueeze(1).expand({m, K, n}).clone(at::MemoryFormat::Contiguous).view({m * K, n});  // never alias W (K = 1)
-  at::Tensor Err = at::zeros({m * K, B}, W_in.options());
-  at::Tensor S = at::zeros({m, K}, W_in.options().dtype(at::kDouble));
-  // codes of the final beam b of each block (in-block slice) and its block-start ancestor
-  std::vector<uint8_t> bcodes(static_cast<size_t>(m) * K * n);
-  std::vector<int32_t> banc(static_cast<size_t>(m) * nblk * K);
-  float* wk = Wk.data_ptr<float>();
+  uint8_t* cd = codes.data_ptr<uint8_t>();
+  double* lp = loss.data_ptr<double>();
   const float* u = U.data_ptr<float>();
   const float* sc = scales.data_ptr<float>();
   const float* zr = zeros.data_ptr<float>();
-  double* Sp = S.data_ptr<double>();
   const double inf = std::numeric_limits<double>::infinity();
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t b = 1; b < K; ++b) Sp[r * K + b] = inf;
 
-  for (int64_t blk = 0; blk < nblk; ++blk) {
-    const int64_t i1 = blk * B, i2 = std::min(i1 + B, n), nb = i2 - i1;
-    float* err = Err.data_ptr<float>();
-    at::parallel_for(0, m, 1, [&](int64_t ra, int64_t rb) {
-      std::vector<float> cur(static_cast<size_t>(K) * nb), nxt(static_cast<size_t>(K) * nb);
-      std::vector<float> ecur(static_cast<size_t>(K) * nb), enxt(static_cast<size_t>(K) * nb);
-      std::vector<double> score(K), nscore(K), inc(L);
-      std::vector<float> ev(L);
-      std::vector<uint8_t> order(L);
-      std::vector<Cand> cand(static_cast<size_t>(K) * L);
-      std::vector<int32_t> par(static_cast<size_t>(nb) * K);
-      std::vector<uint8_t> chosen(static_cast<size_t>(nb) * K);
-      std::vector<float> tmp;
-      for (int64_t r = ra; r < rb; ++r) {
+  // As gptq_block_solve: every chunk of rows runs the whole search, its tail GEMMs included, in
+  // the same transposed layout (so K = 1 runs exactly the greedy kernel's GEMMs).
+  const int64_t rows = chunk_rows(m, K);
+  parallel_chunks((m + rows - 1) / rows, [&](int64_t chunk) {
+    const int64_t c0 = chunk * rows, c1 = std::min(m, c0 + rows), mc = c1 - c0, ld = mc * K;
+    // column (r - c0) * K + b of WkT [n, ld] is beam b of row r; only columns >= the block are live
+    at::Tensor WkT = W_in.slice(0, c0, c1).unsqueeze(1).expand({mc, K, n}).reshape({ld, n}).t().contiguous();
+    at::Tensor ErrT = at::zeros({B, ld}, W_in.options());
+    float* wk = WkT.data_ptr<float>();
+    std::vector<double> Sp(static_cast<size_t>(ld), inf);
+    for (int64_t r = 0; r < mc; ++r) Sp[r * K] = 0.0;
+    // codes of the final beam b of each block (in-block slice) and its block-start ancestor
+    std::vector<uint8_t> bcodes(static_cast<size_t>(ld) * n);
+    std::vector<int32_t> banc(static_cast<size_t>(mc) * nblk * K);
+    std::vector<float> cur(static_cast<size_t>(K) * B), nxt(static_cast<size_t>(K) * B);
+    std::vector<double> score(K), nscore(K);
+    std::vector<Cand> cand(static_cast<size_t>(K));
+    std::vector<int32_t> par(static_cast<size_t>(B) * K);
+    std::vector<uint8_t> chosen(static_cast<size_t>(B) * K);
+    std::vector<float> cerr(static_cast<size_t>(B) * K);
+    std::vector<int32_t> gather(static_cast<size_t>(ld));
+    std::vector<float> tmp(static_cast<size_t>(ld));
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const int64_t i1 = blk * B, i2 = std::min(i1 + B, n), nb = i2 - i1;
+      float* err = ErrT.data_ptr<float>();
+      bool reorder = false;
+      for (int64_t rl = 0; rl < mc; ++rl) {
+        const int64_t r = c0 + rl;
         for (int64_t b = 0; b < K; ++b) {
-          std::copy_n(wk + (r * K + b) * n + i1, nb, &cur[b * nb]);
-          score[b] = Sp[r * K + b];
+          for (int64_t j = 0; j < nb; ++j) cur[b * nb + j] = wk[(i1 + j) * ld + rl * K + b];
+          score[b] = Sp[rl * K + b];
         }
         for (int64_t i = i1; i < i2; ++i) {
           const int64_t ii = i - i1;
           const int32_t g = gr.g[i];
           const float s = sc[g * m + r], z = zr[g * m + r], d = u[i * n + i];
+          // Only the K best children of a beam can survive: c0 and the K-1 nearest levels on each
+          // side. Every child of beam b scores >= S_b + inc0 (the max rule) and scores grow
+          // monotonically away from c0 on each side (monotone float ops), so a beam or a side stops
+          // as soon as it cannot beat the current K-th candidate. Same survivors and order as
+          // scoring every level (solver.h); kept sorted by (score, key) with insertion.
           int64_t nc = 0;
+          auto offer = [&](double sc_, int64_t key) {
+            if (nc == K && !(Cand{sc_, key} < cand[K - 1])) return false;
+            int64_t pos = nc < K ? nc++ : K - 1;
+            while (pos > 0 && Cand{sc_, key} < cand[pos - 1]) {
+              cand[pos] = cand[pos - 1];
+              --pos;
+            }
+            cand[pos] = Cand{sc_, key};
+            return true;
+          };
           for (int64_t b = 0; b < K; ++b) {
+            if (score[b] == inf) continue;  // dead beam: all its children are +inf
             const float w = cur[b * nb + ii];
-            const float c0 = qk::quant_code(w, s, z, maxq);
-            order[0] = static_cast<uint8_t>(c0);
-            for (int c = 0, k = 1; c < L; ++c)
-              if (c != static_cast<int>(c0)) order[k++] = static_cast<uint8_t>(c);
-            for (int k = 0; k < L; ++k) {
-              ev[k] = (w - qk::dequant(static_cast<float>(order[k]), s, z)) / d;
-              inc[k] = static_cast<double>(ev[k]) * static_cast<double>(ev[k]);
-              if (k > 0) inc[k] = std::max(inc[k], inc[0]);
-              cand[nc++] = Cand{score[b] + inc[k], b * L + k};
+            const int cg = static_cast<int>(qk::quant_code(w, s, z, maxq));
+            const float e0 = (w - qk::dequant(static_cast<float>(cg), s, z)) / d;
+            const double inc0 = static_cast<double>(e0) * static_cast<double>(e0);
+            if (!offer(score[b] + inc0, b * L)) continue;
+            const int reach = static_cast<int>(std::min<int64_t>(K - 1, L - 1));
+            for (int c = cg + 1; c <= std::min(L - 1, cg + reach); ++c) {
+              const float e = (w - qk::dequant(static_cast<float>(c), s, z)) / d;
+              const double inc = std::max(static_cast<double>(e) * static_cast<double>(e), inc0);
+              if (nc == K && score[b] + inc > cand[K - 1].score) break;
+              offer(score[b] + inc, b * L + c);
+            }
+            for (int c = cg - 1; c >= std::max(0, cg - reach); --c) {
+              const float e = (w - qk::dequant(static_cast<float>(c), s, z)) / d;
+              const double inc = std::max(static_cast<double>(e) * static_cast<double>(e), inc0);
+              if (nc == K && score[b] + inc > cand[K - 1].score) break;
+              offer(score[b] + inc, b * L + c + 1);
             }
           }
-          std::partial_sort(cand.begin(), cand.begin() + K, cand.begin() + nc);
+          while (nc < K) {  // fewer live candidates than beams (start of the search): dead beams
+            cand[nc] = Cand{inf, static_cast<int64_t>(L) * K + nc};
+            ++nc;
+          }
+          const float* urow = u + i * n;
           for (int64_t t = 0; t < K; ++t) {
+            if (cand[t].score == inf) {  // dead beam: keep a finite copy of beam 0, score +inf
+              nscore[t] = inf;
+              par[ii * K + t] = 0;
+              chosen[ii * K + t] = 0;
+              cerr[ii * K + t] = 0.f;
+              std::copy_n(&cur[0], nb, &nxt[t * nb]);
+              continue;
+            }
             const int64_t pb = cand[t].key / L, k = cand[t].key % L;
-            // recompute the chosen level's code and error exactly as above
             const float w = cur[pb * nb + ii];
-            const float c0 = qk::quant_code(w, s, z, maxq);
-            const int code = k == 0 ? static_cast<int>(c0) : (k <= static_cast<int>(c0) ? k - 1 : k);
-            const float e = (w - qk::dequant(static_cast<float>(code), s, z)) / d;
+            const int cg = static_cast<int>(qk::quant_code(w, s, z, maxq));
+            const int code = k == 0 ? cg : (k <= cg ? static_cast<int>(k) - 1 : static_cast<int>(k));
+            const float e = (w - qk::dequant(static_cast<float>(code), s, z)) / d;  // as scored above
             nscore[t] = cand[t].score;
             par[ii * K + t] = static_cast<int32_t>(pb);
             chosen[ii * K + t] = static_cast<uint8_t>(code);
+            cerr[ii * K + t] = e;
             const float* src = &cur[pb * nb];
             float* dst = &nxt[t * nb];
-            const float* urow = u + i * n;
             for (int64_t j = ii + 1; j < nb; ++j) dst[j] = src[j] - e * urow[i1 + j];
-            // error history of this block follows the beam (needed for the tail GEMM)
-            std::copy_n(&ecur[pb * nb], ii, &enxt[t * nb]);
-            enxt[t * nb + ii] = e;
           }
           std::swap(cur, nxt);
-          std::swap(ecur, enxt);
           std::swap(score, nscore);
         }
-        // resolve the block: codes of every final beam, and its block-start ancestor
+        // resolve the block by traceback: codes and errors of every final beam, block-start ancestor
+        int32_t* anc = &banc[(rl * nblk + blk) * K];
         for (int64_t b = 0; b < K; ++b) {
           int64_t slot = b;
-          uint8_t* dst = &bcodes[(r * K + b) * n + i1];
+          uint8_t* dst = &bcodes[(rl * K + b) * n + i1];
           for (int64_t ii = nb - 1; ii >= 0; --ii) {
             dst[ii] = chosen[ii * K + slot];
+            err[ii * ld + rl * K + b] = cerr[ii * K + slot];
             slot = par[ii * K + slot];
           }
-          banc[(r * nblk + blk) * K + b] = static_cast<int32_t>(slot);
-          Sp[r * K + b] = score[b];
-          std::copy_n(&ecur[b * nb], nb, err + (r * K + b) * B);
-        }
-        // beams' tails (and earlier block codes) follow their ancestors
-        bool identity = true;
-        for (int64_t b = 0; b < K; ++b) identity &= banc[(r * nblk + blk) * K + b] == b;
-        if (!identity && i2 < n) {
-          tmp.resize(static_cast<size_t>(K) * (n - i2));
-          for (int64_t b = 0; b < K; ++b) std::copy_n(wk + (r * K + b) * n + i2, n - i2, &tmp[b * (n - i2)]);
-          for (int64_t b = 0; b < K; ++b) {
-            const int64_t a = banc[(r * nblk + blk) * K + b];
-            std::copy_n(&tmp[a * (n - i2)], n - i2, wk + (r * K + b) * n + i2);
-          }
+          anc[b] = static_cast<int32_t>(slot);
+          gather[rl * K + b] = static_cast<int32_t>(rl * K + slot);
+          reorder |= slot != b;
+          Sp[rl * K + b] = score[b];
         }
       }
-    });
-    if (i2 < n) {
-      at::Tensor tail = Wk.slice(1, i2, n);
-      tail.addmm_(nb == B ? Err : Err.slice(1, 0, nb), U.slice(0, i1, i2).slice(1, i2, n), 1.0, -1.0);
+      if (i2 < n) {
+        if (reorder) {  // beams' tails follow their block-start ancestors (one pass over the tail)
+          for (int64_t j = i2; j < n; ++j) {
+            float* row = wk + j * ld;
+            std::copy_n(row, ld, tmp.data());
+            for (int64_t q = 0; q < ld; ++q) row[q] = tmp[gather[q]];
+          }
+        }
+        tail_update(WkT, U, ErrT, i1, i2, n, -1.0);
+      }
     }
-  }
-  // best beam, then follow ancestors back block by block
-  uint8_t* cd = codes.data_ptr<uint8_t>();
-  double* lp = loss.data_ptr<double>();
-  at::parallel_for(0, m, 16, [&](int64_t ra, int64_t rb) {
-    for (int64_t r = ra; r < rb; ++r) {
+    // best beam, then follow ancestors back block by block
+    for (int64_t rl = 0; rl < mc; ++rl) {
       int64_t best = 0;
       for (int64_t b = 1; b < K; ++b)
-        if (Sp[r * K + b] < Sp[r * K + best]) best = b;
-      lp[r] = Sp[r * K + best];
+        if (Sp[rl * K + b] < Sp[rl * K + best]) best = b;
+      lp[c0 + rl] = Sp[rl * K + best];
       int64_t slot = best;
       for (int64_t blk = nblk - 1; blk >= 0; --blk) {
         const int64_t i1 = blk * B, i2 = std::min(i1 + B, n);
-        std::copy_n(&bcodes[(r * K + slot) * n + i1], i2 - i1, cd + r * n + i1);
-        slot = banc[(r * nblk + blk) * K + slot];
+        std::copy_n(&bcodes[(rl * K + slot) * n + i1], i2 - i1, cd + (c0 + rl) * n + i1);
+        slot = banc[(rl * nblk + blk) * K + slot];
       }
     }
   });

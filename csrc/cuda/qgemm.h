@@ -17,11 +17,13 @@ struct QWeightView {
   int bits;
 };
 
-// ws[s, b, :] = partial sums over the chunks of split s of x[b] @ dequant(W)^T, fp32,
-// ws sized [plan.splits, batch, m] (see qk::plan_gemv); x [batch, n] contiguous in kernel order.
-// batch_tile in {1, 2, 4, 8}, batch <= batch_tile. Returns a cudaError_t as int (0 = success).
-int gemv(const void* x, DType xt, int64_t batch, int batch_tile, const QWeightView& w, float* ws,
-         int64_t target_blocks, void* stream);
+// y [batch, m] (dtype xt) = x [batch, n] (kernel order, contiguous, dtype xt) @ dequant(W)^T (+ bias [m],
+// dtype xt, or nullptr). batch_tile in {1, 2, 4, 8}, 1 <= batch <= batch_tile, m, n > 0.
+// ws: fp32 scratch of plan.splits * batch * m floats (qk::plan_gemv); counters: plan.col_blocks
+// unsigned ints, zero before the first call and left zero by every call (one set per stream).
+// Returns a cudaError_t as int (0 = success).
+int gemv(const void* x, DType xt, int64_t batch, int batch_tile, const QWeightView& w, const void* bias, void* y,
+         float* ws, unsigned int* counters, int64_t target_blocks, void* stream);
 
 // out [n, m] (W^T in kernel order) in dtype ot. Returns a cudaError_t as int.
 int dequant_t(const QWeightView& w, void* out, DType ot, void* stream);

@@ -7,6 +7,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <utility>
 
 #include "../common/qgemm_layout.h"
 #include "qgemm.h"
@@ -51,8 +55,20 @@ qk::cuda::QWeightView view_of(const char* op, const at::Tensor& qweight, const a
                                static_cast<int>(bits)};
 }
 
+// Split-K arrival counters, zero between calls (each call re-arms them). One set per device and
+// stream, so launches on different streams never share them. Grown on demand, never freed.
+unsigned int* gemv_counters(const at::Device& dev, cudaStream_t stream, int64_t need) {
+  static std::mutex mu;
+  static std::map<std::pair<int, cudaStream_t>, at::Tensor> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& t = cache[{dev.index(), stream}];
+  if (!t.defined() || t.numel() < need)
+    t = at::zeros({std::max<int64_t>(need, 1024)}, at::TensorOptions().device(dev).dtype(at::kInt));
+  return reinterpret_cast<unsigned int*>(t.data_ptr<int32_t>());
+}
+
 at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                     const at::Tensor& g_idx, int64_t bits, int64_t group_size) {
+                     const at::Tensor& g_idx, int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "quantkern::gpu_qgemm_gemv";
   const c10::cuda::CUDAGuard guard(qweight.device());
   const auto w = view_of(op, qweight, scales, zeros, g_idx, bits, group_size);
@@ -60,25 +76,33 @@ at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::T
   TORCH_CHECK(x.device() == qweight.device(), op, ": x on ", x.device(), ", weight on ", qweight.device());
   const auto xt = dtype_of(x.scalar_type(), op);
   const auto xc = x.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor bc;
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.m, op, ": bias must be [", w.m, "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == x.device(), op, ": bias on ", bias->device(), ", x on ", x.device());
+    bc = bias->to(x.scalar_type()).contiguous();
+  }
   const int64_t batch = x.size(0);
-  auto y = at::empty({batch, w.m}, x.options().dtype(at::kFloat));
+  auto y = at::empty({batch, w.m}, x.options());
   if (batch == 0 || w.m == 0) return y;
-  if (w.n == 0) return y.zero_();
-  const int64_t target_blocks = 4 * std::max(qk::cuda::sm_count(), 1);
-  auto stream = c10::cuda::getCurrentCUDAStream(qweight.device().index());
+  if (w.n == 0) return has_bias ? bc.unsqueeze(0).expand({batch, w.m}).contiguous() : y.zero_();
+  static const int sms = std::max(qk::cuda::sm_count(), 1);
+  const int64_t target_blocks = 4 * sms;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(qweight.device().index()).stream();
   const int64_t esize = xc.element_size();
   for (int64_t b0 = 0; b0 < batch; b0 += 8) {  // batch tiles of up to 8 rows, each re-reads the weight
     const int64_t nb = std::min<int64_t>(8, batch - b0);
     const int tile = nb == 1 ? 1 : nb == 2 ? 2 : nb <= 4 ? 4 : 8;
     const auto plan = qk::plan_gemv(w.m, w.n, tile, target_blocks);
-    auto ws = plan.splits == 1 ? y.narrow(0, b0, nb) : at::empty({plan.splits, nb, w.m}, y.options());
+    at::Tensor ws;
+    if (plan.splits > 1) ws = at::empty({plan.splits, nb, w.m}, x.options().dtype(at::kFloat));
     const int err = qk::cuda::gemv(static_cast<const char*>(xc.data_ptr()) + b0 * w.n * esize, xt, nb, tile, w,
-                                   ws.data_ptr<float>(), target_blocks, stream.stream());
+                                   has_bias ? bc.data_ptr() : nullptr,
+                                   static_cast<char*>(y.data_ptr()) + b0 * w.m * esize,
+                                   plan.splits > 1 ? ws.data_ptr<float>() : nullptr,
+                                   gemv_counters(x.device(), stream, plan.col_blocks), target_blocks, stream);
     TORCH_CHECK(err == 0, op, ": kernel launch failed with CUDA error ", err);
-    if (plan.splits > 1) {
-      auto yt = y.narrow(0, b0, nb);
-      at::sum_out(yt, ws, {0});
-    }
   }
   return y;
 }

@@ -10,7 +10,9 @@ calibration sequence, with hooks on every linear of the blocks to be quantized
           h_in="act" uses the driver's activation Hessian of the partially quantized model as H_I
           instead (a hybrid that keeps GPTQ's sequential input statistics; not the paper's).
 Options: labels ("data": calibration next tokens, OAC's default; "sample": targets drawn from the
-model, YAQA's default), grad_nsamples (sequences used for gradients; default all), grad_batch.
+model, YAQA's default), grad_nsamples (sequences used for gradients; default all), grad_batch,
+grad_stats_path (a file: loaded if it exists and matches labels/samples/kind, else computed and
+saved there; the statistics do not depend on bits or group size, so 4/3/2-bit runs can share them).
 Statistics are matched to the driver's `solve` calls by the weight's storage (the driver hands the
 fp32 weight itself); a model in another dtype gets a clear error.
 """
@@ -31,7 +33,8 @@ class GradientMethod(Method):
     kind = "oac"
     default_labels = "data"
 
-    def __init__(self, name, spec, seed=0, labels=None, grad_nsamples=None, grad_batch=1, h_in="fisher", **kwargs):
+    def __init__(self, name, spec, seed=0, labels=None, grad_nsamples=None, grad_batch=1, h_in="fisher",
+                 grad_stats_path=None, **kwargs):
         if h_in not in ("fisher", "act"):
             raise ValueError(f"h_in must be 'fisher' or 'act', got {h_in!r}")
         if name == "oac" and h_in != "fisher":
@@ -39,6 +42,7 @@ class GradientMethod(Method):
         super().__init__(name, spec, seed, **kwargs)
         self.labels = labels or self.default_labels
         self.grad_nsamples, self.grad_batch, self.h_in = grad_nsamples, grad_batch, h_in
+        self.grad_stats_path = grad_stats_path
         self._stats: dict[int, object] = {}
         self.prepare_s = 0.0
 
@@ -52,10 +56,27 @@ class GradientMethod(Method):
                     names.append(f"{block_path}.{bi}.{nm}")
                     ptrs.append(mod.weight.data_ptr())
         use = samples if self.grad_nsamples is None else samples[: self.grad_nsamples]
-        stats = collect_grad_stats(model, use, names, kind=self.kind, labels=self.labels, batch_size=self.grad_batch,
-                                   seed=self.seed, progress=True)
+        key = {"kind": self.kind, "labels": self.labels, "seed": self.seed, "names": names,
+               "samples_sum": int(use.sum()), "samples_shape": list(use.shape)}
+        stats = self._load(key)
+        if stats is None:
+            stats = collect_grad_stats(model, use, names, kind=self.kind, labels=self.labels,
+                                       batch_size=self.grad_batch, seed=self.seed, progress=True)
+            if self.grad_stats_path:
+                torch.save({"key": key, "stats": stats}, self.grad_stats_path)
         self._stats = {p: stats[nm] for p, nm in zip(ptrs, names)}
         self.prepare_s = time.perf_counter() - t0
+
+    def _load(self, key):
+        import os
+
+        if not (self.grad_stats_path and os.path.exists(self.grad_stats_path)):
+            return None
+        blob = torch.load(self.grad_stats_path, weights_only=False)
+        if blob.get("key") != key:
+            raise ValueError(f"{self.name}: {self.grad_stats_path} holds statistics for other settings "
+                             "(labels, kind, seed, calibration samples or modules differ); delete it or pass another path")
+        return blob["stats"]
 
     def collector(self, n: int):
         return _deps.HessianAccumulator(n) if self.h_in == "act" else None

@@ -100,6 +100,8 @@ class QuantLinear(nn.Module):
         return hit[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.device != self.qweight.device:
+            raise ValueError(f"QuantLinear: input is on {x.device} but the layer is on {self.qweight.device}")
         backend = _qgemm.choose_backend(x.device)
         self.last_backend = backend
         return _qgemm.qgemm(x, None, self.spec.bits, bias=self.bias, prepared=self.prepared(backend))

@@ -6,3 +6,4 @@ from .registry import backends, choose, call  # noqa: F401
 from . import solver  # noqa: F401,E402
 from . import qgemm  # noqa: F401
 from . import qgemm_gpu  # noqa: F401
+from . import solver_gpu  # noqa: F401

@@ -14,6 +14,7 @@ so callers (QuantLinear) can cache it per backend and device.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -157,7 +158,9 @@ class ReferenceBackend:
 class CpuBackend:
     """C++ kernels (csrc/cpu/qgemm*.cpp) on the layout of formats/native.py.
 
-    path: 0 = GEMV for <= 8 tokens else dequantized panels + at::mm; 1/2 force one (tests).
+    path (csrc/cpu/qgemm.cpp): 0 = choose; 1 FMA GEMV, 2 panels + BLAS, 3 LUT GEMV, 4 int8 GEMV (tests).
+    QUANTKERN_CPU_INT8_ACT=1 (read per call) opts in to the int8-activation VNNI GEMV for 4-bit decode:
+    faster, but x is rounded to int8 per 32 channels (relative error ~1e-3, not the exact fp32 path).
     """
 
     def prepare(self, t: dict, bits: int):
@@ -169,6 +172,8 @@ class CpuBackend:
         if x.device.type != "cpu":
             raise ValueError(f"qgemm cpu backend: x is on {x.device}; the CPU kernels need CPU tensors")
         L = prepared
+        if path == 0 and os.environ.get("QUANTKERN_CPU_INT8_ACT", "0") not in ("", "0"):
+            path = 4 if x.numel() // max(L.n, 1) <= 8 else 0
         y = torch.ops.quantkern.qgemm_cpu(
             x.reshape(-1, L.n), L.qw, L.sc, L.kb_start, L.x_index, L.bits, L.m, bias, path
         )
@@ -178,3 +183,7 @@ class CpuBackend:
 register_qgemm_backend("reference", ReferenceBackend())
 if _ext.has_cpu():
     register_qgemm_backend("cpu", CpuBackend())
+
+    @torch.library.register_fake("quantkern::qgemm_cpu")
+    def _qgemm_cpu_fake(x, qw, sc, kb_start, x_index, bits, m, bias, path=0):
+        return x.new_empty((x.shape[0], m))

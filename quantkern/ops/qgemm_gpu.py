@@ -44,10 +44,7 @@ class CudaQGemm:
         x2 = gpu_native.gather_input(x.reshape(-1, p.n), p)
         args = (p.qweight, p.scales, p.zeros, p.g_idx, p.bits, p.group_size)
         if x2.shape[0] <= gemv_max_batch():
-            y = torch.ops.quantkern.gpu_qgemm_gemv(x2, *args)
-            if bias is not None:
-                y += bias.float()
-            y = y.to(x.dtype)
+            y = torch.ops.quantkern.gpu_qgemm_gemv(x2, *args, bias)
         else:
             wt = torch.ops.quantkern.gpu_qgemm_dequant_t(*args, x.dtype)
             y = x2 @ wt if bias is None else torch.addmm(bias.to(x.dtype), x2, wt)

@@ -25,10 +25,12 @@ up/down decision of every weight is learned. The result is the hard rounding flo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
+from .kron_ldlq import _single_thread
 from .registry import register_method
 
 ZETA, GAMMA = 1.1, -0.1
@@ -100,15 +102,18 @@ def adaround(
         from tqdm import tqdm
 
         it_range = tqdm(it_range, desc="adaround", leave=False)
-    for it in it_range:
-        opt.zero_grad(set_to_none=True)
-        h = rect_sigmoid(V)
-        loss = rec_of(wq_of(h))
-        beta = beta_at(it, iters, warmup, b_start, b_end)
-        if beta is not None:
-            loss = loss + lam * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
-        loss.backward()
-        opt.step()
+    small = m * n * n < (1 << 24)  # tiny ops: OpenMP barriers cost more than they save on a busy CPU
+    threads = _single_thread() if small and W.device.type == "cpu" else contextlib.nullcontext()
+    with torch.enable_grad(), threads:  # callers (the driver) run solvers under no_grad
+        for it in it_range:
+            opt.zero_grad(set_to_none=True)
+            h = rect_sigmoid(V)
+            loss = rec_of(wq_of(h))
+            beta = beta_at(it, iters, warmup, b_start, b_end)
+            if beta is not None:
+                loss = loss + lam * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+            loss.backward()
+            opt.step()
     with torch.no_grad():
         h = rect_sigmoid(V)
         hard = (h >= 0.5).float()

@@ -54,6 +54,12 @@ def _min_eig_estimate(U: torch.Tensor, iters: int = 12) -> float:
     return 1.0 / lam if lam > 0 else float("nan")
 
 
+def _damped(H: torch.Tensor, lam: float) -> torch.Tensor:
+    Hd = H.clone()
+    Hd.diagonal().add_(lam)
+    return Hd
+
+
 def _try_factor(Hd: torch.Tensor) -> torch.Tensor | None:
     L, info = torch.linalg.cholesky_ex(Hd)
     if int(info) != 0 or not torch.isfinite(L).all():
@@ -73,13 +79,12 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, retries: int = 4, log:
     mean_diag = float(torch.diagonal(H).mean()) if n else 0.0
     if not (mean_diag > 0):
         raise HessianError("H has no positive diagonal mass (all-zero or negative): no calibration signal")
-    eye = torch.eye(n, dtype=torch.float64, device=H.device)
     rel = damp if damp > 0 else 0.0
     steps = []
     U = None
     Hd = None
     for attempt in range(retries + 1):
-        Hd = H + (rel * mean_diag) * eye.to(H.dtype)
+        Hd = _damped(H, rel * mean_diag)
         U = _try_factor(Hd)
         steps.append({"dtype": "fp32", "damp": rel, "ok": U is not None})
         if U is not None:
@@ -87,7 +92,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, retries: int = 4, log:
         rel = max(rel * 10.0, 1e-4) if attempt < retries else rel
     fallback = None
     if U is None:
-        H64 = H.double() + (rel * mean_diag) * eye
+        H64 = _damped(H.double(), rel * mean_diag)
         U64 = _try_factor(H64)
         steps.append({"dtype": "fp64", "damp": rel, "ok": U64 is not None})
         if U64 is not None and torch.isfinite(U64.float()).all():
