@@ -42,6 +42,7 @@ def test_layers_subset_only_quantizes_those():
     names = set(checkpoint.quant_modules(model))
     assert names and all(n.startswith("model.layers.1.") for n in names)
     assert rep.layers == [1] and {r["layer"] for r in rep.modules} == {1}
+    assert rep.forward_s == 0 and rep.nsamples == 0  # RTN needs no calibration forwards
 
 
 def _block0_output_error(method, **kw):

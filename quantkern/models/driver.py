@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from typing import Iterable
 
@@ -48,6 +47,7 @@ class Method:
     """
 
     needs_fp_inputs = False
+    needs_activations = True  # False: no calibration forwards at all (RTN)
     solver_method: str | None = None  # name passed to quantkern.solve (defaults to the registry name)
 
     def __init__(self, name: str, spec: QuantSpec, seed: int = 0, **kwargs):
@@ -71,6 +71,8 @@ class Method:
 
 
 class RTN(Method):
+    needs_activations = False
+
     def collector(self, n: int):
         return None
 
@@ -229,118 +231,155 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
 
     calib: a built-in corpus name, paths, strings (need `tokenizer`) or a token tensor [N, T].
     layers: quantize only these block indices (an int N = the first N blocks); others stay fp.
-    method_kwargs go to the method (e.g. alpha=0.25, K=4, alpha_mode="sample").
+    method_kwargs go to the method (e.g. alpha=0.25, K=4, alpha="sample").
     """
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     spec = QuantSpec(**spec) if isinstance(spec, dict) else (spec or QuantSpec())
     plugin = make_method(method, spec, seed=seed, **method_kwargs)
-    if isinstance(calib, torch.Tensor) and calib.dim() == 2:
+    if not plugin.needs_activations:
+        samples = torch.zeros(0, 0, dtype=torch.long)
+    elif isinstance(calib, torch.Tensor) and calib.dim() == 2:
         samples = calib.long()
     else:
         if tokenizer is None:
             raise ValueError("quantize_model needs a tokenizer to cut calibration text (or pass calib as a token tensor)")
         samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
-    nsamples, seqlen = samples.shape
     model.eval()
     block_path, blocks = find_blocks(model)
     chosen = _resolve_layers(layers, len(blocks))
-    report = QuantReport(method, spec.to_dict(), plugin.meta(), nsamples, seqlen, chosen)
-    if not chosen:
-        return model, report
-    log = open(log_path, "a") if log_path else None
-    fwd, slv = _Timer(), _Timer()
-
-    with torch.enable_grad():
-        plugin.prepare(model, samples)
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        inps, kw = _capture_first_block(model, blocks[0], samples)
-        report.capture_s = time.perf_counter() - t0
-        fp_inps = [x.clone() for x in inps] if plugin.needs_fp_inputs else None
-        _preflight(model, blocks, chosen, inps, kw, plugin, progress)
-
-        bar = tqdm(range(chosen[-1] + 1), desc=f"{method} {spec.bits}b g{spec.group_size}", disable=not progress)
-        for li in bar:
-            block = blocks[li]
-            if li not in chosen:
-                with fwd:
-                    inps = [_block_out(block(x, **kw)) for x in inps]
-                    if fp_inps is not None:
-                        fp_inps = [_block_out(block(x, **kw)) for x in fp_inps]
-                continue
-            groups = linear_groups(model, block, lambda: block(inps[0], **kw))
-            fp_group_inputs = None
-            if fp_inps is not None:
-                with fwd:
-                    fp_group_inputs, fp_inps = _run_fp_stream(block, groups, fp_inps, kw)
-            results = {}
-            for gi, group in enumerate(groups):
-                first = block.get_submodule(group[0])
-                collector = plugin.collector(first.in_features)
-                sample = [0]
-
-                def hook(mod, inp, out, collector=collector, gi=gi, sample=sample):
-                    x_f = None if fp_group_inputs is None else fp_group_inputs[gi][sample[0]]
-                    plugin.add(collector, inp[0].detach(), x_f)
-                    raise _StopForward
-
-                if collector is not None:
-                    h = first.register_forward_hook(hook)
-                    try:
-                        with fwd:
-                            for s, x in enumerate(inps):
-                                sample[0] = s
-                                try:
-                                    block(x, **kw)
-                                except _StopForward:
-                                    pass
-                    finally:
-                        h.remove()
-                for name in group:
-                    lin = block.get_submodule(name)
-                    with slv:
-                        t0 = time.perf_counter()
-                        res = plugin.solve(name, lin.weight.data.float(), collector)
-                        dt = time.perf_counter() - t0
-                    lin.weight.data.copy_(res.dequantized.to(lin.weight.dtype))
-                    results[name] = res
-                    row = {"layer": li, "module": name, "out": lin.out_features, "in": lin.in_features,
-                           "loss": float(res.loss), "damp": float(res.log.get("damp", float("nan"))),
-                           "retries": int(res.log.get("retries", 0) or 0), "fallback": res.log.get("fallback"),
-                           "time_s": round(dt, 4)}
-                    report.modules.append(row)
-                    if log:
-                        log.write(json.dumps(row) + "\n")
-                        log.flush()
-                    if progress:
-                        tqdm.write(f"  layer {li:>3}  {name:<18} loss {row['loss']:>10.4g}  damp {row['damp']:.3g}"
-                                   f"{'  FALLBACK ' + str(row['fallback']) if row['fallback'] else ''}  {dt:6.2f}s")
-                del collector
-            with fwd:
-                inps = [_block_out(block(x, **kw)) for x in inps]
-            for name, res in results.items():
-                lin = block.get_submodule(name)
-                _set_module(block, name, _deps.QuantLinear.from_linear(lin, res))
-            del results, fp_group_inputs
-    if log:
-        log.close()
-    report.forward_s, report.solve_s = fwd.t, slv.t
+    report = QuantReport(method, spec.to_dict(), plugin.meta(), samples.shape[0], samples.shape[1], chosen)
+    if chosen:
+        run = _Run(plugin, report, log_path, progress)
+        try:
+            with torch.enable_grad():
+                plugin.prepare(model, samples)
+            with torch.no_grad():
+                if plugin.needs_activations:
+                    _layer_loop(model, blocks, chosen, samples, run)
+                else:
+                    for li in chosen:
+                        block = blocks[li]
+                        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+                        results = {n: run.solve(li, n, block.get_submodule(n), None) for n in names}
+                        _swap_in_quantized(block, results)
+        finally:
+            run.close()
+        report.forward_s, report.solve_s = run.fwd.t, run.slv.t
+    report.method_meta = plugin.meta()  # after the run: plug-ins may add what they learned (timings, alphas)
     report.total_s = time.perf_counter() - t_start
     model.quantkern_info = {
-        "spec": spec.to_dict(), "method": plugin.meta(), "block_path": block_path,
+        "spec": spec.to_dict(), "method": report.method_meta, "block_path": block_path,
         "modules": {f"{block_path}.{r['layer']}.{r['module']}": {k: r[k] for k in ("damp", "retries", "fallback", "loss")}
                     for r in report.modules},
     }
     return model, report
 
 
+class _Run:
+    """Per-run state: timers, the JSONL log, progress rows, and the solve call with its bookkeeping."""
+
+    def __init__(self, plugin, report, log_path, progress):
+        self.plugin, self.report, self.progress = plugin, report, progress
+        self.log = open(log_path, "a") if log_path else None
+        self.fwd, self.slv = _Timer(), _Timer()
+
+    def solve(self, li, name, lin, collector):
+        from tqdm.auto import tqdm
+
+        with self.slv:
+            t0 = time.perf_counter()
+            res = self.plugin.solve(name, lin.weight.data.float(), collector)
+            dt = time.perf_counter() - t0
+        lin.weight.data.copy_(res.dequantized.to(lin.weight.dtype))
+        row = {"layer": li, "module": name, "out": lin.out_features, "in": lin.in_features,
+               "loss": float(res.loss), "damp": float(res.log.get("damp", float("nan"))),
+               "retries": int(res.log.get("retries", 0) or 0), "fallback": res.log.get("fallback"),
+               "time_s": round(dt, 4)}
+        self.report.modules.append(row)
+        if self.log:
+            self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
+        if self.progress:
+            tqdm.write(f"  layer {li:>3}  {name:<18} loss {row['loss']:>10.4g}  damp {row['damp']:.3g}"
+                       f"{'  FALLBACK ' + str(row['fallback']) if row['fallback'] else ''}  {dt:6.2f}s")
+        return res
+
+    def close(self):
+        if self.log:
+            self.log.close()
+
+
+def _swap_in_quantized(block, results):
+    for name, res in results.items():
+        _set_module(block, name, _deps.QuantLinear.from_linear(block.get_submodule(name), res))
+
+
+def _layer_loop(model, blocks, chosen, samples, run):
+    from tqdm.auto import tqdm
+
+    plugin, spec, fwd = run.plugin, run.plugin.spec, run.fwd
+    t0 = time.perf_counter()
+    inps, kw = _capture_first_block(model, blocks[0], samples)
+    run.report.capture_s = time.perf_counter() - t0
+    fp_inps = [x.clone() for x in inps] if plugin.needs_fp_inputs else None
+    _preflight(model, blocks, chosen, inps, kw, plugin, run.progress)
+
+    bar = tqdm(range(chosen[-1] + 1), desc=f"{plugin.name} {spec.bits}b g{spec.group_size}", disable=not run.progress)
+    for li in bar:
+        block = blocks[li]
+        if li not in chosen:
+            with fwd:
+                inps = [_block_out(block(x, **kw)) for x in inps]
+                if fp_inps is not None:
+                    fp_inps = [_block_out(block(x, **kw)) for x in fp_inps]
+            continue
+        groups = linear_groups(model, block, lambda: block(inps[0], **kw))
+        fp_group_inputs = None
+        if fp_inps is not None:
+            with fwd:
+                fp_group_inputs, fp_inps = _run_fp_stream(block, groups, fp_inps, kw)
+        results = {}
+        for gi, group in enumerate(groups):
+            first = block.get_submodule(group[0])
+            collector = plugin.collector(first.in_features)
+            if collector is not None:
+                with fwd:
+                    _collect(block, first, inps, kw, plugin, collector,
+                             None if fp_group_inputs is None else fp_group_inputs[gi])
+            for name in group:
+                results[name] = run.solve(li, name, block.get_submodule(name), collector)
+            del collector
+        with fwd:
+            inps = [_block_out(block(x, **kw)) for x in inps]
+        _swap_in_quantized(block, results)
+        del results, fp_group_inputs
+
+
+def _collect(block, first, inps, kw, plugin, collector, fp_inputs):
+    """Run the quantized stream up to `first` (a hook stops the forward there) and feed the collector."""
+    sample = [0]
+
+    def hook(mod, inp):
+        plugin.add(collector, inp[0].detach(), None if fp_inputs is None else fp_inputs[sample[0]])
+        raise _StopForward
+
+    h = first.register_forward_pre_hook(hook)
+    try:
+        for s, x in enumerate(inps):
+            sample[0] = s
+            try:
+                block(x, **kw)
+            except _StopForward:
+                pass
+    finally:
+        h.remove()
+
+
 def _run_fp_stream(block, groups, fp_inps, kw):
     """Run the unquantized block on the fp stream; keep each group's input per sample."""
     cache = [[] for _ in groups]
-    handles = [block.get_submodule(g[0]).register_forward_hook(
-        lambda mod, inp, out, i=i: cache[i].append(inp[0].detach())) for i, g in enumerate(groups)]
+    handles = [block.get_submodule(g[0]).register_forward_pre_hook(
+        lambda mod, inp, i=i: cache[i].append(inp[0].detach())) for i, g in enumerate(groups)]
     try:
         outs = [_block_out(block(x, **kw)) for x in fp_inps]
     finally:
