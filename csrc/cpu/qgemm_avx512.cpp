@@ -150,16 +150,7 @@ void gemv_tiles(const Layout& L, const float* x, int64_t ldx, const float* xsum,
 template <int BITS>
 void gemv_bits(const Layout& L, int B, const float* x, int64_t ldx, const float* xsum, const float* bias,
                float* out, int64_t ldo, int64_t t0, int64_t t1) {
-  switch (B) {
-    case 1: return gemv_tiles<BITS, 1>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
-    case 2: return gemv_tiles<BITS, 2>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
-    case 3: return gemv_tiles<BITS, 3>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
-    case 4: return gemv_tiles<BITS, 4>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
-    case 5: return gemv_tiles<BITS, 5>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
-    case 6: return gemv_tiles<BITS, 6>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
-    case 7: return gemv_tiles<BITS, 7>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
-    default: return gemv_tiles<BITS, 8>(L, x, ldx, xsum, bias, out, ldo, t0, t1);
-  }
+  with_batch(B, [&](auto b) { gemv_tiles<BITS, decltype(b)::value>(L, x, ldx, xsum, bias, out, ldo, t0, t1); });
 }
 
 template <int BITS>

@@ -21,12 +21,29 @@
 // functions would get compiled with AVX-512 instructions).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 namespace qk::cpu::qgemm {
 
 constexpr int kTileRows = 16;
 constexpr int kBlock = 32;  // input channels per k-block
 constexpr int kMaxGemvBatch = 8;
+
+// Calls f(std::integral_constant<int, b>{}) for the run-time token count B (1..kMaxGemvBatch), so each
+// ISA file instantiates its kernels once per batch size (the lambda type is per file: no ODR clash).
+template <class F>
+inline void with_batch(int B, F&& f) {
+  switch (B) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
 
 struct Layout {
   const int32_t* qw;
