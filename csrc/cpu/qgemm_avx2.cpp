@@ -120,22 +120,12 @@ void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t
 
 void gemv_avx2(const Layout& L, int B, const float* x, int64_t ldx, const float* xsum, const float* bias,
                float* out, int64_t ldo, int64_t t0, int64_t t1) {
-  switch (L.bits) {
-    case 2: return gemv_bits<2>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
-    case 3: return gemv_bits<3>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
-    case 4: return gemv_bits<4>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
-    default: return gemv_bits<8>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
-  }
+  with_bits(L.bits, [&](auto bits) { gemv_bits<decltype(bits)::value>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1); });
 }
 
 void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
                     int64_t ldw) {
-  switch (L.bits) {
-    case 2: return dequant_tiles<2>(L, t0, t1, kb0, kb1, wt, ldw);
-    case 3: return dequant_tiles<3>(L, t0, t1, kb0, kb1, wt, ldw);
-    case 4: return dequant_tiles<4>(L, t0, t1, kb0, kb1, wt, ldw);
-    default: return dequant_tiles<8>(L, t0, t1, kb0, kb1, wt, ldw);
-  }
+  with_bits(L.bits, [&](auto bits) { dequant_tiles<decltype(bits)::value>(L, t0, t1, kb0, kb1, wt, ldw); });
 }
 
 }  // namespace qk::cpu::qgemm

@@ -9,6 +9,16 @@
 namespace qk::cpu::qgemm {
 namespace {
 
+// y[b] (+ bias) -> out rows of one tile; rows >= m (padding) are not written.
+inline void store_tile(const Layout& L, int64_t tile, int B, const __m512* y, const float* bias, float* out,
+                       int64_t ldo) {
+  const int64_t r0 = tile * kTileRows;
+  const int64_t valid = L.m - r0 < kTileRows ? L.m - r0 : kTileRows;
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + r0) : _mm512_setzero_ps();
+  for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + b * ldo + r0, mask, _mm512_add_ps(y[b], bv));
+}
+
 constexpr int64_t kPrefetch = 1024;  // int32 words ahead (4 KiB)
 
 template <int BITS>
@@ -88,11 +98,7 @@ void gemv_lut_tiles(const Layout& L, const float* lut, int64_t ldl, const float*
         y[b] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsum[b * L.G + g]), y[b]);
       }
     }
-    const int64_t r0 = tile * kTileRows;
-    const int64_t valid = L.m - r0 < kTileRows ? L.m - r0 : kTileRows;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + r0) : _mm512_setzero_ps();
-    for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + b * ldo + r0, mask, _mm512_add_ps(y[b], bv));
+    store_tile(L, tile, B, y, bias, out, ldo);
   }
 }
 
@@ -139,11 +145,7 @@ void gemv_tiles(const Layout& L, const float* x, int64_t ldx, const float* xsum,
         y[b] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsum[b * L.G + g]), y[b]);
       }
     }
-    const int64_t r0 = tile * kTileRows;
-    const int64_t valid = L.m - r0 < kTileRows ? L.m - r0 : kTileRows;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + r0) : _mm512_setzero_ps();
-    for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + b * ldo + r0, mask, _mm512_add_ps(y[b], bv));
+    store_tile(L, tile, B, y, bias, out, ldo);
   }
 }
 
@@ -216,11 +218,7 @@ void gemv_int8_tiles(const Layout& L, const int8_t* xq, int64_t ldq, const float
         y[b] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsq[b * L.G + g]), y[b]);
       }
     }
-    const int64_t r0 = tile * kTileRows;
-    const int64_t valid = L.m - r0 < kTileRows ? L.m - r0 : kTileRows;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + r0) : _mm512_setzero_ps();
-    for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + b * ldo + r0, mask, _mm512_add_ps(y[b], bv));
+    store_tile(L, tile, B, y, bias, out, ldo);
   }
 }
 
@@ -242,12 +240,7 @@ void gemv_int8_avx512(const Layout& L, int B, const int8_t* xq, int64_t ldq, con
 
 void gemv_avx512(const Layout& L, int B, const float* x, int64_t ldx, const float* xsum, const float* bias,
                  float* out, int64_t ldo, int64_t t0, int64_t t1) {
-  switch (L.bits) {
-    case 2: return gemv_bits<2>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
-    case 3: return gemv_bits<3>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
-    case 4: return gemv_bits<4>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
-    default: return gemv_bits<8>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1);
-  }
+  with_bits(L.bits, [&](auto bits) { gemv_bits<decltype(bits)::value>(L, B, x, ldx, xsum, bias, out, ldo, t0, t1); });
 }
 
 void gemv_lut_avx512(const Layout& L, int B, const float* lut, int64_t ldl, const float* xsum, const float* bias,
@@ -298,12 +291,7 @@ void quantize_x_avx512(const float* x, int64_t KB, int8_t* q, float* d, int32_t*
 
 void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
                     int64_t ldw) {
-  switch (L.bits) {
-    case 2: return dequant_tiles<2>(L, t0, t1, kb0, kb1, wt, ldw);
-    case 3: return dequant_tiles<3>(L, t0, t1, kb0, kb1, wt, ldw);
-    case 4: return dequant_tiles<4>(L, t0, t1, kb0, kb1, wt, ldw);
-    default: return dequant_tiles<8>(L, t0, t1, kb0, kb1, wt, ldw);
-  }
+  with_bits(L.bits, [&](auto bits) { dequant_tiles<decltype(bits)::value>(L, t0, t1, kb0, kb1, wt, ldw); });
 }
 
 }  // namespace qk::cpu::qgemm

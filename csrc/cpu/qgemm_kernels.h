@@ -45,6 +45,17 @@ inline void with_batch(int B, F&& f) {
   }
 }
 
+// Calls f(std::integral_constant<int, bits>{}) for a layout's bit width (2, 3, 4 or 8).
+template <class F>
+inline void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
 struct Layout {
   const int32_t* qw;
   const float* sc;
