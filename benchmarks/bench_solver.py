@@ -55,30 +55,30 @@ def blocked_flops(m: int, n: int, B: int = BLOCK) -> float:
     return tail + inblock
 
 
+def best_time(fn, repeats: int, clock=time.perf_counter) -> float:
+    """Minimum over repeats of `clock` around fn()."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        best = min(best, clock() - t0)
+    return best
+
+
 def cpu_time(fn, repeats: int) -> float:
     """Minimum process CPU time at ONE thread: on a shared CPU this is the closest thing to the
     uncontended wall time (a descheduled process accrues no CPU time)."""
     full = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.process_time()
-            fn()
-            best = min(best, time.process_time() - t0)
-        return best
+        return best_time(fn, repeats, time.process_time)
     finally:
         torch.set_num_threads(full)
 
 
 def wall_time(fn, repeats: int) -> float:
     """Minimum wall time at all threads (what a user sees, here inflated by other jobs)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_time(fn, repeats)
 
 
 def solve_e2e(m: int, n: int, repeats: int) -> dict:

@@ -8,7 +8,7 @@ from driver_tiny import tiny_llama, tiny_tokens
 
 import quantkern
 from quantkern.models import checkpoint as ckpt
-from quantkern.models import _deps
+from quantkern.nn import QuantLinear
 from quantkern.spec import QuantSpec
 
 GPTQ_KEYS = {"bits", "group_size", "desc_act", "sym", "static_groups", "damp_percent", "true_sequential",
@@ -31,7 +31,7 @@ def _logits(model, ids):
 def test_quantized_modules_replaced(quantized):
     model, report = quantized
     q = ckpt.quant_modules(model)
-    assert len(q) == 2 * 7 and all(isinstance(m, _deps.QuantLinear) for m in q.values())
+    assert len(q) == 2 * 7 and all(isinstance(m, QuantLinear) for m in q.values())
     assert len(report.modules) == 14 and all(r["damp"] > 0 for r in report.modules)
     assert "lm_head" not in q
 

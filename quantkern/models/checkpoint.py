@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .. import __version__
 from ..spec import QuantSpec
-from . import _deps
+from ..nn import QuantLinear
 
 MANIFEST = "quantkern_manifest.json"
 WEIGHTS = "model.safetensors"
@@ -50,7 +50,7 @@ def _sha256(path: Path) -> str:
 
 
 def quant_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, _deps.QuantLinear)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def _natural_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
@@ -242,7 +242,7 @@ def load(path, device="cpu", check: bool = True) -> nn.Module:
         if isinstance(old, nn.Linear) and (old.in_features, old.out_features) != (n, m):
             raise CheckpointError(f"{path}: {name} is {old.out_features}x{old.in_features} in the config, "
                                   f"{m}x{n} in the weights")
-        q = _deps.QuantLinear(n, m, spec, bias=(name + ".bias") in sd)
+        q = QuantLinear(n, m, spec, bias=(name + ".bias") in sd)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     aliases = qcfg.get("meta", {}).get("tied", {})

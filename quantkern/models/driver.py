@@ -30,7 +30,9 @@ import torch.nn as nn
 
 from ..calibration.data import calibration_samples
 from ..spec import QuantSpec
-from . import _deps
+from ..calibration.stats import AsymAccumulator, HessianAccumulator
+from ..nn import QuantLinear
+from ..solvers import solve
 from .arch import find_blocks, linear_groups
 
 
@@ -57,13 +59,13 @@ class Method:
         """Once, before the layer loop (gradients enabled). Default: nothing."""
 
     def collector(self, n: int):
-        return _deps.HessianAccumulator(n)
+        return HessianAccumulator(n)
 
     def add(self, collector, x_q: torch.Tensor, x_f: torch.Tensor | None) -> None:
         collector.add_batch(x_q)
 
     def solve(self, name: str, weight: torch.Tensor, collector):
-        return _deps.solve(weight, collector.H, self.spec, method=self.solver_method or self.name, **self.kwargs)
+        return solve(weight, collector.H, self.spec, method=self.solver_method or self.name, **self.kwargs)
 
     def meta(self) -> dict:
         """What the checkpoint records about the method (JSON-serialisable)."""
@@ -80,7 +82,7 @@ class RTN(Method):
         pass
 
     def solve(self, name, weight, collector):
-        return _deps.solve(weight, None, self.spec, method="rtn")
+        return solve(weight, None, self.spec, method="rtn")
 
 
 class Asymmetric(Method):
@@ -109,7 +111,7 @@ class Asymmetric(Method):
 
     def collector(self, n):
         mode = "sample" if self.kwargs["alpha"] == "sample" else "fixed"
-        return _deps.AsymAccumulator(n, alpha_mode=mode, mixup=self.mixup, seed=self.seed)
+        return AsymAccumulator(n, alpha_mode=mode, mixup=self.mixup, seed=self.seed)
 
     def add(self, collector, x_q, x_f):
         collector.add_batch(x_q, x_f)
@@ -118,7 +120,7 @@ class Asymmetric(Method):
         kw = dict(self.kwargs)
         if kw["alpha"] == "optimize" and name in self._alpha_lag:
             kw["alpha_prev"] = self._alpha_lag[name]
-        res = _deps.solve(weight, collector.H, self.spec, method=self.solver_method or self.name, D=collector.D, **kw)
+        res = solve(weight, collector.H, self.spec, method=self.solver_method or self.name, D=collector.D, **kw)
         if kw["alpha"] == "optimize":
             nxt = res.log.get("alpha_next", res.log.get("alpha"))
             if nxt is not None:
@@ -311,7 +313,7 @@ class _Run:
 
 def _swap_in_quantized(block, results):
     for name, res in results.items():
-        _set_module(block, name, _deps.QuantLinear.from_linear(block.get_submodule(name), res))
+        _set_module(block, name, QuantLinear.from_linear(block.get_submodule(name), res))
 
 
 def _layer_loop(model, blocks, chosen, samples, run):

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from ..calibration.fisher import collect_grad_stats
-from . import _deps
+from ..calibration.stats import HessianAccumulator
+from ..solvers import solve
 from .arch import find_blocks
 from .driver import Method, register_method
 
@@ -79,7 +80,7 @@ class GradientMethod(Method):
         return blob["stats"]
 
     def collector(self, n: int):
-        return _deps.HessianAccumulator(n) if self.h_in == "act" else None
+        return HessianAccumulator(n) if self.h_in == "act" else None
 
     def add(self, collector, x_q, x_f):
         if collector is not None:
@@ -95,9 +96,9 @@ class GradientMethod(Method):
     def solve(self, name, weight, collector):
         st = self.stats_for(name, weight)
         if self.name == "oac":
-            return _deps.solve(weight, st.H_in, self.spec, method="oac", **self.kwargs)
+            return solve(weight, st.H_in, self.spec, method="oac", **self.kwargs)
         H = collector.H if self.h_in == "act" else st.H_in
-        return _deps.solve(weight, H, self.spec, method="yaqa", H_out=st.H_out, **self.kwargs)
+        return solve(weight, H, self.spec, method="yaqa", H_out=st.H_out, **self.kwargs)
 
     def meta(self):
         return {**super().meta(), "labels": self.labels, "grad_nsamples": self.grad_nsamples, "h_in": self.h_in,
