@@ -1,11 +1,14 @@
-"""qgemm on a CUDA GPU: torch fp16 F.linear vs quantkern CUDA (GEMV / dequant+matmul) and Triton.
+"""qgemm on a CUDA GPU: torch fp16 F.linear vs quantkern CUDA (GEMV / tensor-core GEMM / dequant+matmul)
+and Triton.
 
-Weights [out, in] = 4096 x 14336 and 14336 x 4096, batch 1 / 8 / 128, 4/3/2 bits with group 128.
-Each case is timed side by side in one process with CUDA events, rotating enough weight copies
-(> 256 MB of weights touched per round) that the 50 MB L2 cannot hold them. Effective GB/s counts the
-bytes a kernel must read (packed weight + scales + zeros, or the fp16 weight) plus activations/outputs.
+Weights [out, in] = 4096 x 14336 and 14336 x 4096, batch 1 / 8 / 9 / 16 / 32 / 128 / 300, 4/3/2 bits
+with group 128. Each case is timed side by side in one process with CUDA events, rotating enough weight
+copies (> 256 MB of weights touched per round) that the 50 MB L2 cannot hold them. Effective GB/s
+counts the bytes a kernel must read (packed weight + scales + zeros, or the fp16 weight) plus
+activations/outputs. Rows: "cuda" (the backend's choice, `path` says which kernel), "cuda_mma" (the
+tensor-core GEMM forced), "cuda_gemv_forced", "cuda_dequant_matmul" (the pre-mma large-batch path).
 
-    python benchmarks/bench_qgemm_cuda.py --json benchmarks/results/qgemm_cuda.json
+    python benchmarks/bench_qgemm_cuda.py --json benchmarks/results/qgemm_cuda.json [--no-triton]
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from quantkern.formats import gptq, gpu_native  # noqa: E402
 from quantkern.ops import qgemm_gpu  # noqa: E402
 
 SHAPES = ((4096, 14336), (14336, 4096))  # (out m, in n)
-BATCHES = (1, 8, 128)
+BATCHES = (1, 8, 9, 16, 32, 128, 300)
 BITS = (4, 3, 2)
 GROUP = 128
 ROTATE_BYTES = 256 << 20
@@ -61,6 +64,8 @@ def main():
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    ap.add_argument("--bits", type=int, nargs="+", default=list(BITS))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_qgemm_cuda: no CUDA device")
@@ -80,33 +85,52 @@ def main():
         results.append(kw)
         print(json.dumps(kw), flush=True)
 
+    def cuda_path(batch: int, bits: int) -> str:
+        if batch <= qgemm_gpu.gemv_max_batch():
+            return "gemv"
+        return "mma" if qgemm_gpu.use_mma(torch.empty(1, device=dev, dtype=torch.float16), bits) else "dequant_matmul"
+
+    def dequant_matmul(x_, p_):
+        return x_ @ torch.ops.quantkern.gpu_qgemm_dequant_t(
+            p_.qweight, p_.scales, p_.zeros, p_.g_idx, p_.bits, p_.group_size, x_.dtype)
+
+    def mma(x_, p_):
+        return torch.ops.quantkern.gpu_qgemm_mma(x_, p_.qweight, p_.scales, p_.zeros, p_.g_idx, p_.bits, p_.group_size)
+
+    def gemv(x_, p_):
+        return torch.ops.quantkern.gpu_qgemm_gemv(x_, p_.qweight, p_.scales, p_.zeros, p_.g_idx, p_.bits, p_.group_size)
+
     for m, n in SHAPES:
         w16_bytes = m * n * 2
         ncopy16 = max(2, -(-ROTATE_BYTES // w16_bytes))
         w16 = [torch.randn(m, n, device=dev, dtype=torch.float16) * 0.02 for _ in range(ncopy16)]
-        for batch in BATCHES:
-            x = torch.randn(batch, n, device=dev, dtype=torch.float16)
-            io_bytes = batch * (n + m) * 2
-            ms = time_rotating(F.linear, [(x, w) for w in w16], args.iters)
-            base = ms
+        xs = {b: torch.randn(b, n, device=dev, dtype=torch.float16) for b in args.batches}
+        base = {}
+        for batch in args.batches:
+            ms = time_rotating(F.linear, [(xs[batch], w) for w in w16], args.iters)
+            base[batch] = ms
             record(shape=[m, n], batch=batch, bits=16, impl="torch_fp16_linear", ms=ms,
-                   gbps=(w16_bytes + io_bytes) / ms / 1e6, speedup_vs_fp16=1.0)
-            for bits in BITS:
-                t = random_packed(m, n, bits, gen)
-                p0 = gpu_native.prepare(t, bits, device=dev)
-                qbytes = p0.qweight.numel() * 4 + p0.scales.numel() * 2 + p0.zeros.numel()
-                ncopy = max(2, -(-ROTATE_BYTES // qbytes))
-                ps = [p0] + [gpu_native.GpuQWeight(**{**p0.__dict__, "qweight": p0.qweight.clone()})
-                             for _ in range(ncopy - 1)]
+                   gbps=(w16_bytes + batch * (n + m) * 2) / ms / 1e6, speedup_vs_fp16=1.0)
+        del w16
+        torch.cuda.empty_cache()
+        for bits in args.bits:
+            t = random_packed(m, n, bits, gen)
+            p0 = gpu_native.prepare(t, bits, device=dev)
+            qbytes = p0.qweight.numel() * 4 + p0.scales.numel() * 2 + p0.zeros.numel()
+            ncopy = max(2, -(-ROTATE_BYTES // qbytes))
+            ps = [p0] + [gpu_native.GpuQWeight(**{**p0.__dict__, "qweight": p0.qweight.clone()})
+                         for _ in range(ncopy - 1)]
+            for batch in args.batches:
+                x = xs[batch]
+                io_bytes = batch * (n + m) * 2
                 impls = []
                 if has_cuda:
                     impls.append(("cuda", lambda x_, p_: cuda_backend.run(x_, p_, None)))
-                    if batch <= 8:
-                        impls.append(("cuda_dequant_matmul", lambda x_, p_: x_ @ torch.ops.quantkern.gpu_qgemm_dequant_t(
-                            p_.qweight, p_.scales, p_.zeros, p_.g_idx, p_.bits, p_.group_size, x_.dtype)))
-                    else:
-                        impls.append(("cuda_gemv_forced", lambda x_, p_: torch.ops.quantkern.gpu_qgemm_gemv(
-                            x_, p_.qweight, p_.scales, p_.zeros, p_.g_idx, p_.bits, p_.group_size).half()))
+                    if batch > 1:
+                        impls.append(("cuda_mma", mma))
+                    impls.append(("cuda_dequant_matmul", dequant_matmul))
+                    if 8 < batch <= 32:
+                        impls.append(("cuda_gemv_forced", gemv))
                 if use_triton:
                     impls.append(("triton", lambda x_, p_: triton_qgemm.qgemm(x_, p_, None)))
                 for name, fn in impls:
@@ -116,13 +140,13 @@ def main():
                     except Exception as exc:  # report, keep going
                         record(shape=[m, n], batch=batch, bits=bits, impl=name, error=f"{type(exc).__name__}: {exc}")
                         continue
+                    extra = {"path": cuda_path(batch, bits)} if name == "cuda" else {}
                     record(shape=[m, n], batch=batch, bits=bits, impl=name, ms=ms,
-                           gbps=(qbytes + io_bytes) / ms / 1e6, speedup_vs_fp16=base / ms,
-                           wall_s=round(time.time() - t0, 1))
-                del ps, p0
-            del x
-        del w16
-        torch.cuda.empty_cache()
+                           gbps=(qbytes + io_bytes) / ms / 1e6, speedup_vs_fp16=base[batch] / ms,
+                           wall_s=round(time.time() - t0, 1), **extra)
+            del ps, p0
+            torch.cuda.empty_cache()
+        del xs
 
     meta = {
         "device": torch.cuda.get_device_name(),
@@ -133,6 +157,7 @@ def main():
         "iters": args.iters,
         "rotate_bytes": ROTATE_BYTES,
         "group_size": GROUP,
+        "batches": args.batches,
         "note": "fp16 activations; CUDA events; weights rotated to defeat L2",
     }
     if args.json:

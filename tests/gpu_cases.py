@@ -15,6 +15,8 @@ def make_g_idx(n: int, grouping: str, gen: torch.Generator) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.int32)
     if grouping == "g32":
         return (torch.arange(n) // 32).to(torch.int32)
+    if grouping == "g64":
+        return (torch.arange(n) // 64).to(torch.int32)
     if grouping == "g128":
         return (torch.arange(n) // 128).to(torch.int32)
     if grouping == "ragged":  # group 40: n not a multiple of it, nor of the kernel tiles

@@ -81,3 +81,41 @@ def test_layout_ops_reject_bad_input():
         _ops().gpu_qgemm_dequant_t(p.qweight, p.scales, p.zeros.int(), p.g_idx, 4, 32, torch.float32)
     with pytest.raises(RuntimeError, match="x must be"):
         _ops().gpu_qgemm_gemv(torch.randn(2, 63), *_args(p))
+
+
+MMA_GROUPINGS = GROUPINGS + ("g64",)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("grouping", MMA_GROUPINGS)
+def test_mma_fragment_emulation_matches_reference(bits, grouping):
+    """The CPU impl of gpu_qgemm_mma runs the tensor-core kernel's lane/fragment index maps
+    (qk::lane_codes8, mma_a_chan / mma_b_chan, the PTX A/B/C layouts): equal to x @ W^T with W rounded
+    to x's dtype up to fp32 summation order; ragged m (36: a partial n8 tile), batch (20: a partial
+    m16 tile), n (300: partial chunk; 328: partial chunk whose high words do not exist at 3/4 bits)."""
+    gen = torch.Generator().manual_seed(101 * bits + MMA_GROUPINGS.index(grouping))
+    for n in (300, 328):
+        t = make_packed(36, n, bits, grouping, sym=bool(n % 3), gen=gen)
+        p = gpu_native.prepare(t, bits)
+        W = gptq.dequantize(t, bits)
+        x = torch.randn(20, n, generator=gen)
+        bias = torch.randn(36, generator=gen)
+        for dt in (torch.float16, torch.bfloat16):
+            xd, bd = x.to(dt), bias.to(dt)
+            y = _ops().gpu_qgemm_mma(gpu_native.gather_input(xd, p), *_args(p), bd)
+            assert y.dtype == dt and y.shape == (20, 36)
+            exact = F.linear(xd.float(), W.to(dt).float(), bd.float())  # the kernel's operands, fp32 sums
+            assert rel_err(y, exact) < 2e-3 if dt == torch.bfloat16 else rel_err(y, exact) < 1e-3, (bits, grouping, n, dt)
+            assert rel_err(y.float() - bd.float(), F.linear(xd.float(), W.to(dt).float())) < 1e-2
+
+
+def test_mma_rejects_bad_input():
+    gen = torch.Generator().manual_seed(21)
+    p8 = gpu_native.prepare(make_packed(8, 64, 8, "g32", True, gen), 8)
+    with pytest.raises(RuntimeError, match="supports bits 2, 3 and 4"):
+        _ops().gpu_qgemm_mma(torch.randn(9, 64).half(), *_args(p8))
+    p = gpu_native.prepare(make_packed(8, 64, 4, "g32", True, gen), 4)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        _ops().gpu_qgemm_mma(torch.randn(9, 64), *_args(p))
+    with pytest.raises(RuntimeError, match="x must be"):
+        _ops().gpu_qgemm_mma(torch.randn(9, 63).half(), *_args(p))

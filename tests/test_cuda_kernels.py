@@ -1,7 +1,8 @@
 """CUDA and Triton qgemm on CUDA tensors vs the reference (gptq.dequantize + F.linear in fp32).
 
 Skipped without a CUDA device. Covers bits 2/3/4 (+8 for CUDA), groups per-channel/32/128/ragged/
-act-order/uneven, sym/asym, batch 1/3/17/128 (GEMV and dequant+matmul paths), fp16/bf16/fp32.
+act-order/uneven, sym/asym, batch 1/3/17/128 (GEMV, tensor-core GEMM for fp16/bf16 at batch > 8,
+dequant+matmul for fp32 and 8 bits), fp16/bf16/fp32; the tensor-core GEMM alone at batch 9/17/128/300.
 Tolerances (relative Frobenius error): fp32 1e-5 (fp32 GEMV; torch matmul with TF32 off), fp16 1e-2,
 bf16 2e-2 (activation rounding to bf16 alone costs ~4e-3).
 Run on a GPU machine:  python -m pytest tests/test_cuda_kernels.py -q
@@ -129,9 +130,15 @@ import sys; sys.path.insert(0, "tests")
 from gpu_cases import make_packed
 p = gpu_native.prepare(make_packed(64, 64, 4, "g32", True, torch.Generator().manual_seed(13)), 4, device="cuda")
 args = (p.qweight, p.scales, p.zeros, p.g_idx)
-for x, bits, want in ((torch.randn(2, 63, device="cuda"), 4, "x must be"), (torch.randn(2, 64, device="cuda"), 5, "bits must be")):
+ops = torch.ops.quantkern
+cases = ((ops.gpu_qgemm_gemv, torch.randn(2, 63, device="cuda"), 4, "x must be"),
+         (ops.gpu_qgemm_gemv, torch.randn(2, 64, device="cuda"), 5, "bits must be"),
+         (ops.gpu_qgemm_mma, torch.randn(9, 64, device="cuda"), 4, "float16 or bfloat16"),
+         (ops.gpu_qgemm_mma, torch.randn(9, 64, device="cuda").half(), 8, "rows, expected"),
+         (ops.gpu_qgemm_mma, torch.randn(9, 60, device="cuda").half(), 4, "x must be"))
+for fn, x, bits, want in cases:
     try:
-        torch.ops.quantkern.gpu_qgemm_gemv(x, *args, bits, 32)
+        fn(x, *args, bits, 32)
     except RuntimeError as e:
         assert want in str(e), str(e)
     else:
@@ -155,6 +162,113 @@ def test_cuda_rejects_bad_input():
                     "(TORCH_CHECK); exceptions thrown from this build crash: check the compiler/libstdc++ "
                     "the extension was built with")
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+# ---- the tensor-core dequant GEMM (gpu_qgemm_mma, sm_80+) ---------------------------------------
+MMA_GROUPINGS = GROUPINGS + ("g64",)
+MMA_BATCHES = (9, 17, 128, 300)  # 1, 2 and 4 m16 tiles per CTA; 300: several row tiles, a partial one
+
+
+def _need_mma():
+    _need_cuda_kernels()
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core kernel needs compute capability >= 8.0")
+
+
+def _poisoned_call(fn, nbytes):
+    """Run fn right after freeing a NaN-filled block of nbytes, which the caching allocator hands to
+    fn's output: an output element the kernel forgets to write stays NaN."""
+    junk = torch.full((nbytes // 4 + 1,), float("nan"), device="cuda")
+    del junk
+    return fn()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("grouping", MMA_GROUPINGS)
+def test_cuda_mma_vs_reference(bits, grouping):
+    """Ragged m (200: a partial 128-column tile; 8-column MMA tiles), n (300: unaligned rows, staged padded
+    copy; 328: aligned rows, a partial last chunk whose high words do not exist), every batch tile size,
+    fp16 and bf16, bias, poisoned outputs; relative error vs the fp32 reference < 1e-2 (bf16: 2e-2, the
+    activation rounding alone costs ~4e-3), and vs the same operands rounded to x's dtype < 2e-3."""
+    _need_mma()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator().manual_seed(300 + 10 * bits + MMA_GROUPINGS.index(grouping))
+    for n in (300, 328):
+        t = make_packed(200, n, bits, grouping, sym=bool(n % 3), gen=gen)
+        W = gptq.dequantize(t, bits).cuda()
+        p = gpu_native.prepare(t, bits, device="cuda")
+        for batch in MMA_BATCHES:
+            x = torch.randn(batch, n, generator=gen).cuda()
+            bias = torch.randn(200, generator=gen).cuda()
+            for dt in (torch.float16, torch.bfloat16):
+                xd, bd = x.to(dt), bias.to(dt)
+                xk = gpu_native.gather_input(xd, p)
+                y = _poisoned_call(lambda: torch.ops.quantkern.gpu_qgemm_mma(
+                    xk, p.qweight, p.scales, p.zeros, p.g_idx, bits, p.group_size, bd), batch * 200 * 2)
+                torch.cuda.synchronize()
+                assert y.dtype == dt and y.shape == (batch, 200)
+                assert torch.isfinite(y).all(), (bits, grouping, n, batch, dt, "unwritten or non-finite outputs")
+                err = rel_err(y, F.linear(xd.float(), W, bd.float()))
+                assert err < TOL[dt], (bits, grouping, n, batch, dt, err)
+                exact = F.linear(xd.float(), W.to(dt).float(), bd.float())
+                assert rel_err(y, exact) < 2e-3, (bits, grouping, n, batch, dt, rel_err(y, exact))
+                # the backend's dispatch runs the same kernel above the GEMV batch
+                y2 = qgemm_op.qgemm(xd, None, bits, bias=bd, prepared=p)
+                assert torch.equal(y2, y), (bits, grouping, n, batch, dt)
+
+
+def test_cuda_mma_matches_cpu_emulation():
+    """The CUDA kernel vs its fragment-level CPU emulation (same op, CPU key): same operands, only the
+    fp32 summation order differs."""
+    _need_mma()
+    gen = torch.Generator().manual_seed(77)
+    for bits, grouping in ((3, "actorder"), (4, "g128"), (2, "uneven")):
+        t = make_packed(72, 200, bits, grouping, True, gen)
+        p = gpu_native.prepare(t, bits)
+        x = torch.randn(33, 200, generator=gen).half()
+        xk = gpu_native.gather_input(x, p)
+        cpu = torch.ops.quantkern.gpu_qgemm_mma(xk, p.qweight, p.scales, p.zeros, p.g_idx, bits, p.group_size)
+        pc = p.to("cuda")
+        gpu = torch.ops.quantkern.gpu_qgemm_mma(xk.cuda(), pc.qweight, pc.scales, pc.zeros, pc.g_idx, bits, pc.group_size)
+        assert rel_err(gpu.cpu(), cpu) < 2e-3, (bits, grouping)
+
+
+def test_cuda_mma_large_shape_split_k():
+    """Real-size layers: several split-K CTAs per tile (last-CTA reduction), repeated calls (the arrival
+    counters must re-arm; bit-identical results), interleaved with GEMV calls sharing the counters."""
+    _need_mma()
+    gen = torch.Generator().manual_seed(78)
+    for m, n, bits in ((4096, 2048, 4), (1024, 4096, 3)):
+        t = make_packed(m, n, bits, "g128", False, gen)
+        p = gpu_native.prepare(t, bits, device="cuda")
+        W = gptq.dequantize(t, bits).cuda()
+        args = (p.qweight, p.scales, p.zeros, p.g_idx, bits, p.group_size)
+        bias = torch.randn(m, generator=gen).cuda().half()
+        for batch in (9, 16, 40, 128, 300):
+            x = torch.randn(batch, n, generator=gen).cuda().half()
+            y = _poisoned_call(lambda: torch.ops.quantkern.gpu_qgemm_mma(x, *args, bias), batch * m * 2)
+            torch.ops.quantkern.gpu_qgemm_gemv(x[:3], *args, bias)
+            y2 = torch.ops.quantkern.gpu_qgemm_mma(x, *args, bias)
+            assert torch.isfinite(y).all()
+            assert torch.equal(y, y2), (m, n, batch)
+            assert rel_err(y, F.linear(x.float(), W, bias.float())) < 1e-2, (m, n, batch)
+
+
+def test_cuda_mma_dispatch():
+    """Backend choice: GEMV up to QUANTKERN_CUDA_GEMV_MAX_BATCH, the tensor-core kernel above for
+    fp16/bf16 and bits 2-4, dequant + matmul for fp32 and 8 bits (fp32 keeps fp32 accuracy)."""
+    _need_mma()
+    from quantkern.ops import qgemm_gpu
+
+    gen = torch.Generator().manual_seed(79)
+    t, W, gen = _case(4, "g32", True, m=64, n=128, seed=80)
+    p = qgemm_op.prepare(t, 4, backend="cuda")
+    x = torch.randn(12, 128, generator=gen).cuda()
+    args = (p.qweight, p.scales, p.zeros, p.g_idx, 4, p.group_size)
+    assert qgemm_gpu.use_mma(x.half(), 4) and not qgemm_gpu.use_mma(x, 4) and not qgemm_gpu.use_mma(x.half(), 8)
+    assert torch.equal(qgemm_op.qgemm(x.half(), None, 4, prepared=p), torch.ops.quantkern.gpu_qgemm_mma(x.half(), *args))
+    y32 = qgemm_op.qgemm(x, None, 4, prepared=p)
+    assert rel_err(y32, F.linear(x, W)) < 1e-5
 
 
 def test_cuda_odd_out_features_fall_back():

@@ -116,4 +116,84 @@ QK_HD int64_t gemv_smem_floats(int batch_tile, int64_t chunks_per_split) {
   return xs > red ? xs : red;
 }
 
+// ---- tensor-core GEMM (mma.sync.m16n8k16, csrc/cuda/qgemm.cu mma_kernel) ---------------------------
+// PTX fragment layouts of mma.m16n8k16 (f16/bf16 in, f32 accumulate) for lane = 4 * g + t:
+//   A (16x16, row-major) reg r (0..3), half h (0..1): row g + 8 * (r & 1), col 2t + h + 8 * (r >> 1)
+//   B (16x8, "col")      reg r (0..1), half h:        row 2t + h + 8 * r,    col g
+//   C (16x8, f32)        element i (0..3):            row g + 8 * (i >> 1),  col 2t + (i & 1)
+// The low half of a 32-bit register holds the h = 0 element.
+QK_HD int mma_a_row(int g, int r) { return g + 8 * (r & 1); }
+QK_HD int mma_a_col(int t, int r, int h) { return 2 * t + h + 8 * (r >> 1); }
+QK_HD int mma_b_row(int t, int r, int h) { return 2 * t + h + 8 * r; }
+QK_HD int mma_c_row(int g, int i) { return g + 8 * (i >> 1); }
+QK_HD int mma_c_col(int t, int i) { return 2 * t + (i & 1); }
+
+// The reduction index of an MMA may be permuted freely as long as A and B agree. The kernel maps
+// the 32 channels of a chunk onto its two k16 steps s so that lane t owns channels 8t..8t+7: in
+// step s its B rows 2t, 2t+1, 2t+8, 2t+9 (and A columns) are channels lane_k0(t, s) + 0..3, i.e.
+// (reg r, half h) <-> channel lane_k0(t, s) + 2r + h for B and lane_k0(t, s) + 2 * (r >> 1) + h for A.
+// Then a lane reads its 8 codes from one 8*bits-bit field (lane_codes8) and its activations of both
+// steps with one 16-byte shared-memory load.
+QK_HD int lane_k0(int t, int s) { return 8 * t + 4 * s; }
+QK_HD int mma_b_chan(int t, int s, int r, int h) { return lane_k0(t, s) + 2 * r + h; }
+QK_HD int mma_a_chan(int t, int s, int r, int h) { return lane_k0(t, s) + 2 * (r >> 1) + h; }
+
+// Codes 8t..8t+7 of a chunk (bits <= 4) as one field: code 8t + e at bits [e*bits, (e+1)*bits).
+// words[i * stride] is word i of the chunk. At 3 bits lanes 1 and 2 straddle two words.
+QK_HD uint32_t lane_codes8(const uint32_t* words, int64_t stride, int t, int bits) {
+  const int pos = 8 * bits * t, w = pos >> 5, off = pos & 31;
+  uint32_t v = words[w * stride] >> off;
+  if (off != 0 && off + 8 * bits > 32) v |= words[(w + 1) * stride] << (32 - off);
+  return v;
+}
+QK_HD uint32_t field_code(uint32_t field, int e, int bits) { return (field >> (e * bits)) & ((1u << bits) - 1u); }
+
+// qweight has packed_rows(n, bits) rows: with n % 32 != 0 the last chunk's high words may not exist.
+QK_HD bool word_row_exists(int64_t chunk, int i, int bits, int64_t n) {
+  return word_row(chunk, i, bits) < packed_rows(n, bits);
+}
+
+// Tiles: a CTA of kGemmWarps warps covers kGemmCols output columns (16 per warp: two n8 MMA tiles)
+// and 16 * mtiles activation rows, and one split-K range of chunks, staged kGemmStageChunks chunks
+// at a time through a kGemmStages-deep cp.async ring.
+constexpr int kGemmWarps = 8;
+constexpr int kGemmCols = 16 * kGemmWarps;
+constexpr int kGemmStageChunks = 2;
+constexpr int kGemmStages = 4;
+constexpr int kGemmMinChunksPerSplit = 8;  // at least 256 channels (4 stages) per split
+// Shared-memory row of a stage's activations, in 16-bit elements: 64 channels + 32 padding, so that
+// the lanes' 16-byte loads (rows g, channels 8t..) hit distinct banks per quarter warp.
+constexpr int kGemmXRow = 32 * kGemmStageChunks + 32;
+// Shared-memory row of a stage's packed words, in words: kGemmCols + 8, so that lanes t = 0..3 of a
+// column group (word rows t at 4 bits) fall in different banks.
+constexpr int kGemmWRow = kGemmCols + 8;
+
+QK_HD int gemm_mtiles(int64_t batch) { return batch <= 16 ? 1 : batch <= 32 ? 2 : 4; }
+
+QK_HD int64_t gemm_smem_bytes(int mtiles, int bits) {
+  const int64_t x = 16 * mtiles * kGemmXRow * 2;
+  const int64_t w = static_cast<int64_t>(kGemmStageChunks) * bits * kGemmWRow * 4;
+  const int64_t sz = static_cast<int64_t>(kGemmStageChunks) * kGemmCols * 3;  // fp16 scales + uint8 zeros
+  return kGemmStages * (x + w + sz);
+}
+
+struct GemmPlan {
+  int64_t col_blocks, row_blocks, splits, chunks_per_split;
+};
+
+QK_HD GemmPlan plan_gemm(int64_t batch, int64_t m, int64_t n, int mtiles, int64_t target_blocks) {
+  GemmPlan p;
+  p.col_blocks = (m + kGemmCols - 1) / kGemmCols;
+  p.row_blocks = (batch + 16 * mtiles - 1) / (16 * mtiles);
+  const int64_t chunks = num_chunks(n), tiles = p.col_blocks * p.row_blocks;
+  int64_t want = target_blocks / tiles;  // round down: a partial second wave would double the time
+  if (want < 1) want = 1;
+  int64_t cps = (chunks + want - 1) / want;
+  if (cps < kGemmMinChunksPerSplit) cps = kGemmMinChunksPerSplit;
+  cps = (cps + kGemmStageChunks - 1) / kGemmStageChunks * kGemmStageChunks;
+  p.chunks_per_split = cps;
+  p.splits = chunks > 0 ? (chunks + cps - 1) / cps : 1;
+  return p;
+}
+
 }  // namespace qk

@@ -54,9 +54,11 @@ Layout view(const at::Tensor& qweight, const at::Tensor& scales, const at::Tenso
 float scale_at(const Layout& w, int64_t g, int64_t col) { return static_cast<float>(w.scales[g * w.m + col]); }
 float zero_at(const Layout& w, int64_t g, int64_t col) { return static_cast<float>(w.zeros[g * w.m + col]); }
 
-// The BITS words of chunk ch of column col, gathered to stride 1 (as the CUDA kernels hold them).
+// The BITS words of chunk ch of column col, gathered to stride 1 (as the CUDA kernels hold them);
+// words past the last packed row (ragged n) read as zero.
 void chunk_words(const Layout& w, int64_t ch, int64_t col, uint32_t* words) {
-  for (int i = 0; i < w.bits; ++i) words[i] = w.qw[qk::word_row(ch, i, w.bits) * w.m + col];
+  for (int i = 0; i < w.bits; ++i)
+    words[i] = qk::word_row_exists(ch, i, w.bits, w.n) ? w.qw[qk::word_row(ch, i, w.bits) * w.m + col] : 0u;
 }
 
 at::Tensor dequant_t_cpu(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
@@ -145,6 +147,93 @@ at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   return y.to(x.scalar_type());
 }
 
+// The tensor-core kernel (csrc/cuda/qgemm.cu mma_kernel) emulated at fragment level: for each m16 x n8
+// output tile, chunk and k16 step, every lane builds its A and B registers exactly as a CUDA lane
+// does (activation channels mma_a_chan, codes from lane_codes8 at mma_b_chan, values rounded to x's
+// dtype), the registers are placed into the 16x16 / 16x8 matrices by the PTX fragment layouts
+// (mma_a_row/col, mma_b_row) and multiplied in fp32, and C is read back by mma_c_row/col. A mismatch
+// between the kernel's channel map for A and for B, or a wrong code extraction, fails the comparison
+// with the reference.
+template <typename T>
+at::Tensor mma_emulate(const Layout& w, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  const int64_t batch = x.size(0), kpad = qk::num_chunks(w.n) * qk::kCodesPerChunk;
+  auto xpad = at::zeros({batch, kpad}, x.options().dtype(at::kFloat));  // values of x's dtype, zero past n
+  xpad.narrow(1, 0, w.n).copy_(x);
+  auto y = at::empty({batch, w.m}, x.options().dtype(at::kFloat));
+  const float* xp = xpad.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool uniform = qk::chunk_uniform_groups(w.group_size);
+  const int64_t row_tiles = (batch + 15) / 16, col_tiles = (w.m + 7) / 8;
+  at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t tile = i0; tile < i1; ++tile) {
+      const int64_t r0 = tile / col_tiles * 16, n0 = tile % col_tiles * 8;
+      float acc[32][4] = {};
+      uint32_t words[8][8];
+      for (int64_t ch = 0; ch < qk::num_chunks(w.n); ++ch) {
+        for (int g = 0; g < 8; ++g) {
+          if (n0 + g < w.m) chunk_words(w, ch, n0 + g, words[g]);
+          else for (int i = 0; i < w.bits; ++i) words[g][i] = 0u;
+        }
+        for (int s = 0; s < 2; ++s) {
+          float A[16][16], B[16][8];
+          for (int lane = 0; lane < 32; ++lane) {
+            const int g = lane >> 2, t = lane & 3;
+            for (int r = 0; r < 4; ++r)
+              for (int h = 0; h < 2; ++h) {
+                const int64_t row = r0 + qk::mma_a_row(g, r), k = ch * 32 + qk::mma_a_chan(t, s, r, h);
+                A[qk::mma_a_row(g, r)][qk::mma_a_col(t, r, h)] = row < batch ? xp[row * kpad + k] : 0.f;
+              }
+            const int64_t col = n0 + g;
+            const uint32_t field = qk::lane_codes8(words[g], 1, t, w.bits);
+            for (int r = 0; r < 2; ++r)
+              for (int h = 0; h < 2; ++h) {
+                const int c = qk::mma_b_chan(t, s, r, h);
+                const int64_t k = ch * 32 + c;
+                float v = 0.f;
+                if (col < w.m && (uniform || k < w.n)) {
+                  const int64_t gi = uniform ? ch * 32 / w.group_size : qk::group_of(k, w.group_size, w.g_idx);
+                  v = qk::dequant_code(qk::field_code(field, c - qk::lane_k0(t, 0), w.bits), scale_at(w, gi, col),
+                                       zero_at(w, gi, col));
+                }
+                B[qk::mma_b_row(t, r, h)][g] = static_cast<float>(static_cast<T>(v));
+              }
+          }
+          for (int lane = 0; lane < 32; ++lane)
+            for (int i = 0; i < 4; ++i) {
+              const int row = qk::mma_c_row(lane >> 2, i), cc = qk::mma_c_col(lane & 3, i);
+              float sum = 0.f;
+              for (int kk = 0; kk < 16; ++kk) sum += A[row][kk] * B[kk][cc];
+              acc[lane][i] += sum;
+            }
+        }
+      }
+      for (int lane = 0; lane < 32; ++lane)
+        for (int i = 0; i < 4; ++i) {
+          const int64_t row = r0 + qk::mma_c_row(lane >> 2, i), col = n0 + qk::mma_c_col(lane & 3, i);
+          if (row < batch && col < w.m) yp[row * w.m + col] = acc[lane][i];
+        }
+    }
+  });
+  if (bias.has_value() && bias->defined()) y += bias->to(x.scalar_type()).to(at::kFloat);
+  return y.to(x.scalar_type());
+}
+
+at::Tensor mma_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                   const at::Tensor& g_idx, int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "quantkern::gpu_qgemm_mma";
+  check_layout(op, qweight, scales, zeros, g_idx, bits, group_size);
+  TORCH_CHECK(bits >= 2 && bits <= 4, op, ": the tensor-core kernel supports bits 2, 3 and 4, got ", bits);
+  const Layout w = view(qweight, scales, zeros, g_idx, bits, group_size);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.n, op, ": x must be [batch, ", w.n, "], got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float16 or bfloat16 (fp32 activations take gpu_qgemm_dequant_t + matmul), got ",
+              x.scalar_type());
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.m, op, ": bias must be [", w.m, "], got ", bias->sizes());
+  return x.scalar_type() == at::kHalf ? mma_emulate<at::Half>(w, x, bias) : mma_emulate<at::BFloat16>(w, x, bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(quantkern, m) {
@@ -155,9 +244,14 @@ TORCH_LIBRARY_FRAGMENT(quantkern, m) {
   // The CUDA impl is the small-batch GEMV (batch tiles of 8).
   m.def("gpu_qgemm_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor g_idx, int bits, "
         "int group_size, Tensor? bias=None) -> Tensor");
+  // Same contract for x fp16/bf16 and bits 2/3/4; the CUDA impl is the tensor-core dequant GEMM (sm_80+),
+  // the CPU impl emulates it at MMA-fragment level.
+  m.def("gpu_qgemm_mma(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor g_idx, int bits, "
+        "int group_size, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantkern, CPU, m) {
   m.impl("gpu_qgemm_dequant_t", &dequant_t_cpu);
   m.impl("gpu_qgemm_gemv", &gemv_cpu);
+  m.impl("gpu_qgemm_mma", &mma_cpu);
 }

@@ -1,4 +1,4 @@
-// CUDA implementations of quantkern::gpu_qgemm_gemv / gpu_qgemm_dequant_t (schemas in
+// CUDA implementations of quantkern::gpu_qgemm_gemv / gpu_qgemm_dequant_t / gpu_qgemm_mma (schemas in
 // csrc/cpu/common_selftest.cpp). Checks tensors, picks the stream, calls the pure-CUDA kernels.
 // c10/cuda/CUDAStream.h, not ATen/cuda/CUDAContext.h (which needs cuBLAS headers this toolkit lacks).
 #include <ATen/ATen.h>
@@ -120,9 +120,57 @@ at::Tensor dequant_t_cuda(const at::Tensor& qweight, const at::Tensor& scales, c
   return out;
 }
 
+at::Tensor mma_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                    const at::Tensor& g_idx, int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "quantkern::gpu_qgemm_mma";
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  const auto w = view_of(op, qweight, scales, zeros, g_idx, bits, group_size);
+  TORCH_CHECK(bits >= 2 && bits <= 4, op, ": the tensor-core kernel supports bits 2, 3 and 4, got ", bits);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.n, op, ": x must be [batch, ", w.n, "], got ", x.sizes());
+  TORCH_CHECK(x.device() == qweight.device(), op, ": x on ", x.device(), ", weight on ", qweight.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float16 or bfloat16 (fp32 activations take gpu_qgemm_dequant_t + matmul), got ",
+              x.scalar_type());
+  const int major = qk::cuda::mma_arch_major();
+  TORCH_CHECK(major >= 8, op, ": needs a GPU of compute capability 8.0 or newer (mma.sync, cp.async), got ", major);
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor bc;
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.m, op, ": bias must be [", w.m, "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == x.device(), op, ": bias on ", bias->device(), ", x on ", x.device());
+    bc = bias->to(x.scalar_type()).contiguous();
+  }
+  const int64_t batch = x.size(0);
+  auto y = at::empty({batch, w.m}, x.options());
+  if (batch == 0 || w.m == 0) return y;
+  if (w.n == 0) return has_bias ? bc.unsqueeze(0).expand({batch, w.m}).contiguous() : y.zero_();
+  // 16-byte activation copies need rows of a multiple of 8 elements at a 16-byte aligned base:
+  // otherwise stage a zero-padded copy (one chunk multiple wide).
+  at::Tensor xc = x.contiguous();
+  int64_t ldx = w.n;
+  if (w.n % 8 != 0 || reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16 != 0) {
+    ldx = qk::num_chunks(w.n) * qk::kCodesPerChunk;
+    auto xp = at::zeros({batch, ldx}, x.options());
+    xp.narrow(1, 0, w.n).copy_(xc);
+    xc = xp;
+  }
+  static const int sms = std::max(qk::cuda::sm_count(), 1);
+  const auto plan = qk::plan_gemm(batch, w.m, w.n, qk::gemm_mtiles(batch), 2 * static_cast<int64_t>(sms));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(qweight.device().index()).stream();
+  at::Tensor ws;
+  if (plan.splits > 1) ws = at::empty({plan.splits, batch, w.m}, x.options().dtype(at::kFloat));
+  const int err = qk::cuda::mma_gemm(xc.data_ptr(), dtype_of(x.scalar_type(), op), batch, ldx, ldx, w,
+                                     has_bias ? bc.data_ptr() : nullptr, y.data_ptr(),
+                                     plan.splits > 1 ? ws.data_ptr<float>() : nullptr,
+                                     gemv_counters(x.device(), stream, plan.col_blocks * plan.row_blocks), plan, stream);
+  TORCH_CHECK(err == 0, op, ": kernel launch failed with CUDA error ", err);
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(quantkern, CUDA, m) {
   m.impl("gpu_qgemm_gemv", &gemv_cuda);
   m.impl("gpu_qgemm_dequant_t", &dequant_t_cuda);
+  m.impl("gpu_qgemm_mma", &mma_cuda);
 }

@@ -1,13 +1,16 @@
 """The qgemm backends for CUDA tensors: "triton" (fused unpack + tl.dot) and "cuda" (compiled kernels).
 
 Both use the GPU layout of quantkern/formats/gpu_native.py, built once in prepare() on the tensors'
-device. The CUDA backend runs its GEMV kernel for up to `QUANTKERN_CUDA_GEMV_MAX_BATCH` activation rows
-(default 8) and above that dequantizes W^T to the activation dtype with a CUDA kernel and lets torch's
-matmul do the GEMM (exllama's pragmatic switch: at large batch the GEMM is compute bound and a dense
-tensor-core GEMM wins over a fused dequant kernel that re-reads the packed weight per row tile).
+device. The CUDA backend picks, per call:
+- up to `QUANTKERN_CUDA_GEMV_MAX_BATCH` activation rows (default 8): the fp32-FMA GEMV kernel;
+- above that, fp16/bf16 activations, bits 2/3/4, a GPU of compute capability >= 8.0: the fused
+  tensor-core dequant GEMM (`gpu_qgemm_mma`: cp.async-staged packed tiles, mma.sync m16n8k16);
+- otherwise (fp32 activations, 8 bits, pre-sm_80 GPUs, or QUANTKERN_CUDA_MMA=0): W^T dequantized to
+  the activation dtype by a CUDA kernel and torch's matmul (fp32 keeps fp32 accuracy this way).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -19,6 +22,25 @@ from .qgemm import register_qgemm_backend
 
 def gemv_max_batch() -> int:
     return int(os.environ.get("QUANTKERN_CUDA_GEMV_MAX_BATCH", "8"))
+
+
+def mma_enabled() -> bool:
+    return os.environ.get("QUANTKERN_CUDA_MMA", "1") not in ("0", "")
+
+
+def use_mma(x: torch.Tensor, bits: int) -> bool:
+    """The tensor-core GEMM applies: fp16/bf16 activations, bits 2/3/4, compute capability >= 8.0."""
+    return (
+        mma_enabled()
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and bits in (2, 3, 4)
+        and _cc_major(x.device.index) >= 8
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _cc_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 class TritonQGemm:
@@ -45,6 +67,8 @@ class CudaQGemm:
         args = (p.qweight, p.scales, p.zeros, p.g_idx, p.bits, p.group_size)
         if x2.shape[0] <= gemv_max_batch():
             y = torch.ops.quantkern.gpu_qgemm_gemv(x2, *args, bias)
+        elif use_mma(x2, p.bits):
+            y = torch.ops.quantkern.gpu_qgemm_mma(x2, *args, bias)
         else:
             wt = torch.ops.quantkern.gpu_qgemm_dequant_t(*args, x.dtype)
             y = x2 @ wt if bias is None else torch.addmm(bias.to(x.dtype), x2, wt)
