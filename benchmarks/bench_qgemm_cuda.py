@@ -160,6 +160,13 @@ def main():
         "batches": args.batches,
         "note": "fp16 activations; CUDA events; weights rotated to defeat L2",
     }
+    print("shape        batch bits impl                  us    x_fp16 path")
+    for r in results:
+        if "ms" in r:
+            print(f"{r['shape'][0]}x{r['shape'][1]:<6} {r['batch']:>4} {r['bits']:>4} {r['impl']:<20} {r['ms'] * 1e3:7.1f} "
+                  f"{r['speedup_vs_fp16']:6.2f} {r.get('path', '')}")
+        else:
+            print(f"{r['shape'][0]}x{r['shape'][1]:<6} {r['batch']:>4} {r['bits']:>4} {r['impl']:<20} ERROR {r['error'][:80]}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

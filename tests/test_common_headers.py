@@ -105,7 +105,8 @@ def test_mma_fragment_emulation_matches_reference(bits, grouping):
             y = _ops().gpu_qgemm_mma(gpu_native.gather_input(xd, p), *_args(p), bd)
             assert y.dtype == dt and y.shape == (20, 36)
             exact = F.linear(xd.float(), W.to(dt).float(), bd.float())  # the kernel's operands, fp32 sums
-            assert rel_err(y, exact) < 2e-3 if dt == torch.bfloat16 else rel_err(y, exact) < 1e-3, (bits, grouping, n, dt)
+            # only the fp32 summation order and the output rounding (bf16: 8 significant bits) differ
+            assert rel_err(y, exact) < (4e-3 if dt == torch.bfloat16 else 1e-3), (bits, grouping, n, dt)
             assert rel_err(y.float() - bd.float(), F.linear(xd.float(), W.to(dt).float())) < 1e-2
 
 

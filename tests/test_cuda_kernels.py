@@ -186,14 +186,14 @@ def _poisoned_call(fn, nbytes):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("grouping", MMA_GROUPINGS)
 def test_cuda_mma_vs_reference(bits, grouping):
-    """Ragged m (200: a partial 128-column tile; 8-column MMA tiles), n (300: unaligned rows, staged padded
-    copy; 328: aligned rows, a partial last chunk whose high words do not exist), every batch tile size,
-    fp16 and bf16, bias, poisoned outputs; relative error vs the fp32 reference < 1e-2 (bf16: 2e-2, the
-    activation rounding alone costs ~4e-3), and vs the same operands rounded to x's dtype < 2e-3."""
+    """Ragged m (200: a partial 128-column tile), n (200/328: aligned rows with a partial last chunk whose
+    high words do not exist; 300: unaligned rows, staged padded copy), every batch tile size, fp16 and
+    bf16, bias, poisoned outputs; relative error vs the fp32 reference < 1e-2 (bf16: 2e-2, the activation
+    rounding alone costs ~4e-3), and vs the same operands rounded to x's dtype < 1e-3 (bf16: 4e-3)."""
     _need_mma()
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator().manual_seed(300 + 10 * bits + MMA_GROUPINGS.index(grouping))
-    for n in (300, 328):
+    for n in (200, 300, 328):  # 200: one split-K range (direct epilogue); 300/328: two (workspace reduction)
         t = make_packed(200, n, bits, grouping, sym=bool(n % 3), gen=gen)
         W = gptq.dequantize(t, bits).cuda()
         p = gpu_native.prepare(t, bits, device="cuda")
@@ -211,7 +211,8 @@ def test_cuda_mma_vs_reference(bits, grouping):
                 err = rel_err(y, F.linear(xd.float(), W, bd.float()))
                 assert err < TOL[dt], (bits, grouping, n, batch, dt, err)
                 exact = F.linear(xd.float(), W.to(dt).float(), bd.float())
-                assert rel_err(y, exact) < 2e-3, (bits, grouping, n, batch, dt, rel_err(y, exact))
+                tol_exact = 4e-3 if dt == torch.bfloat16 else 1e-3  # fp32 sums, one output rounding
+                assert rel_err(y, exact) < tol_exact, (bits, grouping, n, batch, dt, rel_err(y, exact))
                 # the backend's dispatch runs the same kernel above the GEMV batch
                 y2 = qgemm_op.qgemm(xd, None, bits, bias=bd, prepared=p)
                 assert torch.equal(y2, y), (bits, grouping, n, batch, dt)

@@ -463,7 +463,7 @@ mma_kernel(const T* __restrict__ x, int64_t batch, int64_t ldx, int64_t kx, QWei
 #pragma unroll
           for (int s = 0; s < 2; ++s)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) b[s][r] = dq.pair(field, 4 * s + 2 * r);
+            for (int r = 0; r < 2; ++r) b[s][r] = dq.pair(field, mma_b_chan(t, s, r, 0) - lane_k0(t, 0));  // 4s + 2r
         } else {
           const int64_t col = n0 + cl, k0 = (cb + q) * kCodesPerChunk + lane_k0(t, 0);
           float v[8];
