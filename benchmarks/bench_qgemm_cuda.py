@@ -97,6 +97,17 @@ def main():
     def mma(x_, p_):
         return torch.ops.quantkern.gpu_qgemm_mma(x_, p_.qweight, p_.scales, p_.zeros, p_.g_idx, p_.bits, p_.group_size)
 
+    def with_env(key, value, fn, *a):
+        old = os.environ.get(key)
+        os.environ[key] = value
+        try:
+            return fn(*a)
+        finally:
+            if old is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = old
+
     def gemv(x_, p_):
         return torch.ops.quantkern.gpu_qgemm_gemv(x_, p_.qweight, p_.scales, p_.zeros, p_.g_idx, p_.bits, p_.group_size)
 
@@ -131,6 +142,10 @@ def main():
                     impls.append(("cuda_dequant_matmul", dequant_matmul))
                     if 8 < batch <= 32:
                         impls.append(("cuda_gemv_forced", gemv))
+                    if batch in (16, 128):  # split-K target sweep (default 2 CTAs per SM)
+                        for bpsm in (1, 4):
+                            impls.append((f"cuda_mma_bpsm{bpsm}", lambda x_, p_, b=bpsm: with_env(
+                                "QUANTKERN_CUDA_MMA_BLOCKS_PER_SM", str(b), mma, x_, p_)))
                 if use_triton:
                     impls.append(("triton", lambda x_, p_: triton_qgemm.qgemm(x_, p_, None)))
                 for name, fn in impls:

@@ -55,7 +55,10 @@ template <int BITS>
 __device__ __forceinline__ void load_words4(const QWeightView& w, int64_t ch, int64_t col, uint32_t (*words)[BITS]) {
 #pragma unroll
   for (int i = 0; i < BITS; ++i) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(w.qweight + word_row(ch, i, BITS) * w.m + col));
+    // with n % 32 != 0 the last chunk's high word rows do not exist (qweight has packed_rows(n) rows)
+    const uint4 v = word_row_exists(ch, i, BITS, w.n)
+                        ? __ldg(reinterpret_cast<const uint4*>(w.qweight + word_row(ch, i, BITS) * w.m + col))
+                        : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
     for (int c = 0; c < 4; ++c) words[c][i] = lane_word(v, c);
   }
@@ -176,12 +179,7 @@ __global__ void dequant_t_kernel(QWeightView w, T* __restrict__ out) {
   const int64_t ch = blockIdx.y;
   if (col >= w.m) return;
   uint32_t words[4][BITS];
-#pragma unroll
-  for (int i = 0; i < BITS; ++i) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(w.qweight + word_row(ch, i, BITS) * w.m + col));
-#pragma unroll
-    for (int c = 0; c < 4; ++c) words[c][i] = lane_word(v, c);
-  }
+  load_words4<BITS>(w, ch, col, words);
   const int64_t k0 = ch * kCodesPerChunk;
   float s[4], z[4];
   if constexpr (!PER_CODE) load_group4(w, k0 / w.group_size, col, s, z);

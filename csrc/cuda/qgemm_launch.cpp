@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -120,6 +121,14 @@ at::Tensor dequant_t_cuda(const at::Tensor& qweight, const at::Tensor& scales, c
   return out;
 }
 
+// Split-K target: CTAs per SM (default 2, what the register budget lets reside). Read per call so that
+// benchmarks can sweep it (QUANTKERN_CUDA_MMA_BLOCKS_PER_SM).
+int64_t mma_blocks_per_sm() {
+  const char* v = std::getenv("QUANTKERN_CUDA_MMA_BLOCKS_PER_SM");
+  const int64_t b = v != nullptr ? std::atoll(v) : 2;
+  return b >= 1 ? b : 2;
+}
+
 at::Tensor mma_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                     const at::Tensor& g_idx, int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "quantkern::gpu_qgemm_mma";
@@ -155,7 +164,7 @@ at::Tensor mma_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Te
     xc = xp;
   }
   static const int sms = std::max(qk::cuda::sm_count(), 1);
-  const auto plan = qk::plan_gemm(batch, w.m, w.n, qk::gemm_mtiles(batch), 2 * static_cast<int64_t>(sms));
+  const auto plan = qk::plan_gemm(batch, w.m, w.n, qk::gemm_mtiles(batch), mma_blocks_per_sm() * static_cast<int64_t>(sms));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(qweight.device().index()).stream();
   at::Tensor ws;
   if (plan.splits > 1) ws = at::empty({plan.splits, batch, w.m}, x.options().dtype(at::kFloat));
