@@ -196,7 +196,8 @@ def test_cuda_mma_vs_reference(bits, grouping):
     for n in (200, 300, 328):  # 200: one split-K range (direct epilogue); 300/328: two (workspace reduction)
         t = make_packed(200, n, bits, grouping, sym=bool(n % 3), gen=gen)
         W = gptq.dequantize(t, bits).cuda()
-        p = gpu_native.prepare(t, bits, device="cuda")
+        pq = qgemm_op.prepare({k: v.cuda() for k, v in t.items()}, bits, backend="cuda")
+        p = pq.layout  # the GpuQWeight
         for batch in MMA_BATCHES:
             x = torch.randn(batch, n, generator=gen).cuda()
             bias = torch.randn(200, generator=gen).cuda()
@@ -214,7 +215,7 @@ def test_cuda_mma_vs_reference(bits, grouping):
                 tol_exact = 4e-3 if dt == torch.bfloat16 else 1e-3  # fp32 sums, one output rounding
                 assert rel_err(y, exact) < tol_exact, (bits, grouping, n, batch, dt, rel_err(y, exact))
                 # the backend's dispatch runs the same kernel above the GEMV batch
-                y2 = qgemm_op.qgemm(xd, None, bits, bias=bd, prepared=p)
+                y2 = qgemm_op.qgemm(xd, None, bits, bias=bd, prepared=pq)
                 assert torch.equal(y2, y), (bits, grouping, n, batch, dt)
 
 
@@ -261,14 +262,14 @@ def test_cuda_mma_dispatch():
     _need_mma()
     from quantkern.ops import qgemm_gpu
 
-    gen = torch.Generator().manual_seed(79)
     t, W, gen = _case(4, "g32", True, m=64, n=128, seed=80)
-    p = qgemm_op.prepare(t, 4, backend="cuda")
+    pq = qgemm_op.prepare(t, 4, backend="cuda")
+    p = pq.layout
     x = torch.randn(12, 128, generator=gen).cuda()
     args = (p.qweight, p.scales, p.zeros, p.g_idx, 4, p.group_size)
     assert qgemm_gpu.use_mma(x.half(), 4) and not qgemm_gpu.use_mma(x, 4) and not qgemm_gpu.use_mma(x.half(), 8)
-    assert torch.equal(qgemm_op.qgemm(x.half(), None, 4, prepared=p), torch.ops.quantkern.gpu_qgemm_mma(x.half(), *args))
-    y32 = qgemm_op.qgemm(x, None, 4, prepared=p)
+    assert torch.equal(qgemm_op.qgemm(x.half(), None, 4, prepared=pq), torch.ops.quantkern.gpu_qgemm_mma(x.half(), *args))
+    y32 = qgemm_op.qgemm(x, None, 4, prepared=pq)
     assert rel_err(y32, F.linear(x, W)) < 1e-5
 
 
