@@ -97,17 +97,6 @@ def main():
     def mma(x_, p_):
         return torch.ops.quantkern.gpu_qgemm_mma(x_, p_.qweight, p_.scales, p_.zeros, p_.g_idx, p_.bits, p_.group_size)
 
-    def with_env(key, value, fn, *a):
-        old = os.environ.get(key)
-        os.environ[key] = value
-        try:
-            return fn(*a)
-        finally:
-            if old is None:
-                del os.environ[key]
-            else:
-                os.environ[key] = old
-
     def gemv(x_, p_):
         return torch.ops.quantkern.gpu_qgemm_gemv(x_, p_.qweight, p_.scales, p_.zeros, p_.g_idx, p_.bits, p_.group_size)
 
@@ -142,19 +131,26 @@ def main():
                     impls.append(("cuda_dequant_matmul", dequant_matmul))
                     if 8 < batch <= 32:
                         impls.append(("cuda_gemv_forced", gemv))
-                    if batch in (16, 128):  # split-K target sweep (default 2 CTAs per SM)
+                    if batch in (16, 128):  # split-K target sweep (default 2 CTAs per SM), read per call
                         for bpsm in (1, 4):
-                            impls.append((f"cuda_mma_bpsm{bpsm}", lambda x_, p_, b=bpsm: with_env(
-                                "QUANTKERN_CUDA_MMA_BLOCKS_PER_SM", str(b), mma, x_, p_)))
+                            impls.append((f"cuda_mma_bpsm{bpsm}", mma, {"QUANTKERN_CUDA_MMA_BLOCKS_PER_SM": str(bpsm)}))
                 if use_triton:
                     impls.append(("triton", lambda x_, p_: triton_qgemm.qgemm(x_, p_, None)))
-                for name, fn in impls:
+                for name, fn, *env in impls:
                     t0 = time.time()
+                    saved = {k: os.environ.get(k) for k in (env[0] if env else {})}
+                    os.environ.update(env[0] if env else {})
                     try:
                         ms = time_rotating(fn, [(x, p) for p in ps], args.iters)
                     except Exception as exc:  # report, keep going
                         record(shape=[m, n], batch=batch, bits=bits, impl=name, error=f"{type(exc).__name__}: {exc}")
                         continue
+                    finally:
+                        for k, v in saved.items():
+                            if v is None:
+                                os.environ.pop(k, None)
+                            else:
+                                os.environ[k] = v
                     extra = {"path": cuda_path(batch, bits)} if name == "cuda" else {}
                     record(shape=[m, n], batch=batch, bits=bits, impl=name, ms=ms,
                            gbps=(qbytes + io_bytes) / ms / 1e6, speedup_vs_fp16=base[batch] / ms,
