@@ -268,6 +268,9 @@ def test_cuda_mma_dispatch():
     x = torch.randn(12, 128, generator=gen).cuda()
     args = (p.qweight, p.scales, p.zeros, p.g_idx, 4, p.group_size)
     assert qgemm_gpu.use_mma(x.half(), 4) and not qgemm_gpu.use_mma(x, 4) and not qgemm_gpu.use_mma(x.half(), 8)
+    big = torch.randn(qgemm_gpu.mma_max_batch() + 1, 128, generator=gen).cuda().half()
+    assert not qgemm_gpu.use_mma(big, 4)  # large batches: dequant + torch matmul
+    assert rel_err(qgemm_op.qgemm(big, None, 4, prepared=pq).float(), F.linear(big.float(), W)) < 1e-2
     assert torch.equal(qgemm_op.qgemm(x.half(), None, 4, prepared=pq), torch.ops.quantkern.gpu_qgemm_mma(x.half(), *args))
     y32 = qgemm_op.qgemm(x, None, 4, prepared=pq)
     assert rel_err(y32, F.linear(x, W)) < 1e-5

@@ -3,10 +3,13 @@
 Both use the GPU layout of quantkern/formats/gpu_native.py, built once in prepare() on the tensors'
 device. The CUDA backend picks, per call:
 - up to `QUANTKERN_CUDA_GEMV_MAX_BATCH` activation rows (default 8): the fp32-FMA GEMV kernel;
-- above that, fp16/bf16 activations, bits 2/3/4, a GPU of compute capability >= 8.0: the fused
-  tensor-core dequant GEMM (`gpu_qgemm_mma`: cp.async-staged packed tiles, mma.sync m16n8k16);
-- otherwise (fp32 activations, 8 bits, pre-sm_80 GPUs, or QUANTKERN_CUDA_MMA=0): W^T dequantized to
-  the activation dtype by a CUDA kernel and torch's matmul (fp32 keeps fp32 accuracy this way).
+- above that, up to `QUANTKERN_CUDA_MMA_MAX_BATCH` rows (default 128), fp16/bf16 activations, bits 2/3/4,
+  a GPU of compute capability >= 8.0: the fused tensor-core dequant GEMM (`gpu_qgemm_mma`: cp.async-
+  staged packed tiles, mma.sync m16n8k16);
+- otherwise (larger batches, fp32 activations, 8 bits, pre-sm_80 GPUs, or QUANTKERN_CUDA_MMA=0): W^T
+  dequantized to the activation dtype by a CUDA kernel and torch's matmul (fp32 keeps fp32 accuracy).
+  The fused kernel dequantizes W once per row tile of at most 64 activation rows, so its cost grows with
+  the batch; on an H100 it ties dequant + matmul at batch 128 and loses at 300 (docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -28,10 +31,16 @@ def mma_enabled() -> bool:
     return os.environ.get("QUANTKERN_CUDA_MMA", "1") not in ("0", "")
 
 
+def mma_max_batch() -> int:
+    return int(os.environ.get("QUANTKERN_CUDA_MMA_MAX_BATCH", "128"))
+
+
 def use_mma(x: torch.Tensor, bits: int) -> bool:
-    """The tensor-core GEMM applies: fp16/bf16 activations, bits 2/3/4, compute capability >= 8.0."""
+    """The tensor-core GEMM applies: at most mma_max_batch() rows, fp16/bf16 activations, bits 2/3/4,
+    compute capability >= 8.0."""
     return (
         mma_enabled()
+        and x.shape[0] <= mma_max_batch()
         and x.dtype in (torch.float16, torch.bfloat16)
         and bits in (2, 3, 4)
         and _cc_major(x.device.index) >= 8
