@@ -88,6 +88,53 @@ static inline __attribute__((always_inline)) void update_avx2(float* w1, const f
   }
 }
 
+constexpr int kSB = 16;  // columns per sub-block of the two-level in-block update
+
+// cols[j] for j in [jb, je) (block-relative) -= sum over t < ns, in ascending t, of
+// e[t] * u[t*ldu + j] (- w[t] * p[t*ldu + j]); u/p point at row sb, column i1 of U/P. Four columns
+// at a time: 4 independent dependency chains per vector, each column loaded and stored once.
+template <bool HasP>
+static inline __attribute__((always_inline)) void lazy_update(vrow* cols, const vrow* e, const vrow* w,
+                                                              const float* u, const float* p, int64_t ldu,
+                                                              int64_t ns, int64_t jb, int64_t je) {
+  int64_t j = jb;
+  for (; j + 4 <= je; j += 4) {
+    vrow a0 = cols[j], a1 = cols[j + 1], a2 = cols[j + 2], a3 = cols[j + 3];
+    for (int64_t t = 0; t < ns; ++t) {
+      const float* ur = u + t * ldu + j;
+      const vrow et = e[t];
+      if constexpr (HasP) {
+        const float* pr = p + t * ldu + j;
+        const vrow wt = w[t];
+        a0 = a0 - (et * ur[0] - wt * pr[0]);
+        a1 = a1 - (et * ur[1] - wt * pr[1]);
+        a2 = a2 - (et * ur[2] - wt * pr[2]);
+        a3 = a3 - (et * ur[3] - wt * pr[3]);
+      } else {
+        a0 = a0 - et * ur[0];
+        a1 = a1 - et * ur[1];
+        a2 = a2 - et * ur[2];
+        a3 = a3 - et * ur[3];
+      }
+    }
+    cols[j] = a0;
+    cols[j + 1] = a1;
+    cols[j + 2] = a2;
+    cols[j + 3] = a3;
+  }
+  for (; j < je; ++j) {
+    vrow a0 = cols[j];
+    for (int64_t t = 0; t < ns; ++t) {
+      if constexpr (HasP) {
+        a0 = a0 - (e[t] * u[t * ldu + j] - w[t] * p[t * ldu + j]);
+      } else {
+        a0 = a0 - e[t] * u[t * ldu + j];
+      }
+    }
+    cols[j] = a0;
+  }
+}
+
 // Everything one row tile needs for one block. The chunk's working copy is TRANSPOSED, wt [n, ld]
 // (ld = rows of the chunk), so a tile column is kRT contiguous floats; errors/q go to errT/qT
 // [B, ld] and codes to codesT [n, ld] (transposed back once per chunk).
@@ -128,59 +175,71 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
   }
   double lsum[kRT] = {};
   for (int r = 0; r < nr; ++r) lsum[r] = a.ls[r0 + r];
-  for (int64_t i = i1; i < i2; ++i) {
-    const int32_t g = a.g[i];
-    if (a.dynamic_groups && a.run_end[i] >= 0) {  // block-start values (wt), see solver.h
-      const int64_t e_end = a.run_end[i];
-      alignas(64) float lo[kRT], hi[kRT];
-      const float* row = a.wt + i * ld + rl0;
-      for (int r = 0; r < kRT; ++r) lo[r] = hi[r] = r < nr ? row[r] : 0.f;
-      for (int64_t j = i + 1; j < e_end; ++j) {
-        row = a.wt + j * ld + rl0;
-        if (nr == kRT) {
-          for (int r = 0; r < kRT; ++r) {
-            lo[r] = std::min(lo[r], row[r]);
-            hi[r] = std::max(hi[r], row[r]);
-          }
-        } else {
-          for (int r = 0; r < nr; ++r) {
-            lo[r] = std::min(lo[r], row[r]);
-            hi[r] = std::max(hi[r], row[r]);
+  // Two-level lazy update: columns are decided in sub-blocks of kSB; inside a sub-block the
+  // rank-1 updates touch only the sub-block, and the rest of the block gets the sub-block's kSB
+  // updates in one register-blocked pass (each column loaded and stored once). Every element still
+  // receives its updates one at a time in ascending i with the reference's two roundings, so the
+  // result is bit-identical to the plain rank-1 order.
+  alignas(64) vrow ev[kSB], wv[kSB];
+  for (int64_t sb = i1; sb < i2; sb += kSB) {
+    const int64_t se = std::min(sb + kSB, i2);
+    for (int64_t i = sb; i < se; ++i) {
+      const int32_t g = a.g[i];
+      if (a.dynamic_groups && a.run_end[i] >= 0) {  // block-start values (wt), see solver.h
+        const int64_t e_end = a.run_end[i];
+        alignas(64) float lo[kRT], hi[kRT];
+        const float* row = a.wt + i * ld + rl0;
+        for (int r = 0; r < kRT; ++r) lo[r] = hi[r] = r < nr ? row[r] : 0.f;
+        for (int64_t j = i + 1; j < e_end; ++j) {
+          row = a.wt + j * ld + rl0;
+          if (nr == kRT) {
+            for (int r = 0; r < kRT; ++r) {
+              lo[r] = std::min(lo[r], row[r]);
+              hi[r] = std::max(hi[r], row[r]);
+            }
+          } else {
+            for (int r = 0; r < nr; ++r) {
+              lo[r] = std::min(lo[r], row[r]);
+              hi[r] = std::max(hi[r], row[r]);
+            }
           }
         }
+        for (int r = 0; r < nr; ++r) qk::grid_params(lo[r], hi[r], a.bits, a.sym, &a.sc[g * m + r0 + r], &a.zr[g * m + r0 + r]);
       }
-      for (int r = 0; r < nr; ++r) qk::grid_params(lo[r], hi[r], a.bits, a.sym, &a.sc[g * m + r0 + r], &a.zr[g * m + r0 + r]);
+      for (int r = 0; r < kRT; ++r) {
+        s[r] = r < nr ? a.sc[g * m + r0 + r] : 1.f;
+        z[r] = r < nr ? a.zr[g * m + r0 + r] : 0.f;
+      }
+      const float d = a.u[i * a.n + i];
+      const float* col = &w1[(i - i1) * kRT];
+      for (int r = 0; r < kRT; ++r) {
+        w[r] = col[r];
+        c[r] = qk::quant_code(w[r], s[r], z[r], a.maxq);
+        q[r] = qk::dequant(c[r], s[r], z[r]);
+        e[r] = (w[r] - q[r]) / d;
+      }
+      for (int r = 0; r < kRT; ++r) lsum[r] += static_cast<double>(e[r]) * static_cast<double>(e[r]);
+      uint8_t* cdst = a.codesT + i * ld + rl0;
+      float* edst = a.errT + (i - i1) * ld + rl0;
+      for (int r = 0; r < nr; ++r) {
+        cdst[r] = static_cast<uint8_t>(c[r]);
+        edst[r] = e[r];
+      }
+      if (HasP) {
+        float* qdst = a.qT + (i - i1) * ld + rl0;
+        for (int r = 0; r < nr; ++r) qdst[r] = q[r];
+      }
+      std::memcpy(&ev[i - sb], e, sizeof(vrow));
+      std::memcpy(&wv[i - sb], w, sizeof(vrow));
+      const float* urow = a.u + i * a.n;
+      const float* prow = HasP ? a.p + i * a.n : nullptr;
+      if constexpr (Avx512) {
+        update_avx512(w1, e, w, urow, prow, i + 1, se, i1);
+      } else {
+        update_avx2(w1, e, w, urow, prow, i + 1, se, i1);
+      }
     }
-    for (int r = 0; r < kRT; ++r) {
-      s[r] = r < nr ? a.sc[g * m + r0 + r] : 1.f;
-      z[r] = r < nr ? a.zr[g * m + r0 + r] : 0.f;
-    }
-    const float d = a.u[i * a.n + i];
-    const float* col = &w1[(i - i1) * kRT];
-    for (int r = 0; r < kRT; ++r) {
-      w[r] = col[r];
-      c[r] = qk::quant_code(w[r], s[r], z[r], a.maxq);
-      q[r] = qk::dequant(c[r], s[r], z[r]);
-      e[r] = (w[r] - q[r]) / d;
-    }
-    for (int r = 0; r < kRT; ++r) lsum[r] += static_cast<double>(e[r]) * static_cast<double>(e[r]);
-    uint8_t* cdst = a.codesT + i * ld + rl0;
-    float* edst = a.errT + (i - i1) * ld + rl0;
-    for (int r = 0; r < nr; ++r) {
-      cdst[r] = static_cast<uint8_t>(c[r]);
-      edst[r] = e[r];
-    }
-    if (HasP) {
-      float* qdst = a.qT + (i - i1) * ld + rl0;
-      for (int r = 0; r < nr; ++r) qdst[r] = q[r];
-    }
-    const float* urow = a.u + i * a.n;
-    const float* prow = HasP ? a.p + i * a.n : nullptr;
-    if constexpr (Avx512) {
-      update_avx512(w1, e, w, urow, prow, i + 1, i2, i1);
-    } else {
-      update_avx2(w1, e, w, urow, prow, i + 1, i2, i1);
-    }
+    lazy_update<HasP>(w1v, ev, wv, a.u + sb * a.n + i1, HasP ? a.p + sb * a.n + i1 : nullptr, a.n, se - sb, se - i1, i2 - i1);
   }
   for (int r = 0; r < nr; ++r) a.ls[r0 + r] = lsum[r];
 }
