@@ -90,48 +90,98 @@ static inline __attribute__((always_inline)) void update_avx2(float* w1, const f
 
 constexpr int kSB = 16;  // columns per sub-block of the two-level in-block update
 
-// cols[j] for j in [jb, je) (block-relative) -= sum over t < ns, in ascending t, of
-// e[t] * u[t*ldu + j] (- w[t] * p[t*ldu + j]); u/p point at row sb, column i1 of U/P. Four columns
-// at a time: 4 independent dependency chains per vector, each column loaded and stored once.
+// cols[j] for j in [jb, je) (block-relative) -= e[t] * u[t*ldu + j] (- w[t] * p[t*ldu + j]) for
+// t = 0 .. ns-1 in ascending order, with the reference's roundings (a product, then a subtraction);
+// u/p point at row sb, column i1 of U/P. NC columns at a time (2*NC or 4*NC independent
+// dependency chains), accumulators in registers, each column loaded and stored once.
 template <bool HasP>
-static inline __attribute__((always_inline)) void lazy_update(vrow* cols, const vrow* e, const vrow* w,
-                                                              const float* u, const float* p, int64_t ldu,
-                                                              int64_t ns, int64_t jb, int64_t je) {
+__attribute__((target("avx512f"))) static void lazy_avx512(float* cols, const float* e, const float* w,
+                                                        const float* u, const float* p, int64_t ldu, int64_t ns,
+                                                        int64_t jb, int64_t je) {
+  constexpr int NC = 4;
   int64_t j = jb;
-  for (; j + 4 <= je; j += 4) {
-    vrow a0 = cols[j], a1 = cols[j + 1], a2 = cols[j + 2], a3 = cols[j + 3];
+  for (; j + NC <= je; j += NC) {
+    __m512 acc[NC][2];
+    for (int c = 0; c < NC; ++c)
+      for (int k = 0; k < 2; ++k) acc[c][k] = _mm512_load_ps(cols + (j + c) * kRT + 16 * k);
     for (int64_t t = 0; t < ns; ++t) {
+      const __m512 e0 = _mm512_load_ps(e + t * kRT), e1 = _mm512_load_ps(e + t * kRT + 16);
       const float* ur = u + t * ldu + j;
-      const vrow et = e[t];
       if constexpr (HasP) {
+        const __m512 w0 = _mm512_load_ps(w + t * kRT), w1 = _mm512_load_ps(w + t * kRT + 16);
         const float* pr = p + t * ldu + j;
-        const vrow wt = w[t];
-        a0 = a0 - (et * ur[0] - wt * pr[0]);
-        a1 = a1 - (et * ur[1] - wt * pr[1]);
-        a2 = a2 - (et * ur[2] - wt * pr[2]);
-        a3 = a3 - (et * ur[3] - wt * pr[3]);
+        for (int c = 0; c < NC; ++c) {
+          const __m512 uc = _mm512_set1_ps(ur[c]), pc = _mm512_set1_ps(pr[c]);
+          acc[c][0] = _mm512_sub_ps(acc[c][0], _mm512_sub_ps(_mm512_mul_ps(e0, uc), _mm512_mul_ps(w0, pc)));
+          acc[c][1] = _mm512_sub_ps(acc[c][1], _mm512_sub_ps(_mm512_mul_ps(e1, uc), _mm512_mul_ps(w1, pc)));
+        }
       } else {
-        a0 = a0 - et * ur[0];
-        a1 = a1 - et * ur[1];
-        a2 = a2 - et * ur[2];
-        a3 = a3 - et * ur[3];
+        for (int c = 0; c < NC; ++c) {
+          const __m512 uc = _mm512_set1_ps(ur[c]);
+          acc[c][0] = _mm512_sub_ps(acc[c][0], _mm512_mul_ps(e0, uc));
+          acc[c][1] = _mm512_sub_ps(acc[c][1], _mm512_mul_ps(e1, uc));
+        }
       }
     }
-    cols[j] = a0;
-    cols[j + 1] = a1;
-    cols[j + 2] = a2;
-    cols[j + 3] = a3;
+    for (int c = 0; c < NC; ++c)
+      for (int k = 0; k < 2; ++k) _mm512_store_ps(cols + (j + c) * kRT + 16 * k, acc[c][k]);
   }
   for (; j < je; ++j) {
-    vrow a0 = cols[j];
+    __m512 a0 = _mm512_load_ps(cols + j * kRT), a1 = _mm512_load_ps(cols + j * kRT + 16);
     for (int64_t t = 0; t < ns; ++t) {
+      const __m512 uc = _mm512_set1_ps(u[t * ldu + j]);
+      __m512 d0 = _mm512_mul_ps(_mm512_load_ps(e + t * kRT), uc), d1 = _mm512_mul_ps(_mm512_load_ps(e + t * kRT + 16), uc);
       if constexpr (HasP) {
-        a0 = a0 - (e[t] * u[t * ldu + j] - w[t] * p[t * ldu + j]);
-      } else {
-        a0 = a0 - e[t] * u[t * ldu + j];
+        const __m512 pc = _mm512_set1_ps(p[t * ldu + j]);
+        d0 = _mm512_sub_ps(d0, _mm512_mul_ps(_mm512_load_ps(w + t * kRT), pc));
+        d1 = _mm512_sub_ps(d1, _mm512_mul_ps(_mm512_load_ps(w + t * kRT + 16), pc));
+      }
+      a0 = _mm512_sub_ps(a0, d0);
+      a1 = _mm512_sub_ps(a1, d1);
+    }
+    _mm512_store_ps(cols + j * kRT, a0);
+    _mm512_store_ps(cols + j * kRT + 16, a1);
+  }
+}
+
+template <bool HasP>
+static inline __attribute__((always_inline)) void lazy_avx2(float* cols, const float* e, const float* w,
+                                                            const float* u, const float* p, int64_t ldu, int64_t ns,
+                                                            int64_t jb, int64_t je) {
+  constexpr int NC = 2, V = kRT / 8;
+  int64_t j = jb;
+  for (; j + NC <= je; j += NC) {
+    __m256 acc[NC][V];
+    for (int c = 0; c < NC; ++c)
+      for (int k = 0; k < V; ++k) acc[c][k] = _mm256_load_ps(cols + (j + c) * kRT + 8 * k);
+    for (int64_t t = 0; t < ns; ++t) {
+      const float* ur = u + t * ldu + j;
+      for (int c = 0; c < NC; ++c) {
+        const __m256 uc = _mm256_set1_ps(ur[c]);
+        for (int k = 0; k < V; ++k) {
+          __m256 d = _mm256_mul_ps(_mm256_load_ps(e + t * kRT + 8 * k), uc);
+          if constexpr (HasP)
+            d = _mm256_sub_ps(d, _mm256_mul_ps(_mm256_load_ps(w + t * kRT + 8 * k), _mm256_set1_ps(p[t * ldu + j + c])));
+          acc[c][k] = _mm256_sub_ps(acc[c][k], d);
+        }
       }
     }
-    cols[j] = a0;
+    for (int c = 0; c < NC; ++c)
+      for (int k = 0; k < V; ++k) _mm256_store_ps(cols + (j + c) * kRT + 8 * k, acc[c][k]);
+  }
+  for (; j < je; ++j) {
+    __m256 acc[V];
+    for (int k = 0; k < V; ++k) acc[k] = _mm256_load_ps(cols + j * kRT + 8 * k);
+    for (int64_t t = 0; t < ns; ++t) {
+      const __m256 uc = _mm256_set1_ps(u[t * ldu + j]);
+      for (int k = 0; k < V; ++k) {
+        __m256 d = _mm256_mul_ps(_mm256_load_ps(e + t * kRT + 8 * k), uc);
+        if constexpr (HasP)
+          d = _mm256_sub_ps(d, _mm256_mul_ps(_mm256_load_ps(w + t * kRT + 8 * k), _mm256_set1_ps(p[t * ldu + j])));
+        acc[k] = _mm256_sub_ps(acc[k], d);
+      }
+    }
+    for (int k = 0; k < V; ++k) _mm256_store_ps(cols + j * kRT + 8 * k, acc[k]);
   }
 }
 
@@ -180,7 +230,7 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
   // updates in one register-blocked pass (each column loaded and stored once). Every element still
   // receives its updates one at a time in ascending i with the reference's two roundings, so the
   // result is bit-identical to the plain rank-1 order.
-  alignas(64) vrow ev[kSB], wv[kSB];
+  alignas(64) float ev[kSB * kRT], wv[kSB * kRT];
   for (int64_t sb = i1; sb < i2; sb += kSB) {
     const int64_t se = std::min(sb + kSB, i2);
     for (int64_t i = sb; i < se; ++i) {
@@ -229,8 +279,8 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
         float* qdst = a.qT + (i - i1) * ld + rl0;
         for (int r = 0; r < nr; ++r) qdst[r] = q[r];
       }
-      std::memcpy(&ev[i - sb], e, sizeof(vrow));
-      std::memcpy(&wv[i - sb], w, sizeof(vrow));
+      std::memcpy(&ev[(i - sb) * kRT], e, sizeof(e));
+      if (HasP) std::memcpy(&wv[(i - sb) * kRT], w, sizeof(w));
       const float* urow = a.u + i * a.n;
       const float* prow = HasP ? a.p + i * a.n : nullptr;
       if constexpr (Avx512) {
@@ -239,7 +289,13 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
         update_avx2(w1, e, w, urow, prow, i + 1, se, i1);
       }
     }
-    lazy_update<HasP>(w1v, ev, wv, a.u + sb * a.n + i1, HasP ? a.p + sb * a.n + i1 : nullptr, a.n, se - sb, se - i1, i2 - i1);
+    const float* ub = a.u + sb * a.n + i1;
+    const float* pb = HasP ? a.p + sb * a.n + i1 : nullptr;
+    if constexpr (Avx512) {
+      lazy_avx512<HasP>(w1, ev, wv, ub, pb, a.n, se - sb, se - i1, i2 - i1);
+    } else {
+      lazy_avx2<HasP>(w1, ev, wv, ub, pb, a.n, se - sb, se - i1, i2 - i1);
+    }
   }
   for (int r = 0; r < nr; ++r) a.ls[r0 + r] = lsum[r];
 }
