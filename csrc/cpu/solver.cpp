@@ -88,6 +88,103 @@ static inline __attribute__((always_inline)) void update_avx2(float* w1, const f
   }
 }
 
+constexpr int kSB = 16;  // columns per sub-block of the two-level in-block update
+
+// cols[j] for j in [jb, je) (block-relative) -= e[t] * u[t*ldu + j] (- w[t] * p[t*ldu + j]) for
+// t = 0 .. ns-1 in ascending order, with the reference's roundings (a product, then a subtraction);
+// u/p point at row sb, column i1 of U/P. NC columns at a time (2*NC or 4*NC independent
+// dependency chains), accumulators in registers, each column loaded and stored once.
+template <bool HasP>
+__attribute__((target("avx512f"))) static void lazy_avx512(float* cols, const float* e, const float* w,
+                                                        const float* u, const float* p, int64_t ldu, int64_t ns,
+                                                        int64_t jb, int64_t je) {
+  constexpr int NC = 4;
+  int64_t j = jb;
+  for (; j + NC <= je; j += NC) {
+    __m512 acc[NC][2];
+    for (int c = 0; c < NC; ++c)
+      for (int k = 0; k < 2; ++k) acc[c][k] = _mm512_load_ps(cols + (j + c) * kRT + 16 * k);
+    for (int64_t t = 0; t < ns; ++t) {
+      const __m512 e0 = _mm512_load_ps(e + t * kRT), e1 = _mm512_load_ps(e + t * kRT + 16);
+      const float* ur = u + t * ldu + j;
+      if constexpr (HasP) {
+        const __m512 w0 = _mm512_load_ps(w + t * kRT), w1 = _mm512_load_ps(w + t * kRT + 16);
+        const float* pr = p + t * ldu + j;
+        for (int c = 0; c < NC; ++c) {
+          const __m512 uc = _mm512_set1_ps(ur[c]), pc = _mm512_set1_ps(pr[c]);
+          acc[c][0] = _mm512_sub_ps(acc[c][0], _mm512_sub_ps(_mm512_mul_ps(e0, uc), _mm512_mul_ps(w0, pc)));
+          acc[c][1] = _mm512_sub_ps(acc[c][1], _mm512_sub_ps(_mm512_mul_ps(e1, uc), _mm512_mul_ps(w1, pc)));
+        }
+      } else {
+        for (int c = 0; c < NC; ++c) {
+          const __m512 uc = _mm512_set1_ps(ur[c]);
+          acc[c][0] = _mm512_sub_ps(acc[c][0], _mm512_mul_ps(e0, uc));
+          acc[c][1] = _mm512_sub_ps(acc[c][1], _mm512_mul_ps(e1, uc));
+        }
+      }
+    }
+    for (int c = 0; c < NC; ++c)
+      for (int k = 0; k < 2; ++k) _mm512_store_ps(cols + (j + c) * kRT + 16 * k, acc[c][k]);
+  }
+  for (; j < je; ++j) {
+    __m512 a0 = _mm512_load_ps(cols + j * kRT), a1 = _mm512_load_ps(cols + j * kRT + 16);
+    for (int64_t t = 0; t < ns; ++t) {
+      const __m512 uc = _mm512_set1_ps(u[t * ldu + j]);
+      __m512 d0 = _mm512_mul_ps(_mm512_load_ps(e + t * kRT), uc), d1 = _mm512_mul_ps(_mm512_load_ps(e + t * kRT + 16), uc);
+      if constexpr (HasP) {
+        const __m512 pc = _mm512_set1_ps(p[t * ldu + j]);
+        d0 = _mm512_sub_ps(d0, _mm512_mul_ps(_mm512_load_ps(w + t * kRT), pc));
+        d1 = _mm512_sub_ps(d1, _mm512_mul_ps(_mm512_load_ps(w + t * kRT + 16), pc));
+      }
+      a0 = _mm512_sub_ps(a0, d0);
+      a1 = _mm512_sub_ps(a1, d1);
+    }
+    _mm512_store_ps(cols + j * kRT, a0);
+    _mm512_store_ps(cols + j * kRT + 16, a1);
+  }
+}
+
+template <bool HasP>
+static inline __attribute__((always_inline)) void lazy_avx2(float* cols, const float* e, const float* w,
+                                                            const float* u, const float* p, int64_t ldu, int64_t ns,
+                                                            int64_t jb, int64_t je) {
+  constexpr int NC = 2, V = kRT / 8;
+  int64_t j = jb;
+  for (; j + NC <= je; j += NC) {
+    __m256 acc[NC][V];
+    for (int c = 0; c < NC; ++c)
+      for (int k = 0; k < V; ++k) acc[c][k] = _mm256_load_ps(cols + (j + c) * kRT + 8 * k);
+    for (int64_t t = 0; t < ns; ++t) {
+      const float* ur = u + t * ldu + j;
+      for (int c = 0; c < NC; ++c) {
+        const __m256 uc = _mm256_set1_ps(ur[c]);
+        for (int k = 0; k < V; ++k) {
+          __m256 d = _mm256_mul_ps(_mm256_load_ps(e + t * kRT + 8 * k), uc);
+          if constexpr (HasP)
+            d = _mm256_sub_ps(d, _mm256_mul_ps(_mm256_load_ps(w + t * kRT + 8 * k), _mm256_set1_ps(p[t * ldu + j + c])));
+          acc[c][k] = _mm256_sub_ps(acc[c][k], d);
+        }
+      }
+    }
+    for (int c = 0; c < NC; ++c)
+      for (int k = 0; k < V; ++k) _mm256_store_ps(cols + (j + c) * kRT + 8 * k, acc[c][k]);
+  }
+  for (; j < je; ++j) {
+    __m256 acc[V];
+    for (int k = 0; k < V; ++k) acc[k] = _mm256_load_ps(cols + j * kRT + 8 * k);
+    for (int64_t t = 0; t < ns; ++t) {
+      const __m256 uc = _mm256_set1_ps(u[t * ldu + j]);
+      for (int k = 0; k < V; ++k) {
+        __m256 d = _mm256_mul_ps(_mm256_load_ps(e + t * kRT + 8 * k), uc);
+        if constexpr (HasP)
+          d = _mm256_sub_ps(d, _mm256_mul_ps(_mm256_load_ps(w + t * kRT + 8 * k), _mm256_set1_ps(p[t * ldu + j])));
+        acc[k] = _mm256_sub_ps(acc[k], d);
+      }
+    }
+    for (int k = 0; k < V; ++k) _mm256_store_ps(cols + j * kRT + 8 * k, acc[k]);
+  }
+}
+
 // Everything one row tile needs for one block. The chunk's working copy is TRANSPOSED, wt [n, ld]
 // (ld = rows of the chunk), so a tile column is kRT contiguous floats; errors/q go to errT/qT
 // [B, ld] and codes to codesT [n, ld] (transposed back once per chunk).
@@ -128,58 +225,76 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
   }
   double lsum[kRT] = {};
   for (int r = 0; r < nr; ++r) lsum[r] = a.ls[r0 + r];
-  for (int64_t i = i1; i < i2; ++i) {
-    const int32_t g = a.g[i];
-    if (a.dynamic_groups && a.run_end[i] >= 0) {  // block-start values (wt), see solver.h
-      const int64_t e_end = a.run_end[i];
-      alignas(64) float lo[kRT], hi[kRT];
-      const float* row = a.wt + i * ld + rl0;
-      for (int r = 0; r < kRT; ++r) lo[r] = hi[r] = r < nr ? row[r] : 0.f;
-      for (int64_t j = i + 1; j < e_end; ++j) {
-        row = a.wt + j * ld + rl0;
-        if (nr == kRT) {
-          for (int r = 0; r < kRT; ++r) {
-            lo[r] = std::min(lo[r], row[r]);
-            hi[r] = std::max(hi[r], row[r]);
-          }
-        } else {
-          for (int r = 0; r < nr; ++r) {
-            lo[r] = std::min(lo[r], row[r]);
-            hi[r] = std::max(hi[r], row[r]);
+  // Two-level lazy update: columns are decided in sub-blocks of kSB; inside a sub-block the
+  // rank-1 updates touch only the sub-block, and the rest of the block gets the sub-block's kSB
+  // updates in one register-blocked pass (each column loaded and stored once). Every element still
+  // receives its updates one at a time in ascending i with the reference's two roundings, so the
+  // result is bit-identical to the plain rank-1 order.
+  alignas(64) float ev[kSB * kRT], wv[kSB * kRT];
+  for (int64_t sb = i1; sb < i2; sb += kSB) {
+    const int64_t se = std::min(sb + kSB, i2);
+    for (int64_t i = sb; i < se; ++i) {
+      const int32_t g = a.g[i];
+      if (a.dynamic_groups && a.run_end[i] >= 0) {  // block-start values (wt), see solver.h
+        const int64_t e_end = a.run_end[i];
+        alignas(64) float lo[kRT], hi[kRT];
+        const float* row = a.wt + i * ld + rl0;
+        for (int r = 0; r < kRT; ++r) lo[r] = hi[r] = r < nr ? row[r] : 0.f;
+        for (int64_t j = i + 1; j < e_end; ++j) {
+          row = a.wt + j * ld + rl0;
+          if (nr == kRT) {
+            for (int r = 0; r < kRT; ++r) {
+              lo[r] = std::min(lo[r], row[r]);
+              hi[r] = std::max(hi[r], row[r]);
+            }
+          } else {
+            for (int r = 0; r < nr; ++r) {
+              lo[r] = std::min(lo[r], row[r]);
+              hi[r] = std::max(hi[r], row[r]);
+            }
           }
         }
+        for (int r = 0; r < nr; ++r) qk::grid_params(lo[r], hi[r], a.bits, a.sym, &a.sc[g * m + r0 + r], &a.zr[g * m + r0 + r]);
       }
-      for (int r = 0; r < nr; ++r) qk::grid_params(lo[r], hi[r], a.bits, a.sym, &a.sc[g * m + r0 + r], &a.zr[g * m + r0 + r]);
+      for (int r = 0; r < kRT; ++r) {
+        s[r] = r < nr ? a.sc[g * m + r0 + r] : 1.f;
+        z[r] = r < nr ? a.zr[g * m + r0 + r] : 0.f;
+      }
+      const float d = a.u[i * a.n + i];
+      const float* col = &w1[(i - i1) * kRT];
+      for (int r = 0; r < kRT; ++r) {
+        w[r] = col[r];
+        c[r] = qk::quant_code(w[r], s[r], z[r], a.maxq);
+        q[r] = qk::dequant(c[r], s[r], z[r]);
+        e[r] = (w[r] - q[r]) / d;
+      }
+      for (int r = 0; r < kRT; ++r) lsum[r] += static_cast<double>(e[r]) * static_cast<double>(e[r]);
+      uint8_t* cdst = a.codesT + i * ld + rl0;
+      float* edst = a.errT + (i - i1) * ld + rl0;
+      for (int r = 0; r < nr; ++r) {
+        cdst[r] = static_cast<uint8_t>(c[r]);
+        edst[r] = e[r];
+      }
+      if (HasP) {
+        float* qdst = a.qT + (i - i1) * ld + rl0;
+        for (int r = 0; r < nr; ++r) qdst[r] = q[r];
+      }
+      std::memcpy(&ev[(i - sb) * kRT], e, sizeof(e));
+      if (HasP) std::memcpy(&wv[(i - sb) * kRT], w, sizeof(w));
+      const float* urow = a.u + i * a.n;
+      const float* prow = HasP ? a.p + i * a.n : nullptr;
+      if constexpr (Avx512) {
+        update_avx512(w1, e, w, urow, prow, i + 1, se, i1);
+      } else {
+        update_avx2(w1, e, w, urow, prow, i + 1, se, i1);
+      }
     }
-    for (int r = 0; r < kRT; ++r) {
-      s[r] = r < nr ? a.sc[g * m + r0 + r] : 1.f;
-      z[r] = r < nr ? a.zr[g * m + r0 + r] : 0.f;
-    }
-    const float d = a.u[i * a.n + i];
-    const float* col = &w1[(i - i1) * kRT];
-    for (int r = 0; r < kRT; ++r) {
-      w[r] = col[r];
-      c[r] = qk::quant_code(w[r], s[r], z[r], a.maxq);
-      q[r] = qk::dequant(c[r], s[r], z[r]);
-      e[r] = (w[r] - q[r]) / d;
-    }
-    for (int r = 0; r < kRT; ++r) lsum[r] += static_cast<double>(e[r]) * static_cast<double>(e[r]);
-    uint8_t* cdst = a.codesT + i * ld + rl0;
-    float* edst = a.errT + (i - i1) * ld + rl0;
-    for (int r = 0; r < nr; ++r) {
-      cdst[r] = static_cast<uint8_t>(c[r]);
-      edst[r] = e[r];
-    }
-    if (HasP) {
-      float* qdst = a.qT + (i - i1) * ld + rl0;
-      for (int r = 0; r < nr; ++r) qdst[r] = q[r];
-    }
-    const float* urow = a.u + i * a.n;
-    const float* prow = HasP ? a.p + i * a.n : nullptr;
+    const float* ub = a.u + sb * a.n + i1;
+    const float* pb = HasP ? a.p + sb * a.n + i1 : nullptr;
     if constexpr (Avx512) {
-      update_avx512(w1, e, w, urow, prow, i + 1, i2, i1);
+      lazy_avx512<HasP>(w1, ev, wv, ub, pb, a.n, se - sb, se - i1, i2 - i1);
     } else {
-      update_avx2(w1, e, w, urow, prow, i + 1, i2, i1);
+      lazy_avx2<HasP>(w1, ev, wv, ub, pb, a.n, se - sb, se - i1, i2 - i1);
     }
   }
   for (int r = 0; r < nr; ++r) a.ls[r0 + r] = lsum[r];
