@@ -4,12 +4,17 @@ Cases (weight [out, in]): 4096x14336 and 14336x4096, batch 1, 8 and 128:
   torch fp32 F.linear, torch bf16 F.linear, torch int4 (_weight_int4pack_mm_for_cpu, group 128, bf16
   activations: its fast path), quantkern cpu at 4, 3 and 2 bits (group 128, fp32 activations, exact
   fp32 paths), and quantkern 4-bit with the opt-in int8-activation decode path (qk4_int8x, approximate).
-Every case rotates over enough distinct weights (> --rotate-mb, default 256 MB) that each call reads
-its weight from DRAM, not from the last-level cache. The DRAM read bandwidth is measured in the same
-run (a large tensor sum); effective GB/s = weight bytes read (packed codes + scales + zeros) / time.
-Timings interleave the candidates round by round so background load hits all of them alike.
+Every case rotates over enough distinct weights that each call reads its weight from DRAM, not from
+the last-level cache: --rotate-mb per case, by default twice the LLC size the OS reports (sysfs), at
+least 256 MB. The DRAM read bandwidth reference is one more case in the same rounds, timed by the same
+code: `dram_read`, torch.sum over distinct fp32 tensors of 32 MiB each (the same rotation size), a
+read-only streaming kernel. Each case's "% BW" is its effective GB/s over the median GB/s of dram_read
+in the same shape and batch. Effective GB/s = GPTQ weight bytes (packed codes + fp16 scales + packed
+zeros) / time. Timings interleave the candidates round by round so background load hits all alike.
 
 Script:  python benchmarks/bench_qgemm.py [--quick] [--json PATH] [--png PATH] [--threads N]
+         [--shapes 4096x14336 ...] [--merge]   (--merge keeps the other shapes' rows already in --json,
+         so a full run can be split over several shorter runs)
 pytest:  pytest benchmarks/bench_qgemm.py --benchmark-only   (one group per shape and batch)
 """
 from __future__ import annotations
@@ -74,9 +79,14 @@ class Case:
         return (time.perf_counter() - t0) / len(self.weights), (time.process_time() - c0) / len(self.weights)
 
 
+READ_CHUNK = 32 * 2**20  # bytes per dram_read call (about one 4-bit 4096x14336 weight)
+
+
 def make_cases(m: int, n: int, names=None) -> list[Case]:
     G = -(-n // GROUP)
     cases = [
+        Case("dram_read", "read-only reference: torch.sum over 32 MiB fp32 tensors (same rotation)", READ_CHUNK,
+             lambda g: torch.rand(READ_CHUNK // 4, generator=g), lambda x, w: w.sum(), torch.float32),
         Case("fp32", "torch fp32 F.linear", m * n * 4, lambda g: torch.randn(m, n, generator=g),
              lambda x, w: F.linear(x, w), torch.float32),
         Case("bf16", "torch bf16 F.linear", m * n * 2, lambda g: torch.randn(m, n, generator=g).bfloat16(),
@@ -106,8 +116,29 @@ def make_cases(m: int, n: int, names=None) -> list[Case]:
     return [c for c in cases if names is None or c.name in names]
 
 
+def llc_bytes() -> int:
+    """Size of the largest cache the OS reports for cpu0 (0 if unknown)."""
+    base, best = "/sys/devices/system/cpu/cpu0/cache", 0
+    try:
+        for d in os.listdir(base):
+            if not d.startswith("index"):
+                continue
+            with open(os.path.join(base, d, "size")) as f:
+                txt = f.read().strip().upper()
+            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(txt[-1:], 1)
+            best = max(best, int(txt.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best
+
+
+def default_rotate_mb() -> int:
+    """Distinct weight bytes per case: twice the reported LLC (a VM may see the whole host's L3), >= 256 MB."""
+    return max(256, 2 * llc_bytes() // 2**20)
+
+
 def dram_read_gbs(mb: int = 1024, repeats: int = 5) -> float:
-    """Best-of read bandwidth of a large fp32 sum (threads as set)."""
+    """Best-of read bandwidth of one large fp32 sum (threads as set); informational, see dram_read."""
     t = torch.ones(mb * 2**20 // 4)
     t.sum()
     best = math.inf
@@ -138,15 +169,16 @@ def machine_info() -> dict:
     }
 
 
-def run(quick: bool, rounds: int, rotate_mb: int, only=None) -> dict:
+def run(quick: bool, rounds: int, rotate_mb: int, only=None, shapes=None, batches=None) -> dict:
     gen = torch.Generator().manual_seed(0)
-    bw = dram_read_gbs(256 if quick else 1024)
-    print(f"DRAM read bandwidth (tensor sum, {torch.get_num_threads()} threads): {bw:.1f} GB/s")
-    shapes = SHAPES[:1] if quick else SHAPES
-    batches = [1, 128] if quick else BATCHES
+    bw1 = dram_read_gbs(max(1024, rotate_mb))
+    print(f"DRAM read, one {max(1024, rotate_mb)} MB tensor sum ({torch.get_num_threads()} threads): {bw1:.1f} GB/s;"
+          f" rotating {rotate_mb} MB per case (LLC reported: {llc_bytes() / 2**20:.0f} MiB)")
+    shapes = shapes or (SHAPES[:1] if quick else SHAPES)
+    batches = batches or ([1, 128] if quick else BATCHES)
     rows = []
     for m, n in shapes:
-        cases = make_cases(m, n, only)
+        cases = make_cases(m, n, None if only is None else ["dram_read", *only])  # the reference always runs
         for c in cases:
             c.setup(rotate_mb * 2**20, gen)
         for B in batches:
@@ -160,6 +192,7 @@ def run(quick: bool, rounds: int, rotate_mb: int, only=None) -> dict:
                     wall, proc = c.sweep(xs[c.x_dtype])
                     times[c.name].append(wall)
                     cpu[c.name].append(proc)
+            bw = READ_CHUNK / statistics.median(times["dram_read"]) / 1e9  # this shape and batch's reference
             for c in cases:
                 med, best = statistics.median(times[c.name]), min(times[c.name])
                 rows.append({
@@ -168,6 +201,7 @@ def run(quick: bool, rounds: int, rotate_mb: int, only=None) -> dict:
                     "ms_median": med * 1e3, "ms_min": best * 1e3,
                     "cpu_ms_median": statistics.median(cpu[c.name]) * 1e3,
                     "weight_GBps": c.bytes_per_weight / med / 1e9,
+                    "dram_read_GBps": bw,
                     "frac_of_dram_bw": c.bytes_per_weight / med / 1e9 / bw,
                 })
             by = {r["impl"]: r for r in rows if r["shape"] == [m, n] and r["batch"] == B}
@@ -177,11 +211,11 @@ def run(quick: bool, rounds: int, rotate_mb: int, only=None) -> dict:
                         r[f"ratio_vs_{ref}"] = r["ms_median"] / by[ref]["ms_median"]
                         r[f"cpu_ratio_vs_{ref}"] = r["cpu_ms_median"] / by[ref]["cpu_ms_median"]
             print_table(m, n, B, by)
-    return {"dram_read_GBps": bw, "rows": rows, "targets": check_targets(rows)}
+    return {"dram_read_GBps_single_sum": bw1, "rotate_mb": rotate_mb, "llc_bytes": llc_bytes(), "rows": rows}
 
 
 def print_table(m, n, B, by):
-    print(f"\nW {m}x{n}, batch {B}")
+    print(f"\nW {m}x{n}, batch {B} (DRAM read reference in these rounds: {by['dram_read']['weight_GBps']:.1f} GB/s)")
     print(f"  {'impl':<12}{'ms (median)':>12}{'ms (min)':>10}{'cpu ms':>9}{'GB/s':>8}{'% BW':>7}{'/fp32':>8}"
           f"{'/int4':>8}{'cpu/int4':>9}")
     for name, r in by.items():
@@ -231,9 +265,10 @@ def plot(result: dict, path: str) -> None:
     ax.set_xticklabels([f"{s[0]}x{s[1]}\nbatch {b}" for s, b in groups])
     ax.set_yscale("log")
     ax.set_ylabel("ms per call (median, log scale)")
+    bws = [r["dram_read_GBps"] for r in rows if r["batch"] == 1]
     ax.set_title(f"qgemm on CPU ({result['machine']['torch_threads']} threads; "
                  f"{'CONTENDED machine' if result['contended'] else 'quiet machine'}; "
-                 f"DRAM read {result['dram_read_GBps']:.1f} GB/s)")
+                 f"DRAM read {min(bws):.1f}-{max(bws):.1f} GB/s at batch 1)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -246,9 +281,14 @@ def main(argv=None):
     ap.add_argument("--png", default=os.path.join(RESULTS, "qgemm_cpu.png"))
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--rotate-mb", type=int, default=256, help="distinct weight bytes per case (> LLC)")
+    ap.add_argument("--rotate-mb", type=int, default=None,
+                    help="distinct weight bytes per case (default: 2x the reported LLC, >= 256)")
+    ap.add_argument("--shapes", nargs="*", help="weights to run, as OUTxIN (default: both, or the first with --quick)")
+    ap.add_argument("--batches", nargs="*", type=int, help="batch sizes (default: 1 8 128, or 1 128 with --quick)")
+    ap.add_argument("--merge", action="store_true", help="keep rows of other shapes already in --json")
     ap.add_argument("--quiet-machine", action="store_true", help="record contended=false in the JSON")
-    ap.add_argument("--only", nargs="*", help="implementations to run (fp32 bf16 torch_int4 qk4 qk3 qk2 qk4_int8x)")
+    ap.add_argument("--only", nargs="*", help="implementations to run (fp32 bf16 torch_int4 qk4 qk3 qk2 qk4_int8x;"
+                    " dram_read always runs)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,12 +302,24 @@ def main(argv=None):
         "group_size": GROUP,
         "rounds": rounds,
     }
-    result.update(run(args.quick, rounds, args.rotate_mb, args.only))
+    shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes] if args.shapes else None
+    result.update(run(args.quick, rounds, args.rotate_mb or default_rotate_mb(), args.only, shapes, args.batches))
     result["machine"]["loadavg_at_end"] = os.getloadavg()
+    if args.merge and os.path.exists(args.json):
+        with open(args.json) as f:
+            old = json.load(f)
+        ran = {tuple(r["shape"]) for r in result["rows"]}
+        kept = [r for r in old.get("rows", []) if tuple(r["shape"]) not in ran and "dram_read_GBps" in r]
+        result["rows"] = kept + result["rows"]
+        result["merged_from"] = old.get("merged_from", []) + [{"date_utc": old.get("date_utc"),
+                                                               "shapes": sorted({tuple(r["shape"]) for r in kept}),
+                                                               "machine": old.get("machine")}]
+    result["targets"] = check_targets(result["rows"])
     print("\nTargets:")
     for t in result["targets"]:
         extra = f", {100 * t['frac_bw']:.0f}% BW ({'met' if t['bw_met'] else 'NOT met'})" if "frac_bw" in t else ""
-        print(f"  {t['shape'][0]}x{t['shape'][1]} b{t['batch']} {t['impl']}: {t['ratio']:.3f} ({t['target']}: "
+        ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.3f}"
+        print(f"  {t['shape'][0]}x{t['shape'][1]} b{t['batch']} {t['impl']}: {ratio} ({t['target']}: "
               f"{'met' if t['met'] else 'NOT met'}){extra}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
@@ -291,11 +343,11 @@ if pytest is not None:
             if any(k[:2] != (m, n) for k in _CACHE):
                 _CACHE.clear()  # keep one shape's weights in memory at a time
             (c,) = make_cases(m, n, [impl])
-            c.setup(256 * 2**20, torch.Generator().manual_seed(0))
+            c.setup(default_rotate_mb() * 2**20, torch.Generator().manual_seed(0))
             _CACHE[(m, n, impl)] = c
         return _CACHE[(m, n, impl)]
 
-    @pytest.mark.parametrize("impl", ["fp32", "bf16", "torch_int4", "qk4", "qk3", "qk2", "qk4_int8x"])
+    @pytest.mark.parametrize("impl", ["dram_read", "fp32", "bf16", "torch_int4", "qk4", "qk3", "qk2", "qk4_int8x"])
     @pytest.mark.parametrize("batch", BATCHES)
     @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
     def test_qgemm_cpu(benchmark, shape, batch, impl):

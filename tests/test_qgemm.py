@@ -51,7 +51,9 @@ def test_cpu_matches_reference_fp32(bits, group_size, sym, act_order, isa):
     for B in BATCHES:
         x = torch.randn(B, N, generator=gen) + 0.5  # non-zero mean exercises the folded zero-point term
         ref = x @ W.T
-        for path in (1, 2, 3):  # FMA GEMV, panel GEMM, LUT GEMV (2/3-bit, AVX-512) for every batch size
+        # FMA GEMV, panel GEMM, LUT GEMV (2/3-bit, AVX-512), 3-digit VNNI GEMV (4-bit, AVX-512 VNNI) for
+        # every batch size (a path a layout/ISA lacks falls back to the FMA GEMV)
+        for path in (1, 2, 3, 5):
             out = torch.full((B, M), float("nan"))  # poisoned: every element must be written
             torch.ops.quantkern.qgemm_cpu_out(
                 x, prep.layout.qw, prep.layout.sc, prep.layout.kb_start, prep.layout.x_index, bits, M, None, path, out
@@ -97,7 +99,7 @@ def test_cpu_long_rows_precision(bits, isa):
     """One group over 4096 channels, activations with a large mean: the zero-point fold must stay exact."""
     t = random_layer(40, 4096, QuantSpec(bits=bits, group_size=-1, sym=False), seed=9)
     x = torch.randn(3, 4096) * 0.5 + 2.0
-    for path in (1, 2, 3):
+    for path in (1, 2, 3, 5):
         y = Q.get_backend("cpu").run(x, Q.prepare(t, bits, "cpu").layout, None, path)
         assert rel_err(y, reference(x, t, bits)) < 1e-5
 
@@ -112,9 +114,46 @@ def test_cpu_threaded_sizes(bits, isa):
     W = gptq.dequantize(t, bits)
     for B in (1, 2, 9):
         x = torch.randn(B, n)
-        for path in (1, 2, 3):
+        for path in (1, 2, 3, 5):
             y = Q.get_backend("cpu").run(x, L, None, path)
             assert rel_err(y, x @ W.T) < 1e-5, (B, path)
+
+
+@needs_cpu
+@pytest.mark.parametrize("group_size", [-1, 32, 128, 48])
+def test_cpu_vnni_digit_path_wide_range(group_size):
+    """4-bit default decode path (x as 3 base-128 digits per 32 channels): outliers next to tiny values,
+    all-zero blocks, negative and exact-max values keep the fp32 accuracy; every output written."""
+    spec = QuantSpec(bits=4, group_size=group_size, sym=False, act_order=True)
+    t = random_layer(M, N, spec, seed=21)
+    prep = Q.prepare(t, 4, "cpu")
+    W = gptq.dequantize(t, 4)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, N, generator=gen) * torch.logspace(-4, 3, N)[torch.randperm(N, generator=gen)]
+    x[0, :64] = 0.0  # zero k-blocks (step 0)
+    x[1, 5] = -1e4  # an outlier that sets its block's step
+    x[2] = x[2].abs().max()  # every value at the block maximum
+    ref = x.double() @ W.double().T
+    for B in (1, 2, 3, 4):
+        out = torch.full((B, M), float("nan"))
+        L = prep.layout
+        torch.ops.quantkern.qgemm_cpu_out(x[:B], L.qw, L.sc, L.kb_start, L.x_index, 4, M, None, 5, out)
+        assert not out.isnan().any()
+        assert rel_err(out, ref[:B]) < 1e-5, (B, rel_err(out, ref[:B]))
+        for b in range(B):  # per token too: a large token must not hide a small one's error
+            assert rel_err(out[b], ref[b]) < 1e-5, (B, b)
+
+
+@needs_cpu
+def test_native_scales_must_be_fp16_exact():
+    """The CPU layout stores scales in fp16: fp32 scales holding fp16 values work, others are refused."""
+    t = random_layer(M, N, QuantSpec(bits=4, group_size=64), seed=2)
+    x = torch.randn(2, N)
+    ok = dict(t, scales=t["scales"].float())
+    assert rel_err(Q.qgemm(x, ok, 4, backend="cpu"), reference(x, t, 4)) < 1e-5
+    bad = dict(t, scales=t["scales"].float() * (1 + 2**-20))
+    with pytest.raises(RuntimeError, match="float16"):
+        Q.prepare(bad, 4, "cpu")
 
 
 @needs_cpu

@@ -26,18 +26,30 @@ constexpr int64_t kMinWeightsPerTask = 1 << 18;
 constexpr int64_t kPanelTiles = 16;
 constexpr int64_t kPanelBlocks = 32;
 
-// Like at::parallel_for, but threads take chunks of `grain` items from a shared counter: when a thread
-// is descheduled (a busy or shared machine), the others take over its work instead of waiting for it.
+// Like at::parallel_for, but threads take chunks from a shared counter: when a thread is descheduled
+// (a busy or shared machine), the others take over its work instead of waiting for it. Chunks shrink
+// as the work runs out (guided: a quarter of the remaining share per thread, at least `grain`, a
+// multiple of `align`), so the threads finish together; each chunk is a contiguous range (one linear
+// stream through the packed weights).
 template <typename F>
-void dynamic_for(int64_t n, int64_t grain, const F& fn) {
-  if (n <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+void dynamic_for(int64_t n, int64_t grain, const F& fn, int64_t align = 4) {
+  const int64_t T = at::get_num_threads();
+  if (n <= grain || T == 1 || at::in_parallel_region()) {
     if (n > 0) fn(0, n);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(grain, n / (8 * at::get_num_threads()));
+  grain = (std::max<int64_t>(grain, 1) + align - 1) / align * align;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t a; (a = next.fetch_add(chunk)) < n;) fn(a, std::min(n, a + chunk));
+  at::parallel_for(0, T, 1, [&](int64_t, int64_t) {
+    int64_t a = next.load(std::memory_order_relaxed);
+    while (a < n) {
+      const int64_t want = std::max(grain, ((n - a) / (4 * T) + align - 1) / align * align);
+      const int64_t b = std::min(n, a + want);
+      if (next.compare_exchange_weak(a, b, std::memory_order_relaxed)) {
+        fn(a, b);
+        a = next.load(std::memory_order_relaxed);
+      }
+    }
   });
 }
 
@@ -70,9 +82,10 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   const int64_t Mt = qw.size(0), KB = qw.size(1), Kpad = KB * qg::kBlock;
   TORCH_CHECK(m > (Mt - 1) * qg::kTileRows && m <= Mt * qg::kTileRows, op, ": m=", m, " does not match ", Mt,
               " row tiles");
-  TORCH_CHECK(sc.dim() == 4 && sc.scalar_type() == at::kFloat && sc.size(0) == Mt && sc.size(2) == 2 &&
+  TORCH_CHECK(sc.dim() == 4 && sc.scalar_type() == at::kHalf && sc.size(0) == Mt && sc.size(2) == 2 &&
                   sc.size(3) == qg::kTileRows && sc.is_contiguous(),
-              op, ": native scales must be contiguous float32 [", Mt, ", G, 2, 16], got ", sc.sizes());
+              op, ": native scales must be contiguous float16 [", Mt, ", G, 2, 16], got ", sc.sizes(), " ",
+              sc.scalar_type());
   const int64_t G = sc.size(1);
   TORCH_CHECK(kb_start.dim() == 1 && kb_start.scalar_type() == at::kInt && kb_start.size(0) == G + 1, op,
               ": kb_start must be int32 [G+1=", G + 1, "]");
@@ -101,7 +114,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   std::vector<int32_t> kb_group(KB);
   for (int64_t g = 0; g < G; ++g)
     for (int32_t k = kbs[g]; k < kbs[g + 1]; ++k) kb_group[k] = static_cast<int32_t>(g);
-  const qg::Layout L{qw.data_ptr<int32_t>(), sc.data_ptr<float>(), kbs, kb_group.data(), G, KB, Mt, m,
+  const qg::Layout L{qw.data_ptr<int32_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()), kbs, kb_group.data(), G, KB, Mt, m,
                      static_cast<int>(bits)};
   const bool avx512 = qk::cpu::use_avx512();
   const float* bptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
@@ -115,7 +128,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   else if (xt == at::kBFloat16) gather_x<at::BFloat16>(xc, xi, Kpad, xnp);
   else gather_x<at::Half>(xc, xi, Kpad, xnp);
 
-  if (path == 1 || path == 3 || path == 4 || (path == 0 && B <= qg::kMaxGemvBatch)) {
+  if (path == 1 || path == 3 || path == 4 || path == 5 || (path == 0 && B <= qg::kMaxGemvBatch)) {
     std::vector<float> xsum(B * G);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < G; ++g) {
@@ -126,22 +139,26 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
                                              ((part[4] + part[5]) + (part[6] + part[7])));
       }
     const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (Kpad * qg::kTileRows));
-    const bool int8 = path == 4 && bits == 4 && avx512 && qk::cpu::isa().avx512vnni;
-    if (int8) {
-      // round x to int8 per token and k-block (symmetric, max-abs); the zero-point fold uses the same
-      // rounded values, so only the activation rounding differs from the exact path
-      std::vector<int8_t> xq(B * Kpad);
+    // vpdpbusd paths (4-bit, AVX-512 VNNI): path 4 = x rounded to int8 (opt-in), path 5 = x as 3 digit
+    // planes (22-bit fixed point; the default for 4-bit decode: a third of the FMA path's instructions)
+    const bool vnni = bits == 4 && avx512 && qk::cpu::isa().avx512vnni;
+    const int limbs = path == 4 ? 1 : 3;
+    if (vnni && (path == 4 || path == 5 || (path == 0 && B <= qg::kMaxLimbBatch))) {
+      // the zero-point fold uses the sums of the represented x, so only its rounding differs from exact
+      std::vector<int8_t> xq(B * limbs * Kpad);
       std::vector<float> dx(B * KB), xsq(B * G, 0.0f);
       std::vector<int32_t> isum(KB);
       for (int64_t b = 0; b < B; ++b) {
-        qg::quantize_x_avx512(xnp + b * Kpad, KB, xq.data() + b * Kpad, dx.data() + b * KB, isum.data());
+        qg::quantize_x_avx512(xnp + b * Kpad, KB, limbs, xq.data() + b * limbs * Kpad, Kpad, dx.data() + b * KB,
+                              isum.data());
         for (int64_t kb = 0; kb < KB; ++kb) xsq[b * G + kb_group[kb]] += dx[b * KB + kb] * static_cast<float>(isum[kb]);
       }
-      for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxGemvBatch) {
-        const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxGemvBatch, B - b0));
+      const int64_t step = limbs == 1 ? qg::kMaxGemvBatch : qg::kMaxLimbBatch;
+      for (int64_t b0 = 0; b0 < B; b0 += step) {
+        const int nb = static_cast<int>(std::min<int64_t>(step, B - b0));
         dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
-          qg::gemv_int8_avx512(L, nb, xq.data() + b0 * Kpad, Kpad, dx.data() + b0 * KB, KB, xsq.data() + b0 * G,
-                               bptr, y + b0 * m, m, t0, t1);
+          qg::gemv_int8_avx512(L, nb, limbs, xq.data() + b0 * limbs * Kpad, Kpad, dx.data() + b0 * KB, KB,
+                               xsq.data() + b0 * G, bptr, y + b0 * m, m, t0, t1);
         });
       }
       return;
@@ -150,12 +167,16 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
     if (lut) {
       // per token and 4 channels: the 16 subset sums of x
       const int64_t chunks = Kpad / 4;
-      std::vector<float> tab(B * chunks * 16);
-      for (int64_t b = 0; b < B; ++b) qg::build_lut_avx512(xnp + b * Kpad, chunks, tab.data() + b * chunks * 16);
+      // 64 B per 4 channels (229 KB for 14336 channels): reuse one buffer per calling thread instead of a
+      // fresh zeroed (page-faulting) allocation per call; build_lut writes every entry
+      thread_local std::vector<float> tab;
+      if (tab.size() < static_cast<size_t>(B * chunks * 16)) tab.resize(B * chunks * 16);
+      float* tabp = tab.data();  // (the lambdas below run on other threads: no thread_local names there)
+      for (int64_t b = 0; b < B; ++b) qg::build_lut_avx512(xnp + b * Kpad, chunks, tabp + b * chunks * 16);
       for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxLutBatch) {
         const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxLutBatch, B - b0));
         dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
-          qg::gemv_lut_avx512(L, nb, tab.data() + b0 * chunks * 16, chunks * 16, xsum.data() + b0 * G, bptr,
+          qg::gemv_lut_avx512(L, nb, tabp + b0 * chunks * 16, chunks * 16, xsum.data() + b0 * G, bptr,
                               y + b0 * m, m, t0, t1);
         });
       }
@@ -189,7 +210,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
       }
       if (bias_f.defined()) yv.add_(bias_f.narrow(0, r0, valid));
     }
-  });
+  }, /*align=*/1);
 }
 
 at::Tensor qgemm_cpu(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& kb_start,
@@ -211,7 +232,8 @@ void qgemm_cpu_out_op(const at::Tensor& x, const at::Tensor& qw, const at::Tenso
 
 // path: 0 = choose (LUT GEMV for 2/3-bit <= 2 tokens on AVX-512, FMA GEMV for <= 8 tokens, else panels +
 // at::mm); 1 = FMA GEMV, 2 = panels + at::mm, 3 = LUT GEMV where available (else FMA GEMV). 1-3 for tests.
-// 4 = int8-activation VNNI GEMV for 4-bit (opt-in, approximate; else the exact GEMV).
+// 4 = int8-activation VNNI GEMV for 4-bit (opt-in, approximate; else the FMA GEMV). 5 = 3-digit VNNI
+// GEMV for 4-bit (else the FMA GEMV); path 0 takes it for <= kMaxLimbBatch tokens where VNNI exists.
 TORCH_LIBRARY_FRAGMENT(quantkern, m) {
   m.def("qgemm_cpu(Tensor x, Tensor qw, Tensor sc, Tensor kb_start, Tensor x_index, int bits, int m,"
         " Tensor? bias, int path=0) -> Tensor");

@@ -6,6 +6,9 @@
 namespace qk::cpu::qgemm {
 namespace {
 
+// 8 fp16 values (scales, zero points) as floats (F16C)
+inline __m256 load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
 // Code p (0..31) of one half-tile k-block as floats; w = that half's words.
 template <int BITS>
 inline __m256 code_at(const __m256i* w, int p) {
@@ -36,7 +39,7 @@ void gemv_tiles(const Layout& L, const float* x, int64_t ldx, const float* xsum,
     __m256 y[B][2];
     for (int b = 0; b < B; ++b) y[b][0] = y[b][1] = _mm256_setzero_ps();
     const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
-    const float* sc = L.sc + tile * L.G * 2 * kTileRows;
+    const uint16_t* sc = L.sc + tile * L.G * 2 * kTileRows;
     for (int64_t g = 0; g < L.G; ++g) {
       const int k0 = L.kb_start[g], k1 = L.kb_start[g + 1];
       if (k0 == k1) continue;
@@ -65,8 +68,8 @@ void gemv_tiles(const Layout& L, const float* x, int64_t ldx, const float* xsum,
         }
       }
       for (int h = 0; h < 2; ++h) {
-        const __m256 s = _mm256_loadu_ps(sc + g * 2 * kTileRows + h * 8);
-        const __m256 sz = _mm256_mul_ps(s, _mm256_loadu_ps(sc + g * 2 * kTileRows + kTileRows + h * 8));
+        const __m256 s = load_half(sc + g * 2 * kTileRows + h * 8);
+        const __m256 sz = _mm256_mul_ps(s, load_half(sc + g * 2 * kTileRows + kTileRows + h * 8));
         for (int b = 0; b < B; ++b) {
           __m256 a = acc[b][h][0];
           for (int i = 1; i < NA; ++i) a = _mm256_add_ps(a, acc[b][h][i]);
@@ -98,13 +101,13 @@ void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t
                     int64_t ldw) {
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
-    const float* sc = L.sc + tile * L.G * 2 * kTileRows;
+    const uint16_t* sc = L.sc + tile * L.G * 2 * kTileRows;
     for (int h = 0; h < 2; ++h) {
       float* dst = wt + (tile - t0) * kTileRows + h * 8;
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t g = L.kb_group[kb];
-        const __m256 s = _mm256_loadu_ps(sc + g * 2 * kTileRows + h * 8);
-        const __m256 z = _mm256_loadu_ps(sc + g * 2 * kTileRows + kTileRows + h * 8);
+        const __m256 s = load_half(sc + g * 2 * kTileRows + h * 8);
+        const __m256 z = load_half(sc + g * 2 * kTileRows + kTileRows + h * 8);
         __m256i w[BITS];
         for (int i = 0; i < BITS; ++i)
           w[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wtile + (kb * BITS + i) * kTileRows + h * 8));

@@ -19,6 +19,11 @@ inline void store_tile(const Layout& L, int64_t tile, int B, const __m512* y, co
   for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + b * ldo + r0, mask, _mm512_add_ps(y[b], bv));
 }
 
+// 16 fp16 values (scales, zero points) as floats
+inline __m512 load_half(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 constexpr int64_t kPrefetch = 1024;  // int32 words ahead (4 KiB)
 
 template <int BITS>
@@ -50,56 +55,73 @@ inline __m512 code_at(const __m512i* w, int p, __m512 table) {
 
 // LUT GEMV on bit planes: for each 4 channels c, lut[c][s] = sum of x over the subset s; plane i of
 // 16 rows gives 16 nibbles = 16 table indices (vpermps reads the low 4 bits of each lane).
+// NT adjacent tiles run together: each table line loaded (from L2: the tables are 4x the size of x)
+// feeds NT tiles, and each tile is its own linear stream through the packed weights.
+template <int BITS, int B, int NT>
+void gemv_lut_group(const Layout& L, const float* lut, int64_t ldl, const float* xsum, const float* bias,
+                    float* out, int64_t ldo, int64_t tile0) {
+  const int64_t tstride = L.KB * BITS * kTileRows;  // int32 words per tile
+  const int32_t* wt0 = L.qw + tile0 * tstride;
+  const uint16_t* sc0 = L.sc + tile0 * L.G * 2 * kTileRows;
+  __m512 y[NT][B];
+  for (int t = 0; t < NT; ++t)
+    for (int b = 0; b < B; ++b) y[t][b] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < L.G; ++g) {
+    const int k0 = L.kb_start[g], k1 = L.kb_start[g + 1];
+    if (k0 == k1) continue;
+    __m512 acc[NT][B][BITS];
+    for (int t = 0; t < NT; ++t)
+      for (int b = 0; b < B; ++b)
+        for (int i = 0; i < BITS; ++i) acc[t][b][i] = _mm512_setzero_ps();
+    for (int kb = k0; kb < k1; ++kb) {
+      __m512i w[NT][BITS];
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) {
+        const int32_t* wp = wt0 + t * tstride + static_cast<int64_t>(kb) * BITS * kTileRows;
+#pragma GCC unroll 3
+        for (int i = 0; i < BITS; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + i * kTileRows), _MM_HINT_T0);
+          w[t][i] = _mm512_loadu_si512(wp + i * kTileRows);
+        }
+      }
+      const float* lk = lut + static_cast<int64_t>(kb) * (kBlock / 4) * 16;
+#pragma GCC unroll 8
+      for (int c = 0; c < kBlock / 4; ++c) {
+        __m512 lv[B];
+#pragma GCC unroll 2
+        for (int b = 0; b < B; ++b) lv[b] = _mm512_loadu_ps(lk + b * ldl + c * 16);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 3
+          for (int i = 0; i < BITS; ++i) {
+            const __m512i idx = c ? _mm512_srli_epi32(w[t][i], 4 * c) : w[t][i];
+#pragma GCC unroll 2
+            for (int b = 0; b < B; ++b) acc[t][b][i] = _mm512_add_ps(acc[t][b][i], _mm512_permutexvar_ps(idx, lv[b]));
+          }
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      const uint16_t* sc = sc0 + (t * L.G + g) * 2 * kTileRows;
+      const __m512 s = load_half(sc);
+      const __m512 sz = _mm512_mul_ps(s, load_half(sc + kTileRows));
+      for (int b = 0; b < B; ++b) {
+        __m512 a = acc[t][b][BITS - 1];  // sum_i 2^i plane_i, Horner
+        for (int i = BITS - 2; i >= 0; --i) a = _mm512_add_ps(_mm512_add_ps(a, a), acc[t][b][i]);
+        y[t][b] = _mm512_fmadd_ps(s, a, y[t][b]);
+        y[t][b] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsum[b * L.G + g]), y[t][b]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) store_tile(L, tile0 + t, B, y[t], bias, out, ldo);
+}
+
 template <int BITS, int B>
 void gemv_lut_tiles(const Layout& L, const float* lut, int64_t ldl, const float* xsum, const float* bias,
                     float* out, int64_t ldo, int64_t t0, int64_t t1) {
-  constexpr int NA = B == 1 ? 2 : 1;
-  for (int64_t tile = t0; tile < t1; ++tile) {
-    __m512 y[B];
-    for (int b = 0; b < B; ++b) y[b] = _mm512_setzero_ps();
-    const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
-    const float* sc = L.sc + tile * L.G * 2 * kTileRows;
-    for (int64_t g = 0; g < L.G; ++g) {
-      const int k0 = L.kb_start[g], k1 = L.kb_start[g + 1];
-      if (k0 == k1) continue;
-      __m512 acc[B][BITS][NA];
-      for (int b = 0; b < B; ++b)
-        for (int i = 0; i < BITS; ++i)
-          for (int a = 0; a < NA; ++a) acc[b][i][a] = _mm512_setzero_ps();
-      for (int kb = k0; kb < k1; ++kb) {
-        __m512i w[BITS];
-        const int32_t* wp = wtile + static_cast<int64_t>(kb) * BITS * kTileRows;
-        for (int i = 0; i < BITS; ++i) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + i * kTileRows), _MM_HINT_T0);
-        for (int i = 0; i < BITS; ++i) w[i] = _mm512_loadu_si512(wp + i * kTileRows);
-        const float* lk = lut + static_cast<int64_t>(kb) * (kBlock / 4) * 16;
-#pragma GCC unroll 8
-        for (int c = 0; c < kBlock / 4; ++c) {
-#pragma GCC unroll 3
-          for (int i = 0; i < BITS; ++i) {
-            const __m512i idx = c ? _mm512_srli_epi32(w[i], 4 * c) : w[i];
-#pragma GCC unroll 2
-            for (int b = 0; b < B; ++b)
-              acc[b][i][c % NA] = _mm512_add_ps(
-                  acc[b][i][c % NA], _mm512_permutexvar_ps(idx, _mm512_loadu_ps(lk + b * ldl + c * 16)));
-          }
-        }
-      }
-      const __m512 s = _mm512_loadu_ps(sc + g * 2 * kTileRows);
-      const __m512 sz = _mm512_mul_ps(s, _mm512_loadu_ps(sc + g * 2 * kTileRows + kTileRows));
-      for (int b = 0; b < B; ++b) {
-        __m512 plane[BITS];
-        for (int i = 0; i < BITS; ++i) {
-          plane[i] = acc[b][i][0];
-          for (int a = 1; a < NA; ++a) plane[i] = _mm512_add_ps(plane[i], acc[b][i][a]);
-        }
-        __m512 a = plane[BITS - 1];  // sum_i 2^i plane_i, Horner
-        for (int i = BITS - 2; i >= 0; --i) a = _mm512_add_ps(_mm512_add_ps(a, a), plane[i]);
-        y[b] = _mm512_fmadd_ps(s, a, y[b]);
-        y[b] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsum[b * L.G + g]), y[b]);
-      }
-    }
-    store_tile(L, tile, B, y, bias, out, ldo);
-  }
+  constexpr int NT = B == 1 ? 4 : 2;  // accumulators + weights fit the 32 registers
+  int64_t tile = t0;
+  for (; tile + NT <= t1; tile += NT) gemv_lut_group<BITS, B, NT>(L, lut, ldl, xsum, bias, out, ldo, tile);
+  for (; tile < t1; ++tile) gemv_lut_group<BITS, B, 1>(L, lut, ldl, xsum, bias, out, ldo, tile);
 }
 
 template <int BITS, int B>
@@ -111,7 +133,7 @@ void gemv_tiles(const Layout& L, const float* x, int64_t ldx, const float* xsum,
     __m512 y[B];
     for (int b = 0; b < B; ++b) y[b] = _mm512_setzero_ps();
     const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
-    const float* sc = L.sc + tile * L.G * 2 * kTileRows;
+    const uint16_t* sc = L.sc + tile * L.G * 2 * kTileRows;
     for (int64_t g = 0; g < L.G; ++g) {
       const int k0 = L.kb_start[g], k1 = L.kb_start[g + 1];
       if (k0 == k1) continue;
@@ -136,8 +158,8 @@ void gemv_tiles(const Layout& L, const float* x, int64_t ldx, const float* xsum,
             acc[b][p % NA] = _mm512_fmadd_ps(f, _mm512_set1_ps(xk[b * ldx + p]), acc[b][p % NA]);
         }
       }
-      const __m512 s = _mm512_loadu_ps(sc + g * 2 * kTileRows);
-      const __m512 sz = _mm512_mul_ps(s, _mm512_loadu_ps(sc + g * 2 * kTileRows + kTileRows));
+      const __m512 s = load_half(sc + g * 2 * kTileRows);
+      const __m512 sz = _mm512_mul_ps(s, load_half(sc + g * 2 * kTileRows + kTileRows));
       for (int b = 0; b < B; ++b) {
         __m512 a = acc[b][0];
         for (int i = 1; i < NA; ++i) a = _mm512_add_ps(a, acc[b][i]);
@@ -161,12 +183,12 @@ void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t
   const __m512 table = code_table<BITS>();
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int32_t* wtile = L.qw + tile * L.KB * BITS * kTileRows;
-    const float* sc = L.sc + tile * L.G * 2 * kTileRows;
+    const uint16_t* sc = L.sc + tile * L.G * 2 * kTileRows;
     float* dst = wt + (tile - t0) * kTileRows;
     for (int64_t kb = kb0; kb < kb1; ++kb) {
       const int64_t g = L.kb_group[kb];
-      const __m512 s = _mm512_loadu_ps(sc + g * 2 * kTileRows);
-      const __m512 z = _mm512_loadu_ps(sc + g * 2 * kTileRows + kTileRows);
+      const __m512 s = load_half(sc + g * 2 * kTileRows);
+      const __m512 z = load_half(sc + g * 2 * kTileRows + kTileRows);
       __m512i w[BITS];
       for (int i = 0; i < BITS; ++i) w[i] = _mm512_loadu_si512(wtile + (kb * BITS + i) * kTileRows);
 #pragma GCC unroll 32
@@ -177,15 +199,20 @@ void dequant_tiles(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t
   }
 }
 
-template <int B>
+// vpdpbusd GEMV for 4-bit: x as LIMBS signed 7-bit digits per k-block (LIMBS = 1: int8 rounding;
+// LIMBS = 3: 22-bit fixed point, see quantize_x_avx512), each digit plane dotted with the nibbles
+// (split into even/odd bytes) in exact int32 arithmetic; the planes are merged per k-block
+// (sum_l acc_l * 128^(LIMBS-1-l) < 2^31: |acc_l| <= 32 * 15 * 128) and scaled by the block's step.
+template <int B, int LIMBS>
 void gemv_int8_tiles(const Layout& L, const int8_t* xq, int64_t ldq, const float* dx, int64_t ldd, const float* xsq,
                      const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+  constexpr int NA = B == 1 ? 2 : 1;  // independent dpbusd chains per token and digit plane
   const __m512i lo4 = _mm512_set1_epi32(0x0F0F0F0F);
   for (int64_t tile = t0; tile < t1; ++tile) {
     __m512 y[B];
     for (int b = 0; b < B; ++b) y[b] = _mm512_setzero_ps();
     const int32_t* wtile = L.qw + tile * L.KB * 4 * kTileRows;
-    const float* sc = L.sc + tile * L.G * 2 * kTileRows;
+    const uint16_t* sc = L.sc + tile * L.G * 2 * kTileRows;
     for (int64_t g = 0; g < L.G; ++g) {
       const int k0 = L.kb_start[g], k1 = L.kb_start[g + 1];
       if (k0 == k1) continue;
@@ -194,25 +221,37 @@ void gemv_int8_tiles(const Layout& L, const int8_t* xq, int64_t ldq, const float
       for (int kb = k0; kb < k1; ++kb) {
         const int32_t* wp = wtile + static_cast<int64_t>(kb) * 4 * kTileRows;
         for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + i * kTileRows), _MM_HINT_T0);
-        __m512i ie[B], io[B];
-        for (int b = 0; b < B; ++b) ie[b] = io[b] = _mm512_setzero_si512();
+        __m512i ia[B][LIMBS][NA];
+        for (int b = 0; b < B; ++b)
+          for (int l = 0; l < LIMBS; ++l)
+            for (int a = 0; a < NA; ++a) ia[b][l][a] = _mm512_setzero_si512();
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
           const __m512i w = _mm512_loadu_si512(wp + i * kTileRows);
           const __m512i even = _mm512_and_si512(w, lo4), odd = _mm512_and_si512(_mm512_srli_epi32(w, 4), lo4);
-#pragma GCC unroll 8
-          for (int b = 0; b < B; ++b) {
-            const int32_t* q = reinterpret_cast<const int32_t*>(xq + b * ldq + static_cast<int64_t>(kb) * kBlock);
-            ie[b] = _mm512_dpbusd_epi32(ie[b], even, _mm512_set1_epi32(q[i]));
-            io[b] = _mm512_dpbusd_epi32(io[b], odd, _mm512_set1_epi32(q[4 + i]));
-          }
+#pragma GCC unroll 4
+          for (int b = 0; b < B; ++b)
+#pragma GCC unroll 3
+            for (int l = 0; l < LIMBS; ++l) {
+              const int32_t* q =
+                  reinterpret_cast<const int32_t*>(xq + (b * LIMBS + l) * ldq + static_cast<int64_t>(kb) * kBlock);
+              ia[b][l][0] = _mm512_dpbusd_epi32(ia[b][l][0], even, _mm512_set1_epi32(q[i]));
+              ia[b][l][NA - 1] = _mm512_dpbusd_epi32(ia[b][l][NA - 1], odd, _mm512_set1_epi32(q[4 + i]));
+            }
         }
-        for (int b = 0; b < B; ++b)
-          facc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ie[b], io[b])),
-                                    _mm512_set1_ps(dx[b * ldd + kb]), facc[b]);
+        for (int b = 0; b < B; ++b) {
+          __m512i t = ia[b][0][0];
+          if (NA == 2) t = _mm512_add_epi32(t, ia[b][0][NA - 1]);
+          for (int l = 1; l < LIMBS; ++l) {
+            __m512i u = ia[b][l][0];
+            if (NA == 2) u = _mm512_add_epi32(u, ia[b][l][NA - 1]);
+            t = _mm512_add_epi32(_mm512_slli_epi32(t, 7), u);
+          }
+          facc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(dx[b * ldd + kb]), facc[b]);
+        }
       }
-      const __m512 s = _mm512_loadu_ps(sc + g * 2 * kTileRows);
-      const __m512 sz = _mm512_mul_ps(s, _mm512_loadu_ps(sc + g * 2 * kTileRows + kTileRows));
+      const __m512 s = load_half(sc + g * 2 * kTileRows);
+      const __m512 sz = _mm512_mul_ps(s, load_half(sc + g * 2 * kTileRows + kTileRows));
       for (int b = 0; b < B; ++b) {
         y[b] = _mm512_fmadd_ps(s, facc[b], y[b]);
         y[b] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsq[b * L.G + g]), y[b]);
@@ -222,20 +261,21 @@ void gemv_int8_tiles(const Layout& L, const int8_t* xq, int64_t ldq, const float
   }
 }
 
+template <int LIMBS>
+void gemv_int8_limbs(const Layout& L, int B, const int8_t* xq, int64_t ldq, const float* dx, int64_t ldd,
+                     const float* xsq, const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+  with_batch(B, [&](auto b) {
+    gemv_int8_tiles<decltype(b)::value, LIMBS>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
+  });
+}
+
 }  // namespace
 
-void gemv_int8_avx512(const Layout& L, int B, const int8_t* xq, int64_t ldq, const float* dx, int64_t ldd,
-                      const float* xsq, const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1) {
-  switch (B) {
-    case 1: return gemv_int8_tiles<1>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
-    case 2: return gemv_int8_tiles<2>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
-    case 3: return gemv_int8_tiles<3>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
-    case 4: return gemv_int8_tiles<4>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
-    case 5: return gemv_int8_tiles<5>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
-    case 6: return gemv_int8_tiles<6>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
-    case 7: return gemv_int8_tiles<7>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
-    default: return gemv_int8_tiles<8>(L, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
-  }
+void gemv_int8_avx512(const Layout& L, int B, int limbs, const int8_t* xq, int64_t ldq, const float* dx,
+                      int64_t ldd, const float* xsq, const float* bias, float* out, int64_t ldo, int64_t t0,
+                      int64_t t1) {
+  if (limbs == 1) return gemv_int8_limbs<1>(L, B, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
+  return gemv_int8_limbs<3>(L, B, xq, ldq, dx, ldd, xsq, bias, out, ldo, t0, t1);
 }
 
 void gemv_avx512(const Layout& L, int B, const float* x, int64_t ldx, const float* xsum, const float* bias,
@@ -270,22 +310,35 @@ void build_lut_avx512(const float* x, int64_t chunks, float* lut) {
   }
 }
 
-void quantize_x_avx512(const float* x, int64_t KB, int8_t* q, float* d, int32_t* isum) {
+void quantize_x_avx512(const float* x, int64_t KB, int limbs, int8_t* q, int64_t ldq, float* d, int32_t* isum) {
   // output byte o of a k-block takes channel src[o]: evens of word o/4 first, then the odds
   alignas(64) int32_t src[32];
   for (int o = 0; o < 32; ++o) src[o] = 8 * ((o % 16) / 4) + 2 * (o % 4) + (o >= 16);
   const __m512i i_lo = _mm512_load_si512(src), i_hi = _mm512_load_si512(src + 16);
   const __m512 sign = _mm512_set1_ps(-0.0f);
+  // limbs = 3: x = d * (a * 2^14 + b * 2^7 + c), |x| <= amax = d * 127 * 2^14, b and c in [-64, 63]
+  const float top = limbs == 1 ? 127.0f : 127.0f * 16384.0f;
+  const __m512i h = _mm512_set1_epi32(64), m7 = _mm512_set1_epi32(127);
   for (int64_t kb = 0; kb < KB; ++kb) {
     const __m512 a = _mm512_loadu_ps(x + kb * 32), b = _mm512_loadu_ps(x + kb * 32 + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
-    const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
-    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kb * 32), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(qa, i_lo, qb)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kb * 32 + 16),
-                     _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(qa, i_hi, qb)));
-    d[kb] = amax / 127.0f;
+    const __m512 inv = _mm512_set1_ps(amax > 0 ? top / amax : 0.0f);
+    __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+    d[kb] = amax / top;
     isum[kb] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    for (int l = limbs - 1; l >= 0; --l) {  // lowest digit first: balanced base-128 digits
+      __m512i da = qa, db = qb;
+      if (l > 0) {
+        da = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(qa, h), m7), h);
+        db = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(qb, h), m7), h);
+        qa = _mm512_srai_epi32(_mm512_sub_epi32(qa, da), 7);
+        qb = _mm512_srai_epi32(_mm512_sub_epi32(qb, db), 7);
+      }
+      int8_t* ql = q + l * ldq + kb * 32;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(ql), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(da, i_lo, db)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(ql + 16),
+                       _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(da, i_hi, db)));
+    }
   }
 }
 

@@ -9,7 +9,9 @@
 //         4-bit: word p/8, bits 4*(p%8)      8-bit: word p/4, bits 8*(p%4)
 //         2- and 3-bit: bit planes, word i = bit i of the 32 codes (bit p = channel p); no code
 //         straddles a word, and 4 channels of one plane form a 4-bit index for the LUT kernel
-//   sc  fp32  [Mt][G][2][16]     per group and row: scale s, zero point z (so W = (q - z) * s)
+//   sc  fp16  [Mt][G][2][16]     per group and row: scale s, zero point z (so W = (q - z) * s); GPTQ
+//                                scales are fp16 and zero points small integers, so fp16 is exact and
+//                                one 64-byte line per tile and group (half the bytes of fp32)
 //   kb_start int32 [G+1]         group g owns k-blocks [kb_start[g], kb_start[g+1])
 //
 // GEMV: y = sum_g s_g * (sum_{k in g} q_k x_k - z_g * sum_{k in g} x_k), in fp32 (no int8 rounding):
@@ -58,7 +60,7 @@ inline void with_bits(int bits, F&& f) {
 
 struct Layout {
   const int32_t* qw;
-  const float* sc;
+  const uint16_t* sc;  // fp16 bits
   const int32_t* kb_start;  // [G + 1]
   const int32_t* kb_group;  // [KB] group of each k-block
   int64_t G, KB, Mt, m;
@@ -78,12 +80,18 @@ void build_lut_avx512(const float* x, int64_t chunks, float* lut);  // x [chunks
 void gemv_lut_avx512(const Layout& L, int B, const float* lut, int64_t ldl, const float* xsum, const float* bias,
                      float* out, int64_t ldo, int64_t t0, int64_t t1);
 
-// Opt-in int8-activation GEMV (4-bit, AVX-512 VNNI; NOT exact: x rounded to int8 per k-block).
-// xq: per token and k-block 32 int8 ordered [even channels of word 0..3 | odd channels of word 0..3] as
-// 4 bytes each (the byte order vpdpbusd needs against nibbles split into low/high bytes);
-// dx [B][KB] per-k-block scales; xsq [B][G] per-group sums of the rounded activations.
-void quantize_x_avx512(const float* x, int64_t KB, int8_t* q, float* d, int32_t* isum);  // one token
-void gemv_int8_avx512(const Layout& L, int B, const int8_t* xq, int64_t ldq, const float* dx, int64_t ldd,
+// vpdpbusd GEMV for 4-bit (AVX-512 VNNI). x is written per k-block as `limbs` planes of signed 7-bit
+// digits: limbs = 1 rounds x to int8 (opt-in, approximate, rel. err ~5e-3); limbs = 3 holds x as 22-bit
+// fixed point per k-block, x = d * (a * 2^14 + b * 2^7 + c) (error <= 2^-22 of the block's max |x|;
+// the dot products are exact int32), the default 4-bit decode path.
+// xq: per token, limb plane l at xq + (b * limbs + l) * ldq; per k-block 32 bytes ordered [even
+// channels of word 0..3 | odd channels of word 0..3], 4 bytes each (the byte order vpdpbusd needs against
+// nibbles split into low/high bytes); dx [B][KB] per-k-block steps d; xsq [B][G] per-group sums of the
+// represented x (d * integer), so the zero-point fold matches the dot products.
+constexpr int kMaxLimbBatch = 4;
+void quantize_x_avx512(const float* x, int64_t KB, int limbs, int8_t* q, int64_t ldq, float* d,
+                       int32_t* isum);  // one token
+void gemv_int8_avx512(const Layout& L, int B, int limbs, const int8_t* xq, int64_t ldq, const float* dx, int64_t ldd,
                       const float* xsq, const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1);
 
 // Dense W^T of tiles [t0, t1) x k-blocks [kb0, kb1):

@@ -44,6 +44,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qgemm_repack(const at
 
   const auto qw_c = qweight.contiguous(), qz_c = qzeros.contiguous(), gi_c = g_idx.contiguous();
   const auto sc_c = scales.to(at::kFloat).contiguous();
+  // the native layout keeps scales in fp16 (the GPTQ format's dtype): other dtypes must be fp16-exact
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || sc_c.to(at::kHalf).to(at::kFloat).equal(sc_c), op,
+              ": scales must be float16 or exactly representable in float16 (the GPTQ v1 format), got ",
+              scales.scalar_type(), " values that are not");
   const int32_t* gi = gi_c.data_ptr<int32_t>();
 
   // Stable counting sort of input channels by group: groups become contiguous, each padded to k-blocks.
@@ -63,12 +67,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qgemm_repack(const at
   for (int64_t j = 0; j < n; ++j) xi[kbs[gi[j]] * kBlock + fill[gi[j]]++] = static_cast<int32_t>(j);
 
   auto qw = at::zeros({Mt, KB, bits, kTileRows}, at::kInt);
-  auto sc = at::zeros({Mt, G, 2, kTileRows}, at::kFloat);
+  auto sc = at::zeros({Mt, G, 2, kTileRows}, at::kHalf);
   const uint32_t* src = reinterpret_cast<const uint32_t*>(qw_c.data_ptr<int32_t>());
   const uint32_t* zsrc = reinterpret_cast<const uint32_t*>(qz_c.data_ptr<int32_t>());
   const float* ssrc = sc_c.data_ptr<float>();
   uint32_t* dst = reinterpret_cast<uint32_t*>(qw.data_ptr<int32_t>());
-  float* sdst = sc.data_ptr<float>();
+  at::Half* sdst = sc.data_ptr<at::Half>();
   const int64_t zrow = qz_c.size(1);
   const int b = static_cast<int>(bits);
   at::parallel_for(0, Mt, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(Kpad * kTileRows, 1)), [&](int64_t t0, int64_t t1) {
@@ -83,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qgemm_repack(const at
           put_native(w + l, b, static_cast<int>(p % kBlock), qk::get_code(chunk + l, m, j % 32, b));
       }
       for (int64_t g = 0; g < G; ++g) {
-        float* s = sdst + (tile * G + g) * 2 * kTileRows;
+        at::Half* s = sdst + (tile * G + g) * 2 * kTileRows;
         for (int64_t l = 0; l < rows; ++l) {
           const int64_t r = r0 + l;
           s[l] = ssrc[g * m + r];

@@ -5,7 +5,7 @@ CPU layout (csrc/cpu/qgemm_kernels.h has the bit-level description; csrc/cpu/rep
   * input channels sorted by group once (act-order costs a gather of x per call, never a g_idx lookup
     in the inner loop) and each group padded to k-blocks of 32 channels;
   * 3-bit stored planar (2 + 1 bits) so no code straddles a word;
-  * per group and row an fp32 scale and zero point.
+  * per group and row a scale and zero point in fp16 (exact: GPTQ scales are fp16, zeros small integers).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class CpuLayout:
     m: int  # out features
     n: int  # in features
     qw: torch.Tensor  # int32 [tiles, kblocks, bits, 16]
-    sc: torch.Tensor  # fp32 [tiles, G, 2, 16]: scale, zero point
+    sc: torch.Tensor  # fp16 [tiles, G, 2, 16]: scale, zero point
     kb_start: torch.Tensor  # int32 [G + 1]
     x_index: torch.Tensor  # int32 [kblocks * 32]: input channel of each native position, -1 = padding
 
