@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
     q.add_argument("--damp", type=float, default=0.01)
     q.add_argument("--layers", type=int, default=None, help="quantize only the first N blocks (debugging)")
+    q.add_argument("--quantize-lm-head", action="store_true",
+                   help="also quantize the output projection (untied from the embedding; faster decode, some ppl cost)")
     q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
     q.add_argument("--quiet", action="store_true")
 
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None, help="quantized checkpoint (default: RTN 4-bit g64 of SmolLM2, in memory)")
     b.add_argument("--fp-model", default="default")
     b.add_argument("--tokens", type=int, default=32)
+    b.add_argument("--fp-lm-head", action="store_true", help="in-memory RTN model: keep lm_head in fp32")
 
     d = sub.add_parser("demo", help="quantize SmolLM2 with SNRQ 4-bit g64 and report the story")
     d.add_argument("--nsamples", type=int, default=None)
@@ -125,7 +128,8 @@ def cmd_quantize(args) -> int:
     log.unlink(missing_ok=True)
     _, report = quantize_model(model, tok, spec, method=args.method, calib=args.calib or "shakespeare",
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
-                               log_path=log, progress=not args.quiet, **method_kwargs_from_args(args))
+                               log_path=log, progress=not args.quiet, quantize_lm_head=args.quantize_lm_head,
+                               **method_kwargs_from_args(args))
     save_quantized(model, out, tokenizer=tok, log_path=log)
     log.unlink(missing_ok=True)
     print(f"saved {out}  ({len(report.modules)} linears, {report.total_s:.0f} s: forward {report.forward_s:.0f} s, "
@@ -231,7 +235,7 @@ def cmd_bench(args) -> int:
         from .spec import QuantSpec
 
         qmodel, _ = quantize_model(copy.deepcopy(fp), tok, QuantSpec(bits=4, group_size=64), method="rtn",
-                                   nsamples=1, seqlen=16, progress=False)
+                                   nsamples=1, seqlen=16, progress=False, quantize_lm_head=not args.fp_lm_head)
     ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     t_fp = decode_tokens_per_s(fp, ids, args.tokens)
     t_q = decode_tokens_per_s(qmodel, ids, args.tokens)

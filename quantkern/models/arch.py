@@ -27,6 +27,7 @@ _PHI3 = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), 
 class Arch:
     blocks: str  # attribute path of the nn.ModuleList of decoder blocks
     sequential: tuple | None  # groups of linear names relative to a block, or None = trace
+    final_norm: str = "model.norm"  # the norm between the last block and lm_head (its output feeds lm_head)
 
 
 ARCHS = {
@@ -95,3 +96,24 @@ def linear_groups(model: nn.Module, block: nn.Module, trace: Callable[[], None])
             groups.append([name])
         last_input = inp
     return [tuple(g) for g in groups]
+
+
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_norm", "ln_f", "norm_f")
+
+
+def find_final_norm(model: nn.Module) -> nn.Module:
+    """The module whose output is lm_head's input (the final norm after the decoder blocks)."""
+    arch = ARCHS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if arch is not None:
+        try:
+            return _getattr_path(model, arch.final_norm)
+        except AttributeError:
+            pass
+    block_path, _ = find_blocks(model)
+    parent = _getattr_path(model, block_path.rpartition(".")[0]) if "." in block_path else model
+    for name in _FINAL_NORM_NAMES:
+        mod = getattr(parent, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    raise ValueError(f"cannot find the final norm of {type(model).__name__} (looked for {_FINAL_NORM_NAMES} next to "
+                     f"{block_path}); add final_norm to its entry in quantkern.models.arch.ARCHS")

@@ -71,8 +71,10 @@ def quantize_config(model: nn.Module) -> dict:
     # desc_act is what the stored g_idx says, not what was asked: SNRQ always permutes
     desc_act = any(not _natural_g_idx(m.g_idx, spec.group_size) for m in qmods.values())
     method = dict(info["method"])
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
         "bits": spec.bits, "group_size": spec.group_size, "desc_act": desc_act, "sym": spec.sym,
+        "lm_head": isinstance(head, QuantLinear),  # GPTQModel's key: the output projection is quantized too
         "static_groups": spec.static_groups, "damp_percent": spec.damp, "true_sequential": spec.true_sequential,
         "quant_method": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
         "meta": {
@@ -198,11 +200,13 @@ def read_quantize_config(path) -> dict:
     return cfg["quantization_config"]
 
 
-def load(path, device="cpu", check: bool = True) -> nn.Module:
+def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module:
     """Load a checkpoint written by save_quantized (or another GPTQ v1 checkpoint) with packed weights.
 
-    Returns the model in eval mode; its quantized linears are QuantLinear. With `check`, every file is
-    verified against the manifest first (a missing manifest only warns, for foreign checkpoints).
+    Returns the model in eval mode; its quantized linears are QuantLinear (a quantized lm_head included:
+    its config says the embeddings are untied). With `check`, every file is verified against the manifest
+    first (a missing manifest only warns, for foreign checkpoints). `fuse` runs linears that read the same
+    input as one kernel call (quantkern.nn.fused; outputs unchanged).
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -258,7 +262,12 @@ def load(path, device="cpu", check: bool = True) -> nn.Module:
                 live[k].data.copy_(sd[src])
     model.quantkern_info = {"spec": spec.to_dict(), "method": {"method": qcfg.get("meta", {}).get("method")},
                             "modules": qcfg.get("meta", {}).get("modules", {}), "quantize_config": qcfg}
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if fuse:
+        from ..nn import fuse_quant_groups
+
+        fuse_quant_groups(model)
+    return model
 
 
 def checkpoint_size(path) -> dict:

@@ -228,11 +228,15 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | None = None, method: str = "gptq",
                    calib="shakespeare", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
                    layers: int | Iterable[int] | None = None, log_path=None, progress: bool = True,
-                   **method_kwargs):
+                   quantize_lm_head: bool = False, fuse: bool = True, **method_kwargs):
     """Quantize the decoder blocks of `model` in place; returns (model, QuantReport).
 
     calib: a built-in corpus name, paths, strings (need `tokenizer`) or a token tensor [N, T].
     layers: quantize only these block indices (an int N = the first N blocks); others stay fp.
+    quantize_lm_head: also quantize the output projection (GPTQModel's lm_head=True), with the same spec and
+        method; its calibration input is the final norm's output on the quantized (and, for GPTAQ/SNRQ, the
+        full-precision) stream. A tied lm_head is untied first: the input embedding keeps its float table.
+    fuse: run linears that read the same input (q/k/v, gate/up) as one kernel call (quantkern.nn.fused).
     method_kwargs go to the method (e.g. alpha=0.25, K=4, alpha="sample").
     """
     t_start = time.perf_counter()
@@ -249,21 +253,26 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
     model.eval()
     block_path, blocks = find_blocks(model)
     chosen = _resolve_layers(layers, len(blocks))
+    head_name = untie_lm_head(model) if quantize_lm_head else None
     report = QuantReport(method, spec.to_dict(), plugin.meta(), samples.shape[0], samples.shape[1], chosen)
-    if chosen:
+    if chosen or head_name:
         run = _Run(plugin, report, log_path, progress)
         try:
             with torch.enable_grad():
                 plugin.prepare(model, samples)
             with torch.no_grad():
                 if plugin.needs_activations:
-                    _layer_loop(model, blocks, chosen, samples, run)
+                    inps, fp_inps = _layer_loop(model, blocks, chosen, samples, run, through_all=bool(head_name))
+                    if head_name:
+                        _quantize_lm_head(model, head_name, run, inps, fp_inps)
                 else:
                     for li in chosen:
                         block = blocks[li]
                         names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
                         results = {n: run.solve(li, n, block.get_submodule(n), None) for n in names}
                         _swap_in_quantized(block, results)
+                    if head_name:
+                        _quantize_lm_head(model, head_name, run, None, None)
         finally:
             run.close()
         report.forward_s, report.solve_s = run.fwd.t, run.slv.t
@@ -271,9 +280,13 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
     report.total_s = time.perf_counter() - t_start
     model.quantkern_info = {
         "spec": spec.to_dict(), "method": report.method_meta, "block_path": block_path,
-        "modules": {f"{block_path}.{r['layer']}.{r['module']}": {k: r[k] for k in ("damp", "retries", "fallback", "loss")}
-                    for r in report.modules},
+        "modules": {(r["module"] if r["layer"] is None else f"{block_path}.{r['layer']}.{r['module']}"):
+                    {k: r[k] for k in ("damp", "retries", "fallback", "loss")} for r in report.modules},
     }
+    if fuse:
+        from ..nn import fuse_quant_groups
+
+        fuse_quant_groups(model)
     return model, report
 
 
@@ -302,7 +315,7 @@ class _Run:
             self.log.write(json.dumps(row) + "\n")
             self.log.flush()
         if self.progress:
-            tqdm.write(f"  layer {li:>3}  {name:<18} loss {row['loss']:>10.4g}  damp {row['damp']:.3g}"
+            tqdm.write(f"  layer {'-' if li is None else li:>3}  {name:<18} loss {row['loss']:>10.4g}  damp {row['damp']:.3g}"
                        f"{'  FALLBACK ' + str(row['fallback']) if row['fallback'] else ''}  {dt:6.2f}s")
         return res
 
@@ -316,7 +329,9 @@ def _swap_in_quantized(block, results):
         _set_module(block, name, QuantLinear.from_linear(block.get_submodule(name), res))
 
 
-def _layer_loop(model, blocks, chosen, samples, run):
+def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
+    """Quantize the chosen blocks; returns the (quantized, fp) streams after the last block run (all
+    blocks with `through_all`, for lm_head's statistics; fp is None unless the method needs it)."""
     from tqdm.auto import tqdm
 
     plugin, spec, fwd = run.plugin, run.plugin.spec, run.fwd
@@ -326,7 +341,8 @@ def _layer_loop(model, blocks, chosen, samples, run):
     fp_inps = [x.clone() for x in inps] if plugin.needs_fp_inputs else None
     _preflight(model, blocks, chosen, inps, kw, plugin, run.progress)
 
-    bar = tqdm(range(chosen[-1] + 1), desc=f"{plugin.name} {spec.bits}b g{spec.group_size}", disable=not run.progress)
+    last = len(blocks) - 1 if through_all else chosen[-1]
+    bar = tqdm(range(last + 1), desc=f"{plugin.name} {spec.bits}b g{spec.group_size}", disable=not run.progress)
     for li in bar:
         block = blocks[li]
         if li not in chosen:
@@ -355,6 +371,52 @@ def _layer_loop(model, blocks, chosen, samples, run):
             inps = [_block_out(block(x, **kw)) for x in inps]
         _swap_in_quantized(block, results)
         del results, fp_group_inputs
+    return inps, fp_inps
+
+
+def _output_linear(model) -> tuple[str, nn.Linear]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"quantize_lm_head: {type(model).__name__} has no nn.Linear output projection "
+                         f"(get_output_embeddings() is {type(head).__name__})")
+    name = next(n for n, m in model.named_modules() if m is head)
+    return name, head
+
+
+def untie_lm_head(model) -> str:
+    """Give the output projection its own weight (a copy) and mark the config untied, so that quantizing it
+    leaves the input embedding's float table alone and save/load keep the two apart. Returns its name."""
+    name, head = _output_linear(model)
+    new = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                    device=head.weight.device, dtype=head.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(head.weight)
+        if head.bias is not None:
+            new.bias.copy_(head.bias)
+    _set_module(model, name, new)
+    for cfg in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
+                if c is not None}.values():
+        cfg.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = {}
+    return name
+
+
+def _quantize_lm_head(model, name, run, inps, fp_inps):
+    """Statistics of lm_head from the final norm's output on both streams, then solve and swap in."""
+    from .arch import find_final_norm
+
+    plugin, head = run.plugin, model.get_submodule(name)
+    collector = None
+    if inps is not None:
+        norm = find_final_norm(model)
+        collector = plugin.collector(head.in_features)
+        if collector is not None:
+            with run.fwd:
+                for i, x in enumerate(inps):
+                    plugin.add(collector, norm(x), None if fp_inps is None else norm(fp_inps[i]))
+    res = run.solve(None, name, head, collector)
+    _set_module(model, name, QuantLinear.from_linear(head, res))
 
 
 def _collect(block, first, inps, kw, plugin, collector, fp_inputs):

@@ -3,9 +3,18 @@
 The state_dict is the on-disk GPTQ format (qweight, qzeros, scales, g_idx, bias). The kernel-native
 layout of the chosen backend is built lazily on first use and cached (not persisted); the cache key
 includes the buffers' storage and version counters, so .to(device), load_state_dict and in-place copies
-all trigger a rebuild.
+all trigger a rebuild (replacing a buffer's `.data` directly is not seen by the lean path below: assign
+the buffer or copy into it).
+
+forward() has a lean path for decode, where a 135M model makes ~200 small calls per token: the first
+call validates everything (qgemm.qgemm) and remembers what it checked; later calls re-check only what
+can change cheaply (the buffers' version counters, the input's width, dtype and device, the
+QUANTKERN_BACKEND override; replacing a buffer resets it through __setattr__) and go straight to the backend. Members of a FusedGroup
+(quantkern.nn.fused) hand their call to the group, which runs the whole group as one kernel call.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -39,6 +48,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", g_idx.to(torch.int32))
         self.register_buffer("bias", torch.zeros(m, dtype=dtype, device=device) if bias else None)
         self._cache: dict[str, tuple[tuple, _qgemm.Prepared]] = {}
+        self._fast: tuple | None = None  # (buffers, env, device, (n,), version sum, bound kernel)
+        self._group = None  # (FusedGroup, index) once quantkern.nn.fused groups this layer with others
         self.last_backend: str | None = None
 
     # ---- construction -------------------------------------------------------------------------
@@ -99,12 +110,46 @@ class QuantLinear(nn.Module):
             self._cache[backend] = hit
         return hit[1]
 
+    def layout_buffers(self) -> tuple:
+        """The buffers the kernel layout is built from (the bias is read per call)."""
+        b = self._buffers
+        return b["qweight"], b["qzeros"], b["scales"], b["g_idx"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._group is not None:
+            return self._group[0].run(self._group[1], x)
+        fast = self._fast
+        if (fast is not None and type(x) is torch.Tensor and x.shape[-1:] == fast[3]
+                and x.dtype in _qgemm.ACT_DTYPES and x.device == fast[2]
+                and os.environ.get("QUANTKERN_BACKEND") == fast[1] and version_sum(fast[0]) == fast[4]):
+            return fast[5](x, self._buffers["bias"])
+        return self._forward_checked(x)
+
+    def _forward_checked(self, x: torch.Tensor) -> torch.Tensor:
+        """The fully validated call; on success it arms the lean path for the next calls."""
         if isinstance(x, torch.Tensor) and x.device != self.qweight.device:
             raise ValueError(f"QuantLinear: input is on {x.device} but the layer is on {self.qweight.device}")
+        env = os.environ.get("QUANTKERN_BACKEND")
         backend = _qgemm.choose_backend(x.device)
         self.last_backend = backend
-        return _qgemm.qgemm(x, None, self.spec.bits, bias=self.bias, prepared=self.prepared(backend))
+        prep = self.prepared(backend)
+        y = _qgemm.qgemm(x, None, self.spec.bits, bias=self.bias, prepared=prep)
+        refs = self.layout_buffers()
+        self._fast = (refs, env, x.device, torch.Size([self.in_features]), version_sum(refs),
+                      _qgemm.bind(backend, prep))
+        return y
+
+    def invalidate(self) -> None:
+        """Forget the lean path's checks (and the group's layout): the next call validates again."""
+        d = self.__dict__
+        d["_fast"] = None
+        if d.get("_group") is not None:
+            d["_group"][0].invalidate()
+
+    def __setattr__(self, name, value):
+        if name in _LAYOUT_NAMES:  # a buffer replaced (setattr, load_state_dict(assign=True)): re-check
+            self.invalidate()
+        super().__setattr__(name, value)
 
     def dequantized_weight(self) -> torch.Tensor:
         """Dense fp32 [out, in] weight (for checks and fallbacks)."""
@@ -112,6 +157,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._cache.clear()  # layouts live on the old device
+        self.invalidate()
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -125,3 +171,15 @@ class QuantLinear(nn.Module):
             f"group_size={s.group_size}, sym={s.sym}, act_order={s.act_order}, bias={self.bias is not None}, "
             f"backend={backend}"
         )
+
+
+
+_LAYOUT_NAMES = frozenset(("qweight", "qzeros", "scales", "g_idx", "bias"))
+
+
+def version_sum(tensors) -> int:
+    """Sum of the tensors' version counters: counters only grow, so an equal sum means no in-place change."""
+    v = 0
+    for t in tensors:
+        v += t._version
+    return v

@@ -179,6 +179,32 @@ class CpuBackend:
         )
         return y.view(*x.shape[:-1], L.m)
 
+    def bind(self, prepared):
+        """run(x, prepared, bias) as a closure over the layout, for callers that validated once (QuantLinear's
+        lean decode path): the same op call with the attribute and dispatch lookups done up front."""
+        op = torch.ops.quantkern.qgemm_cpu.default
+        L = prepared
+        qw, sc, kbs, xi, bits, m, n = L.qw, L.sc, L.kb_start, L.x_index, L.bits, L.m, L.n
+        env = os.environ
+
+        def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            path = 0
+            if env.get("QUANTKERN_CPU_INT8_ACT", "0") not in ("", "0"):
+                path = 4 if x.numel() // max(n, 1) <= 8 else 0
+            return op(x.reshape(-1, n), qw, sc, kbs, xi, bits, m, bias, path).view(*x.shape[:-1], m)
+
+        return run
+
+
+def bind(backend: str, prepared: Prepared):
+    """A closure y = f(x, bias) running `prepared` on `backend` with no per-call validation (the caller
+    checked x and the layout once); backends without their own bind() get run() wrapped."""
+    b = _BACKENDS[backend]
+    if hasattr(b, "bind"):
+        return b.bind(prepared.layout)
+    layout = prepared.layout
+    return lambda x, bias: b.run(x, layout, bias)
+
 
 register_qgemm_backend("reference", ReferenceBackend())
 if _ext.has_cpu():

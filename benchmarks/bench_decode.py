@@ -1,0 +1,127 @@
+"""Decode tokens/s at batch 1 on SmolLM2-135M: fp32 vs packed (4/3/2 bits), with a per-part profile.
+
+    python benchmarks/bench_decode.py                  # bits 4 3 2, group 64, RTN weights (speed does not
+                                                       # depend on how the codes were chosen)
+    python benchmarks/bench_decode.py --profile        # + where one decode step's time goes
+
+Per bit width, side by side in one process: the fp32 model, the packed model with lm_head in fp32
+(tied to the embedding, as before issue 5), and the packed model with a quantized lm_head
+(quantize_lm_head=True). All packed models run the lean QuantLinear path and fused q/k/v and gate/up
+groups unless --no-fuse. quantkern.eval.speed.decode_tokens_per_s is the measure (HF generate, greedy,
+KV cache, prefill excluded). Results: benchmarks/results/bench_decode.json with machine info.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import quantkern  # noqa: E402
+from quantkern.eval.speed import decode_tokens_per_s  # noqa: E402
+from quantkern.models.zoo import load_fp  # noqa: E402
+from quantkern.nn import QuantLinear, unfuse_quant_groups  # noqa: E402
+
+
+@torch.no_grad()
+def profile_step(model, ids, new_tokens=32) -> dict:
+    """ms per decode token spent in each kind of module (forward only, timers around module.forward)."""
+    acc = collections.defaultdict(float)
+    undo = []
+
+    def wrap(mod, key):
+        f = mod.forward
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            r = f(*a, **k)
+            acc[key] += time.perf_counter() - t0
+            return r
+
+        mod.forward = timed
+        undo.append(mod)
+
+    head = model.get_output_embeddings()
+    for name, m in model.named_modules():
+        if m is head:
+            wrap(m, "lm_head")
+        elif isinstance(m, (QuantLinear, torch.nn.Linear)):
+            wrap(m, "decoder linears")
+        elif name.endswith("norm") or name.endswith("layernorm"):
+            wrap(m, "norms")
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0)
+    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
+
+    def run(n):
+        acc.clear()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return time.perf_counter() - t0, dict(acc)
+
+    t1, a1 = run(1)
+    tn, an = run(new_tokens)
+    out = {k: (an[k] - a1.get(k, 0.0)) / (new_tokens - 1) * 1e3 for k in an}
+    out["total"] = (tn - t1) / (new_tokens - 1) * 1e3
+    out["rest (attention maths, residuals, HF generate)"] = out["total"] - sum(v for k, v in out.items() if k != "total")
+    for m in undo:
+        del m.forward
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--no-fuse", action="store_true")
+    p.add_argument("--out", default=str(HERE / "results" / "bench_decode.json"))
+    a = p.parse_args(argv)
+    fp, tok = load_fp("default")
+    ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
+    res = {"settings": vars(a), "machine": {"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                                           "note": "run under the shared CPU lock (quiet machine)"}, "runs": {}}
+
+    def tps(model):
+        return decode_tokens_per_s(model, ids, a.tokens, repeats=a.repeats)
+
+    for bits in a.bits:
+        spec = quantkern.QuantSpec(bits=bits, group_size=a.group_size)
+        row = {"fp32": tps(fp)}
+        for head in (False, True):
+            q, _ = quantkern.quantize_model(copy.deepcopy(fp), tok, spec, method="rtn", progress=False,
+                                            quantize_lm_head=head, fuse=not a.no_fuse)
+            key = "packed+lm_head" if head else "packed"
+            row[key] = tps(q)
+            row[key + " speedup"] = row[key] / row["fp32"]
+            if a.profile:
+                row[key + " profile_ms"] = profile_step(q, ids, a.tokens)
+            del q
+        if a.profile:
+            row["fp32 profile_ms"] = profile_step(fp, ids, a.tokens)
+        row["fp32 again"] = tps(fp)  # the baseline measured again after: drift check
+        res["runs"][f"w{bits}g{a.group_size}"] = row
+        print(f"w{bits}: fp32 {row['fp32']:.1f} ({row['fp32 again']:.1f} after) tok/s | packed {row['packed']:.1f} "
+              f"({row['packed speedup']:.2f}x) | packed + quantized lm_head {row['packed+lm_head']:.1f} "
+              f"({row['packed+lm_head speedup']:.2f}x)", flush=True)
+        if a.profile:
+            for k in ("fp32", "packed", "packed+lm_head"):
+                prof = row[k + " profile_ms"]
+                print(f"   {k:<15} " + ", ".join(f"{n} {v:.2f}" for n, v in prof.items()) + " (ms/token)")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2))
+    print(f"results: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
