@@ -9,6 +9,10 @@ Statistics (averaged over sequences, fp32 or fp64 sums):
     "yaqa": H_I = E_s[G_s^T G_s] [n, n] and H_O = E_s[G_s G_s^T] [m, m]  (YAQA sketch B: one step of
             the nearest-Kronecker power iteration on the per-sequence Fisher)
 Note H_OAC and YAQA's H_I are the same quantity; kind="both" collects both sides once.
+Token-level variants (tokens treated as independent samples, collected in the same pass; less noisy
+than sequence sums when there are few calibration sequences):
+    F_tok_in  = E_s[sum_t |g_{s,t}|^2 x_{s,t} x_{s,t}^T]  [n, n]   (row-aggregated per-token Fisher)
+    F_tok_out = E_s[sum_t g_{s,t} g_{s,t}^T]              [m, m]   (YAQA sketch A's H_O, first step)
 
 The loss l_s is the sequence's summed next-token cross-entropy. labels="data" uses the calibration
 text's next tokens (the empirical Fisher, what OAC calibrates on); labels="sample" draws the targets
@@ -41,11 +45,15 @@ class GradStats:
     nsamples: int = 0
     sum_in: torch.Tensor | None = None  # sum_s G_s^T G_s [n, n]
     sum_out: torch.Tensor | None = None  # sum_s G_s G_s^T [m, m]
+    sum_tok_in: torch.Tensor | None = None  # sum_{s,t} |g_st|^2 x_st x_st^T [n, n]
+    sum_tok_out: torch.Tensor | None = None  # sum_{s,t} g_st g_st^T [m, m]
 
     def __post_init__(self):
         self.sum_in = torch.zeros(self.n, self.n, dtype=self.dtype)
+        self.sum_tok_in = torch.zeros(self.n, self.n, dtype=self.dtype)
         if self.kind in ("yaqa", "both"):
             self.sum_out = torch.zeros(self.m, self.m, dtype=self.dtype)
+            self.sum_tok_out = torch.zeros(self.m, self.m, dtype=self.dtype)
 
     def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """x [B, T, n] inputs, g [B, T, m] output gradients of B sequences."""
@@ -59,6 +67,11 @@ class GradStats:
         self.sum_in.addmm_(Gf.t(), Gf)
         if self.sum_out is not None:
             self.sum_out.add_(torch.bmm(G, G.transpose(1, 2)).sum(0))
+        gt = g.reshape(-1, self.m)
+        xw = x.reshape(-1, self.n) * gt.norm(dim=1, keepdim=True)  # sqrt(|g_t|^2) x_t
+        self.sum_tok_in.addmm_(xw.t(), xw)
+        if self.sum_tok_out is not None:
+            self.sum_tok_out.addmm_(gt.t(), gt)
         self.nsamples += G.shape[0]
 
     def _avg(self, t):
@@ -75,6 +88,33 @@ class GradStats:
         if self.sum_out is None:
             raise RuntimeError(f"GradStats(kind={self.kind!r}) has no output-side statistics")
         return self._avg(self.sum_out)
+
+    @property
+    def F_tok_in(self) -> torch.Tensor:
+        return self._avg(self.sum_tok_in)
+
+    @property
+    def F_tok_out(self) -> torch.Tensor:
+        if self.sum_tok_out is None:
+            raise RuntimeError(f"GradStats(kind={self.kind!r}) has no output-side statistics")
+        return self._avg(self.sum_tok_out)
+
+    def input_side(self, fisher: str = "sequence") -> torch.Tensor:
+        """[n, n] input-side Fisher: "sequence" (H_in, the papers' per-sequence G_s) or "token"."""
+        return {"sequence": lambda: self.H_in, "token": lambda: self.F_tok_in}[_check_fisher(fisher)]()
+
+    def output_side(self, fisher: str = "sequence") -> torch.Tensor:
+        """[m, m] output-side Fisher: "sequence" (H_out, YAQA sketch B) or "token"."""
+        return {"sequence": lambda: self.H_out, "token": lambda: self.F_tok_out}[_check_fisher(fisher)]()
+
+
+FISHER_KINDS = ("sequence", "token")
+
+
+def _check_fisher(fisher: str) -> str:
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+    return fisher
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module | None:

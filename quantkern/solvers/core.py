@@ -64,9 +64,11 @@ class Prepared:
         """g_idx of original columns from the processing-order gidx."""
         return (gidx_p if self.perm is None else gidx_p[self.invperm]).to(torch.int32).contiguous()
 
-    def static_params_processing(self, T: torch.Tensor):
-        """Params of every contiguous processing-order group of the (processing-order) target T."""
-        return grid.group_params(T, self.spec, self.processing_groups())
+    def static_params_processing(self, T: torch.Tensor, kind: str = "minmax"):
+        """Params of every contiguous processing-order group of the (processing-order) target T;
+        kind "mse" searches clipped scales weighted by the damped diag(H) (grid.search_params)."""
+        weight = torch.diagonal(self.Hd) if kind == "mse" else None
+        return grid.group_params(T, self.spec, self.processing_groups(), kind=kind, weight=weight)
 
 
 def run_block_solve(target, U, P, gidx_p, scales, zeros, spec, dynamic, log, backend=None):
