@@ -17,17 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import quantkern
-from quantkern.calibration.data import calibration_samples, evaluation_tokens
-from quantkern.eval.perplexity import perplexity
-from quantkern.models import quantize_model
-from quantkern.models.zoo import load_fp
-from quantkern.spec import QuantSpec
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import quantkern  # noqa: E402
+from quantkern.calibration.data import calibration_samples, evaluation_tokens  # noqa: E402
+from quantkern.eval.perplexity import perplexity  # noqa: E402
+from quantkern.models import quantize_model  # noqa: E402
+from quantkern.models.zoo import load_fp  # noqa: E402
+from quantkern.spec import QuantSpec  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "methods_smollm2.jsonl"
 
