@@ -16,6 +16,8 @@ there; the statistics do not depend on bits or group size, so 4/3/2-bit runs can
 grad_kind="both" collects OAC's and YAQA's statistics in one pass so both methods can share a file).
 OUR additions beyond the papers (defaults reproduce the paper recipes above):
     fisher="token"   per-token Fisher statistics instead of per-sequence ones (calibration.fisher).
+    row_groups=k     (oac, fisher="token") one Fisher per block of k contiguous output-row blocks
+                     (OAC's per-row Hessians aggregated within blocks only; solvers/oac.py).
     h_mix=w          input-side Hessian (1 - w) H_act + w F (trace-normalised; solvers.hessian.blend),
                      H_act the driver's activation Hessian of the partially quantized stream. Default
                      1 (pure Fisher, the papers); h_in="act" is the old spelling of h_mix=0 for yaqa.
@@ -42,7 +44,7 @@ class GradientMethod(Method):
     default_labels = "data"
 
     def __init__(self, name, spec, seed=0, labels=None, grad_nsamples=None, grad_batch=1, h_in=None,
-                 grad_stats_path=None, fisher="sequence", h_mix=None, grad_kind=None, **kwargs):
+                 grad_stats_path=None, fisher="sequence", h_mix=None, grad_kind=None, row_groups=1, **kwargs):
         if h_in not in (None, "fisher", "act"):
             raise ValueError(f"h_in must be 'fisher' or 'act', got {h_in!r}")
         if name == "oac" and h_in == "act":
@@ -54,12 +56,17 @@ class GradientMethod(Method):
             raise ValueError(f"h_mix must lie in [0, 1], got {h_mix!r}")
         if fisher not in FISHER_KINDS:
             raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+        if isinstance(row_groups, bool) or not isinstance(row_groups, int) or row_groups < 1:
+            raise ValueError(f"row_groups must be an integer >= 1, got {row_groups!r}")
+        if row_groups > 1 and (name != "oac" or fisher != "token"):
+            raise ValueError("row_groups > 1 is an option of oac with fisher='token'")
         if grad_kind not in (None, self.kind, "both"):
             raise ValueError(f"grad_kind must be {self.kind!r} or 'both', got {grad_kind!r}")
         super().__init__(name, spec, seed, **kwargs)
         self.labels = labels or self.default_labels
         self.grad_nsamples, self.grad_batch, self.h_mix, self.fisher = grad_nsamples, grad_batch, h_mix, fisher
         self.grad_kind = grad_kind or self.kind
+        self.row_groups = row_groups
         self.grad_stats_path = grad_stats_path
         self._stats: dict[int, object] = {}
         self.prepare_s = 0.0
@@ -78,10 +85,13 @@ class GradientMethod(Method):
         use = samples if self.grad_nsamples is None else samples[: self.grad_nsamples]
         key = {"kind": self.grad_kind, "labels": self.labels, "seed": self.seed, "names": names,
                "samples_sum": int(use.sum()), "samples_shape": list(use.shape)}
+        if self.row_groups > 1:
+            key["row_groups"] = self.row_groups
         stats = self._load(key)
         if stats is None:
             stats = collect_grad_stats(model, use, names, kind=self.grad_kind, labels=self.labels,
-                                       batch_size=self.grad_batch, seed=self.seed, progress=True)
+                                       batch_size=self.grad_batch, seed=self.seed, progress=True,
+                                       row_groups=self.row_groups)
             if self.grad_stats_path:
                 torch.save({"key": key, "stats": stats}, self.grad_stats_path)
         self._stats = {p: stats[nm] for p, nm in zip(ptrs, names)}
@@ -141,7 +151,7 @@ class GradientMethod(Method):
 
     def meta(self):
         return {**super().meta(), "labels": self.labels, "grad_nsamples": self.grad_nsamples, "h_mix": self.h_mix,
-                "fisher": self.fisher, "grad_stats_s": round(self.prepare_s, 2)}
+                "fisher": self.fisher, "row_groups": self.row_groups, "grad_stats_s": round(self.prepare_s, 2)}
 
 
 class OAC(GradientMethod):

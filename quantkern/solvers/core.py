@@ -25,14 +25,22 @@ BLOCKSIZE = 128
 class Prepared:
     """Everything in processing order: W (dead columns zeroed), H (masked), Hd (damped), U, perm."""
 
-    def __init__(self, W, H, spec: QuantSpec, act_order: bool, log: dict):
+    def __init__(self, W, H, spec: QuantSpec, act_order: bool, log: dict, perm: torch.Tensor | None = None):
+        """perm: a fixed processing order (act_order only) instead of descending diag(H), so that
+        several solves of one weight's row blocks share column order and groups (oac row_groups)."""
         self.m, self.n = W.shape
         H, dead = mask_dead(H)
         W = W.float().clone()
         W[:, dead] = 0
         self.dead = dead
         log["dead_columns"] = int(dead.sum())
-        if act_order:
+        if act_order and perm is not None:
+            if perm.shape != (self.n,) or not torch.equal(torch.sort(perm.long()).values,
+                                                          torch.arange(self.n, device=perm.device)):
+                raise ValueError(f"perm must be a permutation of range({self.n})")
+            self.perm = perm.long().to(W.device)
+            self.invperm = torch.argsort(self.perm)
+        elif act_order:
             self.perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
             self.invperm = torch.argsort(self.perm)
         else:

@@ -72,7 +72,8 @@ def _solve_once(prep, WDp, alpha, K, cd_passes, log, backend, grid_kind="minmax"
     return codes_p, scales, zeros, gidx_p, loss, Wref
 
 
-def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, method, grid_kind="minmax"):
+def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, method, grid_kind="minmax",
+          perm=None):
     n = W.shape[1]
     if grid_kind not in grid.GRID_KINDS:
         raise ValueError(f"grid must be one of {grid.GRID_KINDS}, got {grid_kind!r}")
@@ -84,7 +85,7 @@ def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backe
         D = torch.zeros(n, n, dtype=torch.float32, device=W.device)
     D = check_D(D, n)
     spec = spec.replace(act_order=True)
-    prep = core.Prepared(W, H, spec, True, log)
+    prep = core.Prepared(W, H, spec, True, log, perm=perm)
     WDp = permuted_mismatch_product(prep, D)
     params = {"alpha": alpha, "K": K, "cd_passes": cd_passes}
     if grid_kind != "minmax":
@@ -115,12 +116,12 @@ def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backe
 
 @register_method("snrq")
 def snrq(W, H, spec, log, D=None, alpha=0.25, K=1, cd_passes=0, alpha_prev=None, alpha_init=0.25, backend=None,
-         grid="minmax"):
+         grid="minmax", perm=None):
     return _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend,
-                 "snrq" if K == 1 else "ksnrq", grid)
+                 "snrq" if K == 1 else "ksnrq", grid, perm)
 
 
 @register_method("ksnrq")
 def ksnrq(W, H, spec, log, D=None, alpha=0.25, K=4, cd_passes=0, alpha_prev=None, alpha_init=0.25, backend=None,
-          grid="minmax"):
-    return _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, "ksnrq", grid)
+          grid="minmax", perm=None):
+    return _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, "ksnrq", grid, perm)
