@@ -236,3 +236,19 @@ def test_row_group_statistics_sum_to_the_aggregate():
     four = collect_grad_stats(net, X, ["l1"], kind="oac", loss_fn=quad_loss, row_groups=4)["l1"]
     assert four.F_tok_in.shape == (4, 10, 10)
     torch.testing.assert_close(four.F_tok_in.sum(0), one.F_tok_in, rtol=1e-4, atol=1e-5)
+
+
+def test_yaqa_out_order(rng):
+    """Row order is a permutation of the same problem: with H_O = I it changes nothing; with a real H_O
+    the codes are those of the row-permuted problem, mapped back."""
+    W, H, _, D = problem(rng, m=24, n=64)
+    spec = QuantSpec(bits=2, group_size=32)
+    kw = dict(grid_from="snrq", D=D, grid="mse")
+    a = quantkern.solve(W, H, spec, method="yaqa", H_out=torch.eye(24), **kw)
+    b = quantkern.solve(W, H, spec, method="yaqa", H_out=torch.eye(24), out_order=True, **kw)
+    assert (a.codes != b.codes).float().mean() < 1e-3
+    Ho = spd(24, rng)
+    r = torch.argsort(torch.diagonal(Ho), descending=True, stable=True)
+    c = quantkern.solve(W, H, spec, method="yaqa", H_out=Ho, out_order=True, **kw)
+    d = quantkern.solve(W[r], H, spec, method="yaqa", H_out=Ho[r][:, r], **kw)
+    assert (c.codes[r] != d.codes).float().mean() < 1e-3 and torch.equal(c.scales[:, r], d.scales)

@@ -13,7 +13,8 @@ equals H_O-weighted ||W X_t - Q X_q||^2 up to a constant (H_O multiplies on the 
 H_O = I the codes are SNRQ's. Optional grid="mse" searches clipped group scales (grid.search_params) there. Optional
 H_fisher + h_mix blend a Fisher input factor into H (as
 oac's h_mix, solvers.hessian.blend; D is scaled by 1 - h_mix). out_damp: relative damping of H_O
-(default spec.damp); a larger value trusts a noisy H_O less (out_damp -> inf is H_O = I). Both Hessians are
+(default spec.damp); a larger value trusts a noisy H_O less (out_damp -> inf is H_O = I).
+out_order=True decides rows in descending diag(H_O) (act-order on the output side; our option). Both Hessians are
 damped and factorised by the same robust ladder as every other method (solvers/hessian.py); the
 input side also supplies act-order and dead-column masking (core.Prepared). With H_O = I the codes
 are GPTQ's (same grid, same order of decisions), which the tests check.
@@ -57,7 +58,8 @@ GRIDS = ("gptq", "rtn", "snrq")
 
 @register_method("yaqa")
 def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int = 32, D=None, alpha=0.25,
-               H_fisher=None, h_mix: float = 0.0, out_damp: float | None = None, grid: str = "minmax", backend=None):
+               H_fisher=None, h_mix: float = 0.0, out_damp: float | None = None, grid: str = "minmax",
+               out_order: bool = False, backend=None):
     """quantkern.solve(W, H, spec, method="yaqa", H_out=...): H is the input-side factor H_I [n, n]
     (the Fisher sketch by default in the driver), H_out the output-side factor H_O [m, m]."""
     m, n = W.shape
@@ -99,8 +101,15 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
     S = scales[gi].t().contiguous()
     Z = zeros[gi].t().contiguous()
     A = unit_upper_factor(prep.U)
-    B = output_factor(H_out.float(), spec.damp if out_damp is None else float(out_damp), log)
+    Ho = H_out.float()
+    rperm = torch.argsort(torch.diagonal(Ho), descending=True, stable=True) if out_order else None
+    if rperm is not None:  # rows with the most output curvature decided first (act-order for rows)
+        Ho, target, S, Z = Ho[rperm][:, rperm], target[rperm], S[rperm], Z[rperm]
+    B = output_factor(Ho, spec.damp if out_damp is None else float(out_damp), log)
     codes_p = kron_ldlq(target, A, B, S, Z, spec.maxq, tile=tile)
+    if rperm is not None:
+        inv = torch.argsort(rperm)
+        codes_p, target = codes_p[inv], target[inv]
     codes = prep.unpermute_cols(codes_p).to(torch.uint8)
     deq = gridmath.dequantize_groups(codes, scales, zeros, g_idx)
     Hd = prep.Hd if prep.perm is None else prep.Hd[prep.invperm][:, prep.invperm]
@@ -110,7 +119,7 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
     from .result import SolveResult
 
     params = {"grid": grid_from, "tile": tile, "h_mix": float(h_mix) if H_fisher is not None else None,
-              "out_damp": out_damp}
+              "out_damp": out_damp, "out_order": bool(out_order)}
     if grid_from == "snrq":
         params.update(alpha=alpha, grid_kind=grid)
     return SolveResult(codes, scales.float().contiguous(), zeros.float().contiguous(), g_idx.to(torch.int32), deq,
