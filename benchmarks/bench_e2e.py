@@ -54,16 +54,17 @@ METHODS = {
 # target and an MSE-clipped grid under the output-adaptive statistics); "oac-paper" is the paper's
 # recipe (GPTQ core on the Fisher Hessian); "snrq-mse" is the grid ablation (SNRQ on the same grid).
 GRAD = {"labels": "data", "grad_kind": "both"}
-OAC_H_MIX, YAQA_OUT_DAMP = 0.2, 0.1  # chosen on the first 8 blocks (benchmarks/results/methods_smollm2.jsonl)
+OAC_H_MIX, YAQA_OUT_DAMP = 0.25, 0.1  # chosen on the first 8 blocks (benchmarks/results/methods_smollm2.jsonl)
 METHODS.update({
-    "oac": ("oac", {}, {"core": "snrq", "fisher": "token", "h_mix": OAC_H_MIX, "grid": "mse", **GRAD}),
+    "oac": ("oac", {}, {"core": "snrq", "fisher": "token", "row_groups": 4, "h_mix": OAC_H_MIX, "grid": "mse",
+                        "labels": "data"}),
     "yaqa": ("yaqa", {}, {"grid_from": "snrq", "grid": "mse", "h_mix": 0.0, "fisher": "sequence",
                           "out_damp": YAQA_OUT_DAMP, **GRAD}),
     "oac-paper": ("oac", {}, dict(GRAD)),
     "snrq-mse": ("snrq", {}, {"alpha": 0.25, "grid": "mse"}),
     "adaround": ("adaround", {}, {"iters": 200}),
 })
-GRADIENT_METHODS = ("oac", "yaqa")
+GRADIENT_METHODS = ("oac", "yaqa")  # driver methods that take grad_stats_path
 REFERENCE = {"fp": 42.2, "rtn": {4: 59.4, 3: 213}, "gptq": {4: 53.5, 3: 142}, "gptq-act": {4: 50.9, 3: 82.6, 2: 2.3e5},
              "snrq": {4: 47.5, 3: 71.3, 2: 307}}
 
@@ -165,8 +166,9 @@ def main(argv=None) -> int:
             extra = {}
             if a.grad_cache and method in GRADIENT_METHODS:
                 os.makedirs(a.grad_cache, exist_ok=True)
-                extra["grad_stats_path"] = os.path.join(a.grad_cache, f"grad_{kw.get('labels', 'default')}_"
-                                                        f"{kw.get('grad_kind', method)}_{a.nsamples}x{a.seqlen}.pt")
+                extra["grad_stats_path"] = os.path.join(
+                    a.grad_cache, f"grad_{kw.get('labels', 'default')}_{kw.get('grad_kind', method)}_"
+                    f"rg{kw.get('row_groups', 1)}_{a.nsamples}x{a.seqlen}.pt")
             q, rep = quantkern.quantize_model(copy.deepcopy(fp), tok, spec, method=method, calib=calib,
                                               layers=a.layers, progress=True, **kw, **extra)
             wall = time.perf_counter() - t0
