@@ -54,7 +54,7 @@ METHODS = {
 # target and an MSE-clipped grid under the output-adaptive statistics); "oac-paper" is the paper's
 # recipe (GPTQ core on the Fisher Hessian); "snrq-mse" is the grid ablation (SNRQ on the same grid).
 GRAD = {"labels": "data", "grad_kind": "both"}
-OAC_H_MIX, YAQA_OUT_DAMP = 0.25, 0.1  # chosen on the first 8 blocks (benchmarks/results/methods_smollm2.jsonl)
+OAC_H_MIX, YAQA_OUT_DAMP = 0.25, 1.0  # chosen on the first 8 blocks (benchmarks/results/methods_smollm2.jsonl)
 METHODS.update({
     "oac": ("oac", {}, {"core": "snrq", "fisher": "token", "row_groups": 4, "h_mix": OAC_H_MIX, "grid": "mse",
                         "labels": "data"}),
