@@ -47,9 +47,23 @@ METHODS = {
     "snrq": ("snrq", {}, {"alpha": 0.25}),
     "ksnrq4": ("ksnrq", {}, {"alpha": 0.25, "K": 4}),
 }
-# Methods beyond the layer-wise proxy (issue 6; their reduced-size numbers: benchmarks/bench_methods.py).
-# OAC/YAQA spend extra time on a full-model backward per calibration sequence before the layer loop.
-METHODS.update({"oac": ("oac", {}, {}), "yaqa": ("yaqa", {}, {}), "adaround": ("adaround", {}, {"iters": 200})})
+# Methods beyond the layer-wise proxy (issue 6, docs/methods_beyond_proxy.md; option sweeps:
+# benchmarks/bench_methods.py). OAC/YAQA spend extra time on a full-model backward per calibration
+# sequence before the layer loop (one shared set of statistics: labels "data", kind "both").
+# "oac" / "yaqa" are quantkern's best variants (OUR design on top of the papers: SNRQ's regularised
+# target and min/max grid under the output-adaptive statistics); "oac-paper" is the paper's recipe
+# (GPTQ core on the Fisher Hessian); "snrq-mse" is SNRQ on an MSE-clipped grid (better on the first 8
+# blocks, far worse on the whole model at 2 bits, so not used by oac/yaqa).
+GRAD = {"labels": "data", "grad_kind": "both"}
+OAC_H_MIX, YAQA_OUT_DAMP = 0.25, 1.0  # chosen on the first 8 blocks (benchmarks/results/methods_smollm2.jsonl)
+METHODS.update({
+    "oac": ("oac", {}, {"core": "snrq", "fisher": "token", "row_groups": 4, "h_mix": OAC_H_MIX, "labels": "data"}),
+    "yaqa": ("yaqa", {}, {"grid_from": "snrq", "h_mix": 0.0, "fisher": "sequence", "out_damp": YAQA_OUT_DAMP, **GRAD}),
+    "oac-paper": ("oac", {}, dict(GRAD)),
+    "snrq-mse": ("snrq", {}, {"alpha": 0.25, "grid": "mse"}),
+    "adaround": ("adaround", {}, {"iters": 200}),
+})
+GRADIENT_METHODS = ("oac", "yaqa")  # driver methods that take grad_stats_path
 REFERENCE = {"fp": 42.2, "rtn": {4: 59.4, 3: 213}, "gptq": {4: 53.5, 3: 142}, "gptq-act": {4: 50.9, 3: 82.6, 2: 2.3e5},
              "snrq": {4: 47.5, 3: 71.3, 2: 307}}
 
@@ -105,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="8 x 256 calibration, first 6 blocks, 2048 eval tokens")
     p.add_argument("--fresh", action="store_true", help="ignore finished runs in the results file")
     p.add_argument("--out", default=None)
+    p.add_argument("--grad-cache", default=None, metavar="DIR",
+                   help="keep OAC/YAQA gradient statistics in DIR and reuse them across runs and bit widths")
     a = p.parse_args(argv)
     if a.quick:
         a.nsamples, a.seqlen, a.layers, a.eval_tokens, a.eval_seqlen = 8, 256, a.layers or 6, 2048, 256
@@ -146,8 +162,14 @@ def main(argv=None) -> int:
             spec = quantkern.QuantSpec(bits=bits, group_size=a.group_size, **spec_over)
             print(f"== {key}", flush=True)
             t0 = time.perf_counter()
+            extra = {}
+            if a.grad_cache and method in GRADIENT_METHODS:
+                os.makedirs(a.grad_cache, exist_ok=True)
+                extra["grad_stats_path"] = os.path.join(
+                    a.grad_cache, f"grad_{kw.get('labels', 'default')}_{kw.get('grad_kind', method)}_"
+                    f"rg{kw.get('row_groups', 1)}_{a.nsamples}x{a.seqlen}.pt")
             q, rep = quantkern.quantize_model(copy.deepcopy(fp), tok, spec, method=method, calib=calib,
-                                              layers=a.layers, progress=True, **kw)
+                                              layers=a.layers, progress=True, **kw, **extra)
             wall = time.perf_counter() - t0
             r = perplexity(q, docs, a.eval_seqlen, progress=True, desc=key)
             tps_fp = decode_tokens_per_s(fp, prompt, a.decode_tokens)
@@ -159,7 +181,7 @@ def main(argv=None) -> int:
                 "forward_s": rep.forward_s, "solve_s": rep.solve_s, "capture_s": rep.capture_s,
                 "forward_share": rep.forward_s / wall, "solve_share": rep.solve_s / wall,
                 "decode_tps_packed": tps_q, "decode_tps_fp32": tps_fp, "decode_speedup": tps_q / tps_fp,
-                "fallback_modules": fallbacks, "modules": len(rep.modules),
+                "fallback_modules": fallbacks, "modules": len(rep.modules), "method_meta": rep.method_meta,
             }
             print(f"   ppl {r['ppl']:.2f} (ref {REFERENCE.get(name, {}).get(bits)})  quant {wall:.0f} s "
                   f"(forward {rep.forward_s:.0f} s, solve {rep.solve_s:.0f} s)  decode {tps_q:.1f} vs {tps_fp:.1f} tok/s",

@@ -44,6 +44,35 @@ def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
     return scale, zero
 
 
+SHRINKS = tuple(round(0.30 + 0.025 * i, 3) for i in range(49))  # 0.30 ... 1.50 x the min/max scale
+
+
+def search_params(w: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | None = None,
+                  shrinks=SHRINKS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped scale per row of w [rows, k]: among min/max scales times each factor in `shrinks`
+    (range shrunk or widened about its zero point), the one with the least weighted squared rounding
+    error sum_j weight_j (w_j - deq(q(w_j)))^2 (weight [k], e.g. diag(H); default 1). At 2 bits the
+    min/max grid wastes levels on one outlier; this is GPTQ's `mse` quantizer option with a wider
+    search. Returns (scale, zero) like find_params, scales fp16-representable."""
+    maxq = (1 << bits) - 1
+    w = w.float()
+    rows, k = w.shape
+    wt = torch.ones(k, device=w.device) if weight is None else weight.float().reshape(k).to(w.device)
+    best_s, best_z = find_params(w, bits, sym)
+    best_err = torch.full((rows,), float("inf"), device=w.device)
+    zero_t = torch.zeros(rows, device=w.device)
+    lo = torch.minimum(w.amin(dim=1), zero_t)
+    hi = torch.maximum(w.amax(dim=1), zero_t)
+    for f in shrinks:
+        s, z = find_params(torch.stack([lo * f, hi * f], dim=1), bits, sym)
+        err = (((w - dequantize(quantize(w, s[:, None], z[:, None], maxq), s[:, None], z[:, None])) ** 2) * wt).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Nearest grid code (float, integer-valued) of w; scale/zero broadcast against w."""
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
@@ -60,8 +89,15 @@ def group_index(n: int, spec: QuantSpec, device=None) -> torch.Tensor:
     return (torch.arange(n, device=device) // spec.group_size).to(torch.int32)
 
 
-def group_params(w: torch.Tensor, spec: QuantSpec, g_idx: torch.Tensor | None = None):
-    """Scales and zeros [G, m] of every group of w [m, n] (g_idx defaults to natural order)."""
+GRID_KINDS = ("minmax", "mse")
+
+
+def group_params(w: torch.Tensor, spec: QuantSpec, g_idx: torch.Tensor | None = None, kind: str = "minmax",
+                 weight: torch.Tensor | None = None):
+    """Scales and zeros [G, m] of every group of w [m, n] (g_idx defaults to natural order).
+    kind "minmax": GPTQ's quantizer (find_params); "mse": search_params with column weights `weight` [n]."""
+    if kind not in GRID_KINDS:
+        raise ValueError(f"grid kind must be one of {GRID_KINDS}, got {kind!r}")
     m, n = w.shape
     g_idx = group_index(n, spec, w.device) if g_idx is None else g_idx
     G = int(g_idx.max().item()) + 1 if n else 0
@@ -69,7 +105,10 @@ def group_params(w: torch.Tensor, spec: QuantSpec, g_idx: torch.Tensor | None = 
     zeros = torch.empty(G, m, device=w.device)
     for g in range(G):
         cols = (g_idx == g).nonzero().flatten()
-        scales[g], zeros[g] = find_params(w[:, cols], spec.bits, spec.sym)
+        if kind == "mse":
+            scales[g], zeros[g] = search_params(w[:, cols], spec.bits, spec.sym, None if weight is None else weight[cols])
+        else:
+            scales[g], zeros[g] = find_params(w[:, cols], spec.bits, spec.sym)
     return scales, zeros
 
 

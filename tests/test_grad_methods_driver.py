@@ -23,6 +23,8 @@ def _quantize(method, **kw):
 
 
 @pytest.mark.parametrize("method,kw", [("oac", {}), ("yaqa", {}), ("yaqa", {"h_in": "act"}),
+                                       ("oac", {"core": "snrq", "h_mix": 0.5, "fisher": "token"}),
+                                       ("yaqa", {"grid_from": "snrq", "h_mix": 0.25, "out_damp": 0.1}),
                                        ("adaround", {"iters": 50})])
 def test_methods_run_through_driver_and_checkpoint(tmp_path, method, kw):
     from quantkern.models import checkpoint, save_quantized
@@ -52,11 +54,40 @@ def test_oac_uses_gradient_statistics_not_activations():
     assert not torch.equal(a.qweight, b.qweight)
 
 
+@pytest.mark.parametrize("method,kw", [("oac", {"core": "snrq"}), ("yaqa", {"grid_from": "snrq", "out_damp": 1e8})])
+def test_snrq_variants_at_zero_fisher_weight_are_snrq(method, kw):
+    """h_mix=0 through the driver (same fp + quantized streams, same D) gives SNRQ's model (for yaqa
+    with H_O damped to ~identity)."""
+    qs, _ = _quantize("snrq", alpha=0.25)
+    qm, rep = _quantize(method, h_mix=0.0, alpha=0.25, **kw)
+    assert rep.method_meta["h_mix"] == 0.0
+    for blk_s, blk_m in zip(qs.model.layers, qm.model.layers):
+        for name in ("self_attn.q_proj", "mlp.down_proj"):
+            a, b = blk_s.get_submodule(name), blk_m.get_submodule(name)
+            same = (a.qweight == b.qweight).float().mean().item()
+            assert same > 0.99 and torch.equal(a.scales, b.scales), (name, same)
+
+
+def test_grad_stats_cache_is_shared_between_methods(tmp_path):
+    path = tmp_path / "g.pt"
+    _quantize("oac", labels="data", grad_kind="both", grad_stats_path=str(path))
+    _, rep = _quantize("yaqa", labels="data", grad_stats_path=str(path), fisher="token")  # reuses kind "both"
+    assert rep.method_meta["fisher"] == "token"
+    with pytest.raises(ValueError, match="other settings"):
+        _quantize("yaqa", labels="sample", grad_stats_path=str(path))
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="h_in"):
         driver.make_method("yaqa", SPEC, h_in="nope")
     with pytest.raises(ValueError, match="oac"):
         driver.make_method("oac", SPEC, h_in="act")
+    with pytest.raises(ValueError, match="h_mix"):
+        driver.make_method("oac", SPEC, h_mix=2.0)
+    with pytest.raises(ValueError, match="fisher"):
+        driver.make_method("yaqa", SPEC, fisher="nope")
+    with pytest.raises(ValueError, match="grad_kind"):
+        driver.make_method("oac", SPEC, grad_kind="yaqa")
     m = driver.make_method("oac", SPEC)
     with pytest.raises(RuntimeError, match="no gradient statistics"):
         m.solve("x", torch.randn(4, 8), None)

@@ -9,6 +9,14 @@ Statistics (averaged over sequences, fp32 or fp64 sums):
     "yaqa": H_I = E_s[G_s^T G_s] [n, n] and H_O = E_s[G_s G_s^T] [m, m]  (YAQA sketch B: one step of
             the nearest-Kronecker power iteration on the per-sequence Fisher)
 Note H_OAC and YAQA's H_I are the same quantity; kind="both" collects both sides once.
+Token-level variants (tokens treated as independent samples, collected in the same pass; less noisy
+than sequence sums when there are few calibration sequences):
+    F_tok_in  = E_s[sum_t |g_{s,t}|^2 x_{s,t} x_{s,t}^T]  [n, n]   (row-aggregated per-token Fisher)
+    F_tok_out = E_s[sum_t g_{s,t} g_{s,t}^T]              [m, m]   (YAQA sketch A's H_O, first step)
+With row_groups = k > 1, F_tok_in is [k, n, n]: one per contiguous block of output rows (row_chunks),
+F_tok_in[j] = E_s[sum_t |g_{s,t}[rows j]|^2 x x^T], i.e. OAC's per-row Hessians (cross-row
+independence) aggregated only within each block instead of over all rows (summing the k blocks gives
+the k = 1 statistic).
 
 The loss l_s is the sequence's summed next-token cross-entropy. labels="data" uses the calibration
 text's next tokens (the empirical Fisher, what OAC calibrates on); labels="sample" draws the targets
@@ -41,11 +49,20 @@ class GradStats:
     nsamples: int = 0
     sum_in: torch.Tensor | None = None  # sum_s G_s^T G_s [n, n]
     sum_out: torch.Tensor | None = None  # sum_s G_s G_s^T [m, m]
+    sum_tok_in: torch.Tensor | None = None  # sum_{s,t} |g_st|^2 x_st x_st^T [n, n]
+    sum_tok_out: torch.Tensor | None = None  # sum_{s,t} g_st g_st^T [m, m]
+    row_groups: int = 1
 
     def __post_init__(self):
+        if not (isinstance(self.row_groups, int) and 1 <= self.row_groups <= self.m):
+            raise ValueError(f"row_groups must be an integer in [1, m={self.m}], got {self.row_groups!r}")
         self.sum_in = torch.zeros(self.n, self.n, dtype=self.dtype)
+        k = self.row_groups
+        self.sum_tok_in = torch.zeros(self.n, self.n, dtype=self.dtype) if k == 1 else \
+            torch.zeros(k, self.n, self.n, dtype=self.dtype)
         if self.kind in ("yaqa", "both"):
             self.sum_out = torch.zeros(self.m, self.m, dtype=self.dtype)
+            self.sum_tok_out = torch.zeros(self.m, self.m, dtype=self.dtype)
 
     def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """x [B, T, n] inputs, g [B, T, m] output gradients of B sequences."""
@@ -59,6 +76,17 @@ class GradStats:
         self.sum_in.addmm_(Gf.t(), Gf)
         if self.sum_out is not None:
             self.sum_out.add_(torch.bmm(G, G.transpose(1, 2)).sum(0))
+        gt = g.reshape(-1, self.m)
+        xt = x.reshape(-1, self.n)
+        if self.row_groups == 1:
+            xw = xt * gt.norm(dim=1, keepdim=True)  # sqrt(|g_t|^2) x_t
+            self.sum_tok_in.addmm_(xw.t(), xw)
+        else:
+            for j, (r0, r1) in enumerate(row_chunks(self.m, self.row_groups)):
+                xw = xt * gt[:, r0:r1].norm(dim=1, keepdim=True)
+                self.sum_tok_in[j].addmm_(xw.t(), xw)
+        if self.sum_tok_out is not None:
+            self.sum_tok_out.addmm_(gt.t(), gt)
         self.nsamples += G.shape[0]
 
     def _avg(self, t):
@@ -75,6 +103,43 @@ class GradStats:
         if self.sum_out is None:
             raise RuntimeError(f"GradStats(kind={self.kind!r}) has no output-side statistics")
         return self._avg(self.sum_out)
+
+    @property
+    def F_tok_in(self) -> torch.Tensor:
+        return self._avg(self.sum_tok_in)
+
+    @property
+    def F_tok_out(self) -> torch.Tensor:
+        if self.sum_tok_out is None:
+            raise RuntimeError(f"GradStats(kind={self.kind!r}) has no output-side statistics")
+        return self._avg(self.sum_tok_out)
+
+    def input_side(self, fisher: str = "sequence") -> torch.Tensor:
+        """[n, n] input-side Fisher: "sequence" (H_in, the papers' per-sequence G_s) or "token"."""
+        return {"sequence": lambda: self.H_in, "token": lambda: self.F_tok_in}[_check_fisher(fisher)]()
+
+    def output_side(self, fisher: str = "sequence") -> torch.Tensor:
+        """[m, m] output-side Fisher: "sequence" (H_out, YAQA sketch B) or "token"."""
+        return {"sequence": lambda: self.H_out, "token": lambda: self.F_tok_out}[_check_fisher(fisher)]()
+
+
+FISHER_KINDS = ("sequence", "token")
+
+
+def row_chunks(m: int, k: int) -> list[tuple[int, int]]:
+    """k contiguous blocks of m rows, sizes differing by at most one (torch.tensor_split's rule)."""
+    sizes = [len(c) for c in torch.tensor_split(torch.arange(m), k)]
+    bounds, start = [], 0
+    for sz in sizes:
+        bounds.append((start, start + sz))
+        start += sz
+    return bounds
+
+
+def _check_fisher(fisher: str) -> str:
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+    return fisher
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module | None:
@@ -104,7 +169,7 @@ def sequence_loss(logits: torch.Tensor, ids: torch.Tensor | None, labels: str, g
 
 def collect_grad_stats(model: nn.Module, samples, names: list[str], kind: str = "both", labels: str = "data",
                        batch_size: int = 1, dtype=torch.float32, seed: int = 0, forward=None,
-                       loss_fn=None, progress: bool = False) -> dict[str, GradStats]:
+                       loss_fn=None, progress: bool = False, row_groups: int = 1) -> dict[str, GradStats]:
     """Per-linear output-gradient statistics over calibration `samples`.
 
     model:   a module; `forward(model, batch) -> logits [B, T, V]` (default: HF causal LM on token ids).
@@ -125,7 +190,8 @@ def collect_grad_stats(model: nn.Module, samples, names: list[str], kind: str = 
         if not isinstance(mod, nn.Linear):
             raise TypeError(f"collect_grad_stats: {nm!r} is {type(mod).__name__}, not nn.Linear")
         mods[nm] = mod
-    stats = {nm: GradStats(mod.in_features, mod.out_features, kind, dtype) for nm, mod in mods.items()}
+    stats = {nm: GradStats(mod.in_features, mod.out_features, kind, dtype, row_groups=min(row_groups, mod.out_features))
+             for nm, mod in mods.items()}
     fwd = forward or (lambda mdl, b: _forward_logits(mdl, b))
     gen = torch.Generator().manual_seed(seed)
     inputs: dict[str, torch.Tensor] = {}

@@ -11,10 +11,19 @@ calibration sequence, with hooks on every linear of the blocks to be quantized
           instead (a hybrid that keeps GPTQ's sequential input statistics; not the paper's).
 Options: labels ("data": calibration next tokens, OAC's default; "sample": targets drawn from the
 model, YAQA's default), grad_nsamples (sequences used for gradients; default all), grad_batch,
-grad_stats_path (a file: loaded if it exists and matches labels/samples/kind, else computed and
-saved there; the statistics do not depend on bits or group size, so 4/3/2-bit runs can share them).
-Statistics are matched to the driver's `solve` calls by the weight's storage (the driver hands the
-fp32 weight itself); a model in another dtype gets a clear error.
+grad_stats_path (a file: loaded if it exists and matches labels/samples, else computed and saved
+there; the statistics do not depend on bits or group size, so 4/3/2-bit runs can share them;
+grad_kind="both" collects OAC's and YAQA's statistics in one pass so both methods can share a file).
+OUR additions beyond the papers (defaults reproduce the paper recipes above):
+    fisher="token"   per-token Fisher statistics instead of per-sequence ones (calibration.fisher).
+    row_groups=k     (oac, fisher="token") one Fisher per block of k contiguous output-row blocks
+                     (OAC's per-row Hessians aggregated within blocks only; solvers/oac.py).
+    h_mix=w          input-side Hessian (1 - w) H_act + w F (trace-normalised; solvers.hessian.blend),
+                     H_act the driver's activation Hessian of the partially quantized stream. Default
+                     1 (pure Fisher, the papers); h_in="act" is the old spelling of h_mix=0 for yaqa.
+    core="snrq"      (oac) SNRQ's regularised target + successive rounding instead of GPTQ's core;
+    grid_from="snrq" (yaqa) SNRQ's target and grid under the two-sided rounding. Both use the
+                     driver's fp + quantized activation streams (D) with alpha (default 0.25).
 """
 from __future__ import annotations
 
@@ -23,8 +32,8 @@ import time
 import torch
 import torch.nn as nn
 
-from ..calibration.fisher import collect_grad_stats
-from ..calibration.stats import HessianAccumulator
+from ..calibration.fisher import FISHER_KINDS, collect_grad_stats
+from ..calibration.stats import AsymAccumulator, HessianAccumulator
 from ..solvers import solve
 from .arch import find_blocks
 from .driver import Method, register_method
@@ -34,18 +43,35 @@ class GradientMethod(Method):
     kind = "oac"
     default_labels = "data"
 
-    def __init__(self, name, spec, seed=0, labels=None, grad_nsamples=None, grad_batch=1, h_in="fisher",
-                 grad_stats_path=None, **kwargs):
-        if h_in not in ("fisher", "act"):
+    def __init__(self, name, spec, seed=0, labels=None, grad_nsamples=None, grad_batch=1, h_in=None,
+                 grad_stats_path=None, fisher="sequence", h_mix=None, grad_kind=None, row_groups=1, **kwargs):
+        if h_in not in (None, "fisher", "act"):
             raise ValueError(f"h_in must be 'fisher' or 'act', got {h_in!r}")
-        if name == "oac" and h_in != "fisher":
-            raise ValueError("oac uses the output-adaptive Hessian; h_in='act' would be plain GPTQ")
+        if name == "oac" and h_in == "act":
+            raise ValueError("oac uses the output-adaptive Hessian; h_in='act' would be plain GPTQ (use h_mix)")
+        if h_in is not None and h_mix is not None:
+            raise ValueError("pass h_mix or h_in, not both")
+        h_mix = (0.0 if h_in == "act" else 1.0) if h_mix is None else float(h_mix)
+        if not 0.0 <= h_mix <= 1.0:
+            raise ValueError(f"h_mix must lie in [0, 1], got {h_mix!r}")
+        if fisher not in FISHER_KINDS:
+            raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+        if isinstance(row_groups, bool) or not isinstance(row_groups, int) or row_groups < 1:
+            raise ValueError(f"row_groups must be an integer >= 1, got {row_groups!r}")
+        if row_groups > 1 and (name != "oac" or fisher != "token"):
+            raise ValueError("row_groups > 1 is an option of oac with fisher='token'")
+        if grad_kind not in (None, self.kind, "both"):
+            raise ValueError(f"grad_kind must be {self.kind!r} or 'both', got {grad_kind!r}")
         super().__init__(name, spec, seed, **kwargs)
         self.labels = labels or self.default_labels
-        self.grad_nsamples, self.grad_batch, self.h_in = grad_nsamples, grad_batch, h_in
+        self.grad_nsamples, self.grad_batch, self.h_mix, self.fisher = grad_nsamples, grad_batch, h_mix, fisher
+        self.grad_kind = grad_kind or self.kind
+        self.row_groups = row_groups
         self.grad_stats_path = grad_stats_path
         self._stats: dict[int, object] = {}
         self.prepare_s = 0.0
+        snrq_like = kwargs.get("core") == "snrq" or kwargs.get("grid_from") == "snrq"
+        self.needs_fp_inputs = snrq_like and h_mix < 1.0  # D: the mismatch of the fp and quantized streams
 
     def prepare(self, model: nn.Module, samples: torch.Tensor) -> None:
         t0 = time.perf_counter()
@@ -57,12 +83,15 @@ class GradientMethod(Method):
                     names.append(f"{block_path}.{bi}.{nm}")
                     ptrs.append(mod.weight.data_ptr())
         use = samples if self.grad_nsamples is None else samples[: self.grad_nsamples]
-        key = {"kind": self.kind, "labels": self.labels, "seed": self.seed, "names": names,
+        key = {"kind": self.grad_kind, "labels": self.labels, "seed": self.seed, "names": names,
                "samples_sum": int(use.sum()), "samples_shape": list(use.shape)}
+        if self.row_groups > 1:
+            key["row_groups"] = self.row_groups
         stats = self._load(key)
         if stats is None:
-            stats = collect_grad_stats(model, use, names, kind=self.kind, labels=self.labels,
-                                       batch_size=self.grad_batch, seed=self.seed, progress=True)
+            stats = collect_grad_stats(model, use, names, kind=self.grad_kind, labels=self.labels,
+                                       batch_size=self.grad_batch, seed=self.seed, progress=True,
+                                       row_groups=self.row_groups)
             if self.grad_stats_path:
                 torch.save({"key": key, "stats": stats}, self.grad_stats_path)
         self._stats = {p: stats[nm] for p, nm in zip(ptrs, names)}
@@ -74,16 +103,26 @@ class GradientMethod(Method):
         if not (self.grad_stats_path and os.path.exists(self.grad_stats_path)):
             return None
         blob = torch.load(self.grad_stats_path, weights_only=False)
-        if blob.get("key") != key:
+        old = dict(blob.get("key", {}))
+        usable = old.get("kind") in (key["kind"], "both") and {**old, "kind": key["kind"]} == key
+        st = blob.get("stats", {})
+        if usable and self.fisher == "token" and any(getattr(v, "sum_tok_in", None) is None for v in st.values()):
+            usable = False
+        if not usable:
             raise ValueError(f"{self.name}: {self.grad_stats_path} holds statistics for other settings "
-                             "(labels, kind, seed, calibration samples or modules differ); delete it or pass another path")
-        return blob["stats"]
+                             "(labels, kind, seed, calibration samples, modules or no per-token sums); "
+                             "delete it or pass another path")
+        return st
 
     def collector(self, n: int):
-        return HessianAccumulator(n) if self.h_in == "act" else None
+        if self.needs_fp_inputs:
+            return AsymAccumulator(n)
+        return HessianAccumulator(n) if self.h_mix < 1.0 else None
 
     def add(self, collector, x_q, x_f):
-        if collector is not None:
+        if isinstance(collector, AsymAccumulator):
+            collector.add_batch(x_q, x_f)
+        elif collector is not None:
             collector.add_batch(x_q)
 
     def stats_for(self, name, weight):
@@ -95,14 +134,24 @@ class GradientMethod(Method):
 
     def solve(self, name, weight, collector):
         st = self.stats_for(name, weight)
+        F = st.input_side(self.fisher)
+        kw = dict(self.kwargs)
+        if self.needs_fp_inputs:
+            kw["D"] = collector.D
         if self.name == "oac":
-            return solve(weight, st.H_in, self.spec, method="oac", **self.kwargs)
-        H = collector.H if self.h_in == "act" else st.H_in
-        return solve(weight, H, self.spec, method="yaqa", H_out=st.H_out, **self.kwargs)
+            if self.h_mix == 1.0:
+                return solve(weight, F, self.spec, method="oac", **kw)
+            return solve(weight, collector.H, self.spec, method="oac", H_oac=F, h_mix=self.h_mix, **kw)
+        H_out = st.output_side(self.fisher)
+        if self.h_mix == 1.0:
+            return solve(weight, F, self.spec, method="yaqa", H_out=H_out, **kw)
+        if self.h_mix > 0.0:
+            kw.update(H_fisher=F, h_mix=self.h_mix)
+        return solve(weight, collector.H, self.spec, method="yaqa", H_out=H_out, **kw)
 
     def meta(self):
-        return {**super().meta(), "labels": self.labels, "grad_nsamples": self.grad_nsamples, "h_in": self.h_in,
-                "grad_stats_s": round(self.prepare_s, 2)}
+        return {**super().meta(), "labels": self.labels, "grad_nsamples": self.grad_nsamples, "h_mix": self.h_mix,
+                "fisher": self.fisher, "row_groups": self.row_groups, "grad_stats_s": round(self.prepare_s, 2)}
 
 
 class OAC(GradientMethod):

@@ -25,14 +25,22 @@ BLOCKSIZE = 128
 class Prepared:
     """Everything in processing order: W (dead columns zeroed), H (masked), Hd (damped), U, perm."""
 
-    def __init__(self, W, H, spec: QuantSpec, act_order: bool, log: dict):
+    def __init__(self, W, H, spec: QuantSpec, act_order: bool, log: dict, perm: torch.Tensor | None = None):
+        """perm: a fixed processing order (act_order only) instead of descending diag(H), so that
+        several solves of one weight's row blocks share column order and groups (oac row_groups)."""
         self.m, self.n = W.shape
         H, dead = mask_dead(H)
         W = W.float().clone()
         W[:, dead] = 0
         self.dead = dead
         log["dead_columns"] = int(dead.sum())
-        if act_order:
+        if act_order and perm is not None:
+            if perm.shape != (self.n,) or not torch.equal(torch.sort(perm.long()).values,
+                                                          torch.arange(self.n, device=perm.device)):
+                raise ValueError(f"perm must be a permutation of range({self.n})")
+            self.perm = perm.long().to(W.device)
+            self.invperm = torch.argsort(self.perm)
+        elif act_order:
             self.perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
             self.invperm = torch.argsort(self.perm)
         else:
@@ -64,9 +72,11 @@ class Prepared:
         """g_idx of original columns from the processing-order gidx."""
         return (gidx_p if self.perm is None else gidx_p[self.invperm]).to(torch.int32).contiguous()
 
-    def static_params_processing(self, T: torch.Tensor):
-        """Params of every contiguous processing-order group of the (processing-order) target T."""
-        return grid.group_params(T, self.spec, self.processing_groups())
+    def static_params_processing(self, T: torch.Tensor, kind: str = "minmax"):
+        """Params of every contiguous processing-order group of the (processing-order) target T;
+        kind "mse" searches clipped scales weighted by the damped diag(H) (grid.search_params)."""
+        weight = torch.diagonal(self.Hd) if kind == "mse" else None
+        return grid.group_params(T, self.spec, self.processing_groups(), kind=kind, weight=weight)
 
 
 def run_block_solve(target, U, P, gidx_p, scales, zeros, spec, dynamic, log, backend=None):

@@ -117,3 +117,24 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, retries: int = 4, log:
         factor_time_s=time.perf_counter() - t0,
     )
     return U, Hd, log
+
+
+def blend(H: torch.Tensor, F: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """(1 - weight) H + weight (tr H / tr F) F: an input-side Hessian that mixes the activation
+    Hessian H with an output-adaptive (Fisher) one F, F rescaled to H's trace so `weight` is a
+    fraction of the curvature, whatever the units of F. weight 0 returns H itself, weight 1 F at H's
+    scale (or F itself if H carries no signal)."""
+    w = float(weight)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"blend weight must lie in [0, 1], got {weight!r}")
+    if w == 0.0:
+        return H
+    if F is None:
+        raise ValueError("blend: weight > 0 needs the Fisher Hessian F")
+    if F.shape != H.shape:
+        raise ValueError(f"blend: F {tuple(F.shape)} and H {tuple(H.shape)} differ")
+    tf, th = float(torch.diagonal(F).sum()), float(torch.diagonal(H).sum())
+    if not tf > 0:
+        raise HessianError("the Fisher Hessian has no positive diagonal mass (no gradient signal)")
+    Fs = F.float() * (th / tf) if th > 0 else F.float()
+    return Fs if w == 1.0 else (1.0 - w) * H.float() + w * Fs

@@ -39,12 +39,27 @@ def _alpha_star(Wp, WDp, Qp, U) -> float:
     return min(max(num / den, 0.0), 1.0)
 
 
-def _solve_once(prep, WDp, alpha, K, cd_passes, log, backend):
-    spec = prep.spec
+def shifted_target(prep, WDp, alpha, grid_kind="minmax"):
+    """(W_ref, gidx_p, scales, zeros) in processing order: SNRQ's target W + alpha (W D) H_d^-1 and its
+    static group params (groups contiguous in processing order). Shared with yaqa(grid_from="snrq")."""
     U = prep.U
     Wref = prep.W + alpha * ((WDp @ U.t()) @ U) if alpha != 0 else prep.W
     gidx_p = prep.processing_groups()
-    scales, zeros = prep.static_params_processing(Wref)
+    scales, zeros = prep.static_params_processing(Wref, grid_kind)
+    return Wref, gidx_p, scales, zeros
+
+
+def permuted_mismatch_product(prep, D):
+    """W D in processing order (dead columns of D zeroed), for shifted_target."""
+    Dp = D.clone()
+    Dp[:, prep.dead] = 0
+    return prep.W @ prep.permute_sym(Dp)
+
+
+def _solve_once(prep, WDp, alpha, K, cd_passes, log, backend, grid_kind="minmax"):
+    spec = prep.spec
+    U = prep.U
+    Wref, gidx_p, scales, zeros = shifted_target(prep, WDp, alpha, grid_kind)
     if K == 1:
         codes_p, _, _, loss = core.run_block_solve(Wref, U, None, gidx_p, scales, zeros, spec, False, log, backend)
     else:
@@ -57,8 +72,11 @@ def _solve_once(prep, WDp, alpha, K, cd_passes, log, backend):
     return codes_p, scales, zeros, gidx_p, loss, Wref
 
 
-def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, method):
+def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, method, grid_kind="minmax",
+          perm=None):
     n = W.shape[1]
+    if grid_kind not in grid.GRID_KINDS:
+        raise ValueError(f"grid must be one of {grid.GRID_KINDS}, got {grid_kind!r}")
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be an integer >= 1, got {K!r}")
     if isinstance(cd_passes, bool) or not isinstance(cd_passes, int) or cd_passes < 0:
@@ -67,19 +85,18 @@ def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backe
         D = torch.zeros(n, n, dtype=torch.float32, device=W.device)
     D = check_D(D, n)
     spec = spec.replace(act_order=True)
-    prep = core.Prepared(W, H, spec, True, log)
-    Dp = D.clone()
-    Dp[:, prep.dead] = 0
-    Dp = prep.permute_sym(Dp)
-    WDp = prep.W @ Dp
+    prep = core.Prepared(W, H, spec, True, log, perm=perm)
+    WDp = permuted_mismatch_product(prep, D)
     params = {"alpha": alpha, "K": K, "cd_passes": cd_passes}
+    if grid_kind != "minmax":
+        params["grid"] = grid_kind
     if alpha == "sample":
         a = 1.0
     elif alpha == "optimize":
         a = check_alpha(alpha_prev if alpha_prev is not None else alpha_init)
     else:
         a = check_alpha(alpha)
-    codes_p, scales, zeros, gidx_p, loss, Wref = _solve_once(prep, WDp, a, K, cd_passes, log, backend)
+    codes_p, scales, zeros, gidx_p, loss, Wref = _solve_once(prep, WDp, a, K, cd_passes, log, backend, grid_kind)
     if alpha == "optimize":
         Qp = grid.dequantize_groups(codes_p, scales, zeros, gidx_p)
         a_star = _alpha_star(prep.W, WDp, Qp, prep.U)
@@ -89,7 +106,7 @@ def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backe
         else:
             log["alpha_first"] = a
             a = a_star
-            codes_p, scales, zeros, gidx_p, loss, Wref = _solve_once(prep, WDp, a, K, cd_passes, log, backend)
+            codes_p, scales, zeros, gidx_p, loss, Wref = _solve_once(prep, WDp, a, K, cd_passes, log, backend, grid_kind)
             Qp = grid.dequantize_groups(codes_p, scales, zeros, gidx_p)
             log["alpha_next"] = _alpha_star(prep.W, WDp, Qp, prep.U)
     log["alpha"] = a
@@ -98,10 +115,13 @@ def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backe
 
 
 @register_method("snrq")
-def snrq(W, H, spec, log, D=None, alpha=0.25, K=1, cd_passes=0, alpha_prev=None, alpha_init=0.25, backend=None):
-    return _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, "snrq" if K == 1 else "ksnrq")
+def snrq(W, H, spec, log, D=None, alpha=0.25, K=1, cd_passes=0, alpha_prev=None, alpha_init=0.25, backend=None,
+         grid="minmax", perm=None):
+    return _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend,
+                 "snrq" if K == 1 else "ksnrq", grid, perm)
 
 
 @register_method("ksnrq")
-def ksnrq(W, H, spec, log, D=None, alpha=0.25, K=4, cd_passes=0, alpha_prev=None, alpha_init=0.25, backend=None):
-    return _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, "ksnrq")
+def ksnrq(W, H, spec, log, D=None, alpha=0.25, K=4, cd_passes=0, alpha_prev=None, alpha_init=0.25, backend=None,
+          grid="minmax", perm=None):
+    return _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, "ksnrq", grid, perm)

@@ -5,7 +5,16 @@ to the original with the Hessian approximated as H_O (x) H_I. The statistics com
 quantkern.calibration.fisher (sketch B: H_I = E_s[G_s^T G_s], H_O = E_s[G_s G_s^T] over sequences s).
 
 Rounding: two-sided LDLQ (kron_ldlq.py) on a scalar grid fixed beforehand: by default the group
-params of a GPTQ pass on H_I (grid="gptq"; "rtn" for min/max params of W). Both Hessians are
+params of a GPTQ pass on H_I (grid="gptq"; "rtn" for min/max params of W). grid_from="snrq" (OUR
+design, not the paper's) also takes SNRQ's regularised target: with D (the activation-mismatch matrix
+of the driver's two streams) and alpha it rounds W_ref = W (H_I + alpha D) H_I^-1 on the static
+min/max grid of W_ref, act-order on, i.e. it minimises tr((W_ref - Q) H_I (W_ref - Q)^T H_O), which
+equals H_O-weighted ||W X_t - Q X_q||^2 up to a constant (H_O multiplies on the other side); with
+H_O = I the codes are SNRQ's. Optional grid="mse" searches clipped group scales (grid.search_params) there. Optional
+H_fisher + h_mix blend a Fisher input factor into H (as
+oac's h_mix, solvers.hessian.blend; D is scaled by 1 - h_mix). out_damp: relative damping of H_O
+(default spec.damp); a larger value trusts a noisy H_O less (out_damp -> inf is H_O = I).
+out_order=True decides rows in descending diag(H_O) (act-order on the output side; our option). Both Hessians are
 damped and factorised by the same robust ladder as every other method (solvers/hessian.py); the
 input side also supplies act-order and dead-column masking (core.Prepared). With H_O = I the codes
 are GPTQ's (same grid, same order of decisions), which the tests check.
@@ -18,11 +27,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import grid
+from .. import grid as gridmath
 from . import core
-from .hessian import HessianError, check_hessian, inverse_cholesky, mask_dead
+from .gptaq import check_alpha, check_D
+from .hessian import HessianError, blend, check_hessian, inverse_cholesky, mask_dead
 from .kron_ldlq import kron_ldlq, objective, unit_upper_factor
 from .registry import get_method, register_method
+from .snrq import permuted_mismatch_product, shifted_target
 
 
 def output_factor(H_out: torch.Tensor, damp: float, log: dict) -> torch.Tensor:
@@ -42,38 +53,74 @@ def output_factor(H_out: torch.Tensor, damp: float, log: dict) -> torch.Tensor:
     return unit_upper_factor(U)
 
 
+GRIDS = ("gptq", "rtn", "snrq")
+
+
 @register_method("yaqa")
-def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int = 32, backend=None):
+def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int = 32, D=None, alpha=0.25,
+               H_fisher=None, h_mix: float = 0.0, out_damp: float | None = None, grid: str = "minmax",
+               out_order: bool = False, backend=None):
     """quantkern.solve(W, H, spec, method="yaqa", H_out=...): H is the input-side factor H_I [n, n]
     (the Fisher sketch by default in the driver), H_out the output-side factor H_O [m, m]."""
     m, n = W.shape
     if H_out is None:
         raise ValueError("yaqa needs H_out, the [m, m] output-side Kronecker factor (quantkern.calibration.fisher)")
     check_hessian(H_out, m)
-    if grid_from not in ("gptq", "rtn"):
-        raise ValueError(f"yaqa: grid_from must be 'gptq' or 'rtn', got {grid_from!r}")
+    if grid_from not in GRIDS:
+        raise ValueError(f"yaqa: grid_from must be one of {GRIDS}, got {grid_from!r}")
+    if grid_from != "snrq" and (D is not None or alpha != 0.25 or grid != "minmax"):
+        raise ValueError("yaqa: D / alpha / grid belong to grid_from='snrq'")
+    if grid not in gridmath.GRID_KINDS:
+        raise ValueError(f"yaqa: grid must be one of {gridmath.GRID_KINDS}, got {grid!r}")
+    if out_damp is not None and not (float(out_damp) >= 0):
+        raise ValueError(f"yaqa: out_damp must be >= 0, got {out_damp!r}")
+    if H_fisher is not None:
+        check_hessian(H_fisher, n)
+        H_fisher = H_fisher.detach().to(W.device).float()
+    H = blend(H, H_fisher, h_mix)
+    if grid_from == "snrq":
+        spec = spec.replace(act_order=True)
     prep = core.Prepared(W, H, spec, spec.act_order, log)
-    if grid_from == "gptq":
-        base = get_method("gptq")(W, H, spec, {}, backend=backend)
-        scales, zeros, g_idx = base.scales, base.zeros, base.g_idx
-        log["gptq_loss"] = base.loss
+    target = prep.W
+    if grid_from == "snrq":
+        Dm = torch.zeros(n, n, device=W.device) if D is None else D.detach().to(W.device).float()
+        if float(h_mix) != 0.0:
+            Dm = (1.0 - float(h_mix)) * Dm
+        a = check_alpha(alpha)
+        target, gidx_p, scales, zeros = shifted_target(prep, permuted_mismatch_product(prep, check_D(Dm, n)), a, grid)
+        g_idx = prep.export_g_idx(gidx_p)
     else:
-        _, scales, zeros, g_idx = grid.rtn(W, spec)
-    gidx_p = g_idx if prep.perm is None else g_idx[prep.perm]
+        if grid_from == "gptq":
+            base = get_method("gptq")(W, H, spec, {}, backend=backend)
+            scales, zeros, g_idx = base.scales, base.zeros, base.g_idx
+            log["gptq_loss"] = base.loss
+        else:
+            _, scales, zeros, g_idx = gridmath.rtn(W, spec)
+        gidx_p = g_idx if prep.perm is None else g_idx[prep.perm]
     gi = gidx_p.long()
     S = scales[gi].t().contiguous()
     Z = zeros[gi].t().contiguous()
     A = unit_upper_factor(prep.U)
-    B = output_factor(H_out.float(), spec.damp, log)
-    codes_p = kron_ldlq(prep.W, A, B, S, Z, spec.maxq, tile=tile)
+    Ho = H_out.float()
+    rperm = torch.argsort(torch.diagonal(Ho), descending=True, stable=True) if out_order else None
+    if rperm is not None:  # rows with the most output curvature decided first (act-order for rows)
+        Ho, target, S, Z = Ho[rperm][:, rperm], target[rperm], S[rperm], Z[rperm]
+    B = output_factor(Ho, spec.damp if out_damp is None else float(out_damp), log)
+    codes_p = kron_ldlq(target, A, B, S, Z, spec.maxq, tile=tile)
+    if rperm is not None:
+        inv = torch.argsort(rperm)
+        codes_p, target = codes_p[inv], target[inv]
     codes = prep.unpermute_cols(codes_p).to(torch.uint8)
-    deq = grid.dequantize_groups(codes, scales, zeros, g_idx)
+    deq = gridmath.dequantize_groups(codes, scales, zeros, g_idx)
     Hd = prep.Hd if prep.perm is None else prep.Hd[prep.invperm][:, prep.invperm]
-    Wm = prep.unpermute_cols(prep.W)
-    loss = objective(Wm - deq, Hd, H_out)
-    log["proxy_in"] = core.proxy_loss(Wm, deq, Hd)
+    Tm = prep.unpermute_cols(target)
+    loss = objective(Tm - deq, Hd, H_out)
+    log["proxy_in"] = core.proxy_loss(Tm, deq, Hd)
     from .result import SolveResult
 
-    params = {"grid": grid_from, "tile": tile}
+    params = {"grid": grid_from, "tile": tile, "h_mix": float(h_mix) if H_fisher is not None else None,
+              "out_damp": out_damp, "out_order": bool(out_order)}
+    if grid_from == "snrq":
+        params.update(alpha=alpha, grid_kind=grid)
     return SolveResult(codes, scales.float().contiguous(), zeros.float().contiguous(), g_idx.to(torch.int32), deq,
                        loss, log, spec, "yaqa", params, prep.perm)
