@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None, help="quantized checkpoint (default: RTN 4-bit g64 of SmolLM2, in memory)")
     b.add_argument("--fp-model", default="default")
     b.add_argument("--tokens", type=int, default=32)
-    b.add_argument("--fp-lm-head", action="store_true", help="in-memory RTN model: keep lm_head in fp32")
+    b.add_argument("--quantize-lm-head", action="store_true",
+                   help="in-memory RTN model: quantize lm_head too (faster decode; costs perplexity, see README)")
 
     d = sub.add_parser("demo", help="quantize SmolLM2 with SNRQ 4-bit g64 and report the story")
     d.add_argument("--nsamples", type=int, default=None)
@@ -235,7 +236,7 @@ def cmd_bench(args) -> int:
         from .spec import QuantSpec
 
         qmodel, _ = quantize_model(copy.deepcopy(fp), tok, QuantSpec(bits=4, group_size=64), method="rtn",
-                                   nsamples=1, seqlen=16, progress=False, quantize_lm_head=not args.fp_lm_head)
+                                   nsamples=1, seqlen=16, progress=False, quantize_lm_head=args.quantize_lm_head)
     ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     t_fp = decode_tokens_per_s(fp, ids, args.tokens)
     t_q = decode_tokens_per_s(qmodel, ids, args.tokens)
