@@ -56,6 +56,15 @@ qk::cuda::QWeightView view_of(const char* op, const at::Tensor& qweight, const a
                                static_cast<int>(bits)};
 }
 
+// The optional bias, checked against the output width and x's device, in x's dtype and contiguous;
+// an undefined tensor when there is none.
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t m, const at::Tensor& x, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == m, op, ": bias must be [", m, "], got ", bias->sizes());
+  TORCH_CHECK(bias->device() == x.device(), op, ": bias on ", bias->device(), ", x on ", x.device());
+  return bias->to(x.scalar_type()).contiguous();
+}
+
 // Split-K arrival counters, zero between calls (each call re-arms them). One set per device and
 // stream, so launches on different streams never share them. Grown on demand, never freed.
 unsigned int* gemv_counters(const at::Device& dev, cudaStream_t stream, int64_t need) {
@@ -77,13 +86,8 @@ at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::T
   TORCH_CHECK(x.device() == qweight.device(), op, ": x on ", x.device(), ", weight on ", qweight.device());
   const auto xt = dtype_of(x.scalar_type(), op);
   const auto xc = x.contiguous();
-  const bool has_bias = bias.has_value() && bias->defined();
-  at::Tensor bc;
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.m, op, ": bias must be [", w.m, "], got ", bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias on ", bias->device(), ", x on ", x.device());
-    bc = bias->to(x.scalar_type()).contiguous();
-  }
+  const at::Tensor bc = checked_bias(bias, w.m, x, op);
+  const bool has_bias = bc.defined();
   const int64_t batch = x.size(0);
   auto y = at::empty({batch, w.m}, x.options());
   if (batch == 0 || w.m == 0) return y;
@@ -142,13 +146,8 @@ at::Tensor mma_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Te
               x.scalar_type());
   const int major = qk::cuda::mma_arch_major();
   TORCH_CHECK(major >= 8, op, ": needs a GPU of compute capability 8.0 or newer (mma.sync, cp.async), got ", major);
-  const bool has_bias = bias.has_value() && bias->defined();
-  at::Tensor bc;
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.m, op, ": bias must be [", w.m, "], got ", bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias on ", bias->device(), ", x on ", x.device());
-    bc = bias->to(x.scalar_type()).contiguous();
-  }
+  const at::Tensor bc = checked_bias(bias, w.m, x, op);
+  const bool has_bias = bc.defined();
   const int64_t batch = x.size(0);
   auto y = at::empty({batch, w.m}, x.options());
   if (batch == 0 || w.m == 0) return y;
