@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 _LLAMA = (
@@ -76,8 +77,10 @@ def linear_groups(model: nn.Module, block: nn.Module, trace: Callable[[], None])
     linears = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     if arch is not None and arch.sequential is not None and {n for g in arch.sequential for n in g} == linears:
         return [tuple(g) for g in arch.sequential]
-    calls: list[tuple[str, int]] = []
-    handles = [m.register_forward_hook(lambda mod, inp, out, name=n: calls.append((name, id(inp[0]))))
+    # keep the input tensors themselves (not their id()s): a freed input's id is reused by the next
+    # allocation, which made o_proj and gate/up look like they shared an input
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_hook(lambda mod, inp, out, name=n: calls.append((name, inp[0])))
                for n, m in block.named_modules() if isinstance(m, nn.Linear)]
     try:
         trace()
@@ -90,7 +93,7 @@ def linear_groups(model: nn.Module, block: nn.Module, trace: Callable[[], None])
         if name in seen:
             continue
         seen.add(name)
-        if groups and inp == last_input:
+        if groups and inp is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
