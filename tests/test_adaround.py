@@ -57,3 +57,78 @@ def test_solve_method_on_rtn_and_gptq_grids(rng):
     assert torch.equal(ag.scales, g.scales) and torch.equal(ag.g_idx, g.g_idx)  # GPTQ's grid, act-order g_idx
     with pytest.raises(TypeError):
         quantkern.solve(W, H, spec, method="adaround", bogus=1)
+
+
+# ------------------------------------------------ closed-form gradient vs autograd (the old implementation)
+
+from quantkern.solvers.adaround import ZETA, GAMMA, grad_v, reconstruction  # noqa: E402
+
+
+def clipped_problem(gen, m, n, bits):
+    """A layer whose grid clips: the scale is too small for part of each row, so floor(W/s) falls
+    outside [-zero, maxq - zero] there and base + h is clamped."""
+    W, _, H = layer(gen, m=m, n=n, T=4 * n)
+    s, z = grid.find_params(W, bits, sym=True)
+    S = (s[:, None] * (0.6 + 0.5 * torch.rand(m, 1, generator=gen))).expand(m, n).contiguous()
+    Z = z[:, None].expand(m, n).contiguous()
+    return W, H, S, Z, (1 << bits) - 1
+
+
+def autograd_loss(V, W, H, S, base, lo, hi, inv_norm, lam, beta):
+    h = rect_sigmoid(V)
+    loss = reconstruction(W, H, S * torch.clamp(base + h, lo, hi), inv_norm)
+    if beta is not None:
+        loss = loss + lam * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+    return loss
+
+
+@pytest.mark.parametrize("m,n", [(7, 13), (32, 80), (65, 33)])
+@pytest.mark.parametrize("beta", [None, 20.0, 2.0, 3.7])
+def test_closed_form_gradient_equals_autograd(rng, m, n, beta):
+    W, H, S, Z, maxq = clipped_problem(rng, m, n, bits=2)
+    base = torch.floor(W / S)
+    lo, hi = -Z, maxq - Z
+    V = torch.randn(m, n, generator=rng) * 3  # wide: many h(V) clipped to 0 / 1
+    inv_norm = 1.0 / (S.pow(2).mean(dim=1, keepdim=True) * torch.diagonal(H).mean())
+    lam = 0.7
+    Vg = V.clone().requires_grad_(True)
+    autograd_loss(Vg, W, H, S, base, lo, hi, inv_norm, lam, beta).backward()
+    g = grad_v(V, W, H, S, base, lo, hi, -2.0 * inv_norm * S, lam, beta)
+    # the problem really exercises both clips and the live entries
+    pre = torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA
+    q = base + pre.clamp(0, 1)
+    assert bool(((pre < 0) | (pre > 1)).any()) and bool(((q < lo) | (q > hi)).any())
+    assert bool(((q >= lo) & (q <= hi) & (pre > 0) & (pre < 1)).any())
+    assert bool((g[(pre < 0) | (pre > 1)] == 0).all())
+    scale = Vg.grad.abs().max()
+    assert float(scale) > 0
+    assert torch.allclose(g, Vg.grad, rtol=1e-4, atol=1e-5 * float(scale)), float((g - Vg.grad).abs().max() / scale)
+
+
+def adaround_autograd(W, H, S, Z, maxq, iters, lam=1.0, b_start=20.0, b_end=2.0, warmup=0.2):
+    """The previous implementation (autograd through the loss), kept as the reference."""
+    base = torch.floor(W / S)
+    lo, hi = -Z, maxq - Z
+    V = init_v(W / S - base).requires_grad_(True)
+    inv_norm = (1.0 / (S.pow(2).mean(dim=1) * torch.diagonal(H).mean()))[:, None]
+    opt = torch.optim.Adam([V], lr=min(0.05, 1e-3 * 1e4 / iters))
+    for it in range(iters):
+        opt.zero_grad(set_to_none=True)
+        autograd_loss(V, W, H, S, base, lo, hi, inv_norm, lam, beta_at(it, iters, warmup, b_start, b_end)).backward()
+        opt.step()
+    with torch.no_grad():
+        return torch.clamp(base + (rect_sigmoid(V) >= 0.5).float() + Z, 0, maxq)
+
+
+@pytest.mark.parametrize("m,n,bits,clip", [(24, 40, 2, True), (40, 24, 3, False), (33, 57, 4, True)])
+def test_same_codes_as_autograd_version(rng, m, n, bits, clip):
+    if clip:
+        W, H, S, Z, maxq = clipped_problem(rng, m, n, bits)
+    else:
+        W, _, H = layer(rng, m=m, n=n, T=4 * n)
+        s, z = grid.find_params(W, bits, sym=True)
+        S, Z, maxq = s[:, None].expand(m, n).contiguous(), z[:, None].expand(m, n).contiguous(), (1 << bits) - 1
+    codes, log = adaround(W, H, S, Z, maxq, iters=150)
+    ref = adaround_autograd(W, H, S, Z, maxq, iters=150)
+    assert log["flipped_vs_rtn"] > 0  # the learned rounding moved away from RTN
+    assert torch.equal(codes, ref), int((codes != ref).sum())
