@@ -4,6 +4,9 @@
     python benchmarks/bench_e2e.py --quick         # 8 x 256 calibration, first 6 blocks, 2k eval tokens
     python benchmarks/bench_e2e.py --methods snrq gptq --bits 3 --fresh
 
+`--seed S` draws the calibration sequences with seed S (default 0; settings["seed"] is the default's);
+its runs are keyed NAME/wBITS/seedS.
+
 Defaults (the settings of the plain reference implementation quoted in the project notes):
 symmetric grid, group 64, 32 x 512 calibration tokens from the Shakespeare comedies/histories,
 perplexity over 8192 tokens of Hamlet + Macbeth in 512-token windows, every block quantized.
@@ -88,7 +91,8 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name in METHODS:
-        pts = sorted((r["bits"], r["ppl"]) for k, r in results["runs"].items() if r["name"] == name)
+        pts = sorted((r["bits"], r["ppl"]) for k, r in results["runs"].items()
+                     if r["name"] == name and r.get("calib_seed", 0) == 0)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     if "fp" in results:
@@ -117,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None, help="quantize only the first N blocks")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="8 x 256 calibration, first 6 blocks, 2048 eval tokens")
+    p.add_argument("--seed", type=int, default=0,
+                   help="calibration sample seed; runs with a seed other than 0 are keyed NAME/wBITS/seedS in the "
+                        "same results file (the seed-0 rows keep their keys)")
     p.add_argument("--fresh", action="store_true", help="ignore finished runs in the results file")
     p.add_argument("--out", default=None)
     p.add_argument("--grad-cache", default=None, metavar="DIR",
@@ -145,7 +152,7 @@ def main(argv=None) -> int:
         plot(results, out.with_suffix(".png"))
 
     fp, tok = load_fp("default")
-    calib = calibration_samples(tok, "shakespeare", a.nsamples, a.seqlen, seed=0)
+    calib = calibration_samples(tok, "shakespeare", a.nsamples, a.seqlen, seed=a.seed)
     docs = evaluation_tokens(tok, "shakespeare", a.eval_tokens)
     prompt = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     if "fp" not in results:
@@ -155,7 +162,7 @@ def main(argv=None) -> int:
     print(f"fp32 perplexity {results['fp']['ppl']:.2f} over {results['fp']['tokens']} tokens")
     for bits in a.bits:
         for name in a.methods:
-            key = f"{name}/w{bits}"
+            key = f"{name}/w{bits}" + (f"/seed{a.seed}" if a.seed else "")
             if key in results["runs"]:
                 continue
             method, spec_over, kw = METHODS[name]
@@ -167,7 +174,7 @@ def main(argv=None) -> int:
                 os.makedirs(a.grad_cache, exist_ok=True)
                 extra["grad_stats_path"] = os.path.join(
                     a.grad_cache, f"grad_{kw.get('labels', 'default')}_{kw.get('grad_kind', method)}_"
-                    f"rg{kw.get('row_groups', 1)}_{a.nsamples}x{a.seqlen}.pt")
+                    f"rg{kw.get('row_groups', 1)}_{a.nsamples}x{a.seqlen}" + (f"_seed{a.seed}" if a.seed else "") + ".pt")
             q, rep = quantkern.quantize_model(copy.deepcopy(fp), tok, spec, method=method, calib=calib,
                                               layers=a.layers, progress=True, **kw, **extra)
             wall = time.perf_counter() - t0
@@ -176,7 +183,8 @@ def main(argv=None) -> int:
             tps_q = decode_tokens_per_s(q, prompt, a.decode_tokens)
             fallbacks = sum(1 for m in rep.modules if m["fallback"])
             results["runs"][key] = {
-                "name": name, "method": method, "bits": bits, "spec": spec.to_dict(), "kwargs": kw, "ppl": r["ppl"],
+                "name": name, "method": method, "bits": bits, "calib_seed": a.seed, "spec": spec.to_dict(), "kwargs": kw,
+                "ppl": r["ppl"],
                 "reference_ppl": REFERENCE.get(name, {}).get(bits), "quant_wall_s": wall,
                 "forward_s": rep.forward_s, "solve_s": rep.solve_s, "capture_s": rep.capture_s,
                 "forward_share": rep.forward_s / wall, "solve_share": rep.solve_s / wall,
