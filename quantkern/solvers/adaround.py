@@ -61,27 +61,55 @@ def reconstruction(W, H, Wq, inv_norm) -> torch.Tensor:
     return ((D @ H) * D * inv_norm).sum()
 
 
-def grad_v(V, W, H, scale_e, base, lo, hi, coef, lam: float, beta: float | None) -> torch.Tensor:
-    """d loss / d V of loss(V) = rec(scale_e * clip(base + h(V), lo, hi)) + lam * sum(1 - |2h - 1|^beta)
-    (regulariser off when beta is None), in closed form: one [m, n] x [n, n] matmul.
+class Problem:
+    """One AdaRound problem: loss(V) = rec(scale_e * clip(base + h(V), lo, hi)) + lam * sum(1 - |2h - 1|^beta)
+    with rec the row-normalised layer MSE (H symmetric), and its gradient in closed form.
 
-    H symmetric and the row weights inv_norm constant per row give d rec / d D = 2 (D H) * inv_norm;
-    D = W - scale_e * clip(...) so d rec / d h = -2 (D H) * inv_norm * scale_e = (D H) * coef (coef
-    precomputed), zero where base + h is clipped; d h / d V = (zeta - gamma) sig (1 - sig), zero where
-    the rectified sigmoid is clipped. Clip boundaries count as inside, as torch.clamp's backward does."""
-    sig = torch.sigmoid(V)
-    pre = sig * (ZETA - GAMMA) + GAMMA
-    h = pre.clamp(0.0, 1.0)
-    q = base + h
-    D = W - scale_e * torch.clamp(q, lo, hi)
-    g = (D @ H).mul_(coef)
-    g.mul_((q >= lo) & (q <= hi))
-    if beta is not None:
-        t = 2.0 * h - 1.0
-        # d/dh lam (1 - |t|^beta) = -2 lam beta |t|^(beta - 1) sign(t)
-        g.add_(t.abs().pow_(beta - 1.0).mul_(torch.sign(t)), alpha=-2.0 * lam * beta)
-    g.mul_(sig * (1.0 - sig)).mul_((ZETA - GAMMA) * ((pre >= 0.0) & (pre <= 1.0)))
-    return g
+    d rec / d D = 2 (D H) * inv_norm (H symmetric, inv_norm constant per row), D = W - scale_e * clip(...),
+    so d rec / d h = (D H) * coef with coef = -2 inv_norm scale_e, zero where base + h is clipped;
+    d h / d V = (zeta - gamma) sig (1 - sig), zero where the rectified sigmoid is clipped. Clip
+    boundaries count as inside, as torch.clamp's backward does. One [m, n] x [n, n] matmul per call."""
+
+    def __init__(self, W, H, scale_e, zero_e, maxq):
+        self.W, self.H, self.scale_e = W, H, scale_e
+        self.base = torch.floor(W / scale_e)
+        self.lo = -zero_e  # clip bounds in the shifted integer domain: base + h in [-zero, maxq - zero]
+        self.hi = maxq - zero_e
+        row_norm = (scale_e.pow(2).mean(dim=1) * torch.diagonal(H).mean().clamp_min(1e-30)).clamp_min(1e-30)
+        self.inv_norm = (1.0 / row_norm)[:, None]
+        self.coef = -2.0 * (ZETA - GAMMA) * self.inv_norm * scale_e  # (zeta - gamma) folded in
+        # entries where base + h (h in [0, 1]) can leave [lo, hi]: the only ones that need the clip
+        edge = (self.base < self.lo) | (self.base + 1 > self.hi)
+        self.edge = edge.flatten().nonzero().squeeze(1)
+        self.edge_lo, self.edge_hi = self.lo.flatten()[self.edge], self.hi.flatten()[self.edge]
+
+    def rec(self, Wq) -> torch.Tensor:
+        return reconstruction(self.W, self.H, Wq, self.inv_norm)
+
+    def grad(self, V, lam: float, beta: float | None) -> torch.Tensor:
+        """d loss / d V (regulariser off when beta is None)."""
+        sig = torch.sigmoid(V)
+        pre = sig.mul(ZETA - GAMMA).add_(GAMMA)
+        h = pre.clamp(0.0, 1.0)
+        q = self.base + h
+        D = torch.addcmul(self.W, self.scale_e, q, value=-1.0)  # W - scale_e * (base + h), clip below
+        e = self.edge
+        if e.numel():
+            qe = q.view(-1)[e]
+            qc = torch.minimum(torch.maximum(qe, self.edge_lo), self.edge_hi)
+            D.view(-1)[e] = self.W.view(-1)[e] - self.scale_e.view(-1)[e] * qc
+        g = (D @ self.H).mul_(self.coef)
+        if e.numel():
+            g.view(-1)[e] *= qc == qe
+        if beta is not None:
+            t = h.mul(2.0).sub_(1.0)
+            # d/dh lam (1 - |t|^beta) = -2 lam beta |t|^(beta - 1) sign(t) = -2 lam beta t |t|^(beta - 2)
+            if beta >= 2.0:
+                g.addcmul_(t, t.abs().pow_(beta - 2.0), value=-2.0 * lam * beta * (ZETA - GAMMA))
+            else:
+                g.add_(t.abs().pow_(beta - 1.0).mul_(torch.sign(t)), alpha=-2.0 * lam * beta * (ZETA - GAMMA))
+        ds = torch.addcmul(sig, sig, sig, value=-1.0).masked_fill_(h != pre, 0.0)  # sig (1 - sig), 0 if clipped
+        return g.mul_(ds)
 
 
 def adaround(
@@ -102,26 +130,22 @@ def adaround(
     """Learned rounding of W [m, n] on the per-entry grid (scale_e, zero_e [m, n]) for the
     objective tr((W - W~) H (W - W~)^T) (H symmetric). Returns (float codes [m, n], log dict).
 
-    Adam on V with the gradient in closed form (grad_v: one m x n x n matmul per iteration; autograd
-    through the loss cost three). The loss itself is evaluated only for the log (RTN and final)."""
+    Adam on V with the gradient in closed form (Problem.grad: one m x n x n matmul per iteration;
+    autograd through the loss cost three). The loss itself is evaluated only for the log (RTN and final)."""
     if seed is not None:
         torch.manual_seed(seed)
     W = W.float()
     H = H.float()
     m, n = W.shape
-    base = torch.floor(W / scale_e)
-    lo = -zero_e  # clip bounds in the shifted integer domain: base + h in [-zero, maxq - zero]
-    hi = maxq - zero_e
-    V = init_v(W / scale_e - base)
-    row_norm = (scale_e.pow(2).mean(dim=1) * torch.diagonal(H).mean().clamp_min(1e-30)).clamp_min(1e-30)
-    inv_norm = (1.0 / row_norm)[:, None]
-    coef = -2.0 * inv_norm * scale_e
+    P = Problem(W, H, scale_e, zero_e, maxq)
+    V = init_v(W / scale_e - P.base)
     if lr is None:
         lr = min(0.05, 1e-3 * 1e4 / max(1, iters))
-    opt = torch.optim.Adam([V], lr=lr)
+    # fused: one pass per step (the default multi-op Adam cost more than the matmul on these sizes)
+    opt = torch.optim.Adam([V], lr=lr, fused=V.device.type in ("cpu", "cuda"))
 
     rtn_codes = torch.clamp(torch.round(W / scale_e) + zero_e, 0, maxq)
-    rec_rtn = float(reconstruction(W, H, scale_e * (rtn_codes - zero_e), inv_norm))
+    rec_rtn = float(P.rec(scale_e * (rtn_codes - zero_e)))
     it_range = range(iters)
     if progress:
         from tqdm import tqdm
@@ -131,13 +155,12 @@ def adaround(
     threads = _single_thread() if small and W.device.type == "cpu" else contextlib.nullcontext()
     with torch.no_grad(), threads:
         for it in it_range:
-            beta = beta_at(it, iters, warmup, b_start, b_end)
-            V.grad = grad_v(V, W, H, scale_e, base, lo, hi, coef, lam, beta)
+            V.grad = P.grad(V, lam, beta_at(it, iters, warmup, b_start, b_end))
             opt.step()
         h = rect_sigmoid(V)
         hard = (h >= 0.5).float()
-        codes = torch.clamp(base + hard + zero_e, 0, maxq)
-        rec_final = float(reconstruction(W, H, scale_e * (codes - zero_e), inv_norm))
+        codes = torch.clamp(P.base + hard + zero_e, 0, maxq)
+        rec_final = float(P.rec(scale_e * (codes - zero_e)))
         soft = float(((h > 0.01) & (h < 0.99)).float().mean())
     log = {
         "iters": iters, "lr": lr, "lambda": lam, "beta": [b_start, b_end], "warmup": warmup,
