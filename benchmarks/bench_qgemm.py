@@ -14,7 +14,8 @@ in the same shape and batch. Effective GB/s = GPTQ weight bytes (packed codes + 
 zeros) / time. Timings interleave the candidates round by round so background load hits all alike.
 
 Script:  python benchmarks/bench_qgemm.py [--quick] [--json PATH] [--png PATH] [--threads N]
-         [--shapes 4096x14336 ...] [--merge]   (--merge keeps the other shapes' rows already in --json,
+         [--shapes 4096x14336 ...] [--batches 1 8 ...] [--merge]   (--merge keeps the rows of other shapes and
+         batches already in --json,
          so a full run can be split over several shorter runs)
 pytest:  pytest benchmarks/bench_qgemm.py --benchmark-only   (one group per shape and batch)
 """
@@ -292,7 +293,8 @@ def main(argv=None):
                     help="distinct weight bytes per case (default: 2x the reported LLC, >= 256)")
     ap.add_argument("--shapes", nargs="*", help="weights to run, as OUTxIN (default: both, or the first with --quick)")
     ap.add_argument("--batches", nargs="*", type=int, help="batch sizes (default: 1 8 128, or 1 128 with --quick)")
-    ap.add_argument("--merge", action="store_true", help="keep rows of other shapes already in --json")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep rows of other (shape, batch) cases already in --json")
     ap.add_argument("--quiet-machine", action="store_true", help="record contended=false in the JSON")
     ap.add_argument("--only", nargs="*", help="implementations to run (fp32 bf16 torch_int4 qk4 qk3 qk2 qk4_int8x;"
                     " dram_read always runs)")
@@ -315,11 +317,13 @@ def main(argv=None):
     if args.merge and os.path.exists(args.json):
         with open(args.json) as f:
             old = json.load(f)
-        ran = {tuple(r["shape"]) for r in result["rows"]}
-        kept = [r for r in old.get("rows", []) if tuple(r["shape"]) not in ran and "dram_read_GBps" in r]
+        ran = {(tuple(r["shape"]), r["batch"]) for r in result["rows"]}
+        kept = [r for r in old.get("rows", [])
+                if (tuple(r["shape"]), r["batch"]) not in ran and "dram_read_GBps" in r]
         result["rows"] = kept + result["rows"]
         result["merged_from"] = old.get("merged_from", []) + [{"date_utc": old.get("date_utc"),
-                                                               "shapes": sorted({tuple(r["shape"]) for r in kept}),
+                                                               "cases": sorted({(tuple(r["shape"]), r["batch"])
+                                                                                for r in kept}),
                                                                "machine": old.get("machine")}]
     result["targets"] = check_targets(result["rows"])
     print("\nTargets:")
