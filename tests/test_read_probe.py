@@ -18,9 +18,9 @@ def isa(request, monkeypatch):
     return request.param
 
 
-# ragged around the 64/128-float vector steps and the 16384-float blocks; 16 blocks + 1 is the smallest
-# size that at::parallel_for splits over threads (grain 16 blocks)
-SIZES = [0, 1, 63, 127, 129, 16383, 16384, 16385, 100_003, 16 * 16384 * 2 + 77]
+# ragged around the 64-float vector steps, the 16384-float blocks and the 8-block stream groups; more
+# than 16 blocks is split over threads (grain 16 blocks), leaving a group and some single blocks each
+SIZES = [0, 1, 63, 127, 129, 16383, 16384, 16385, 100_003, 8 * 16384 + 1, 16 * 16384 * 2 + 77, 25 * 16384 + 5]
 
 
 @pytest.mark.parametrize("n", SIZES)
