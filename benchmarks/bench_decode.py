@@ -4,9 +4,9 @@
                                                        # depend on how the codes were chosen)
     python benchmarks/bench_decode.py --profile        # + where one decode step's time goes
 
-Per bit width, side by side in one process: the fp32 model, the packed model with lm_head in fp32
-(tied to the embedding, as before issue 5), and the packed model with a quantized lm_head
-(quantize_lm_head=True). All packed models run the lean QuantLinear path and fused q/k/v and gate/up
+Per bit width, side by side in one process: the fp32 model and the packed model with each lm_head choice
+of quantize_model: "fp" (fp32, tied to the embedding), "auto" (the default: 8-bit RTN, group 128) and
+"same" (the body's bits and group, GPTQModel's lm_head=True). All packed models run the lean QuantLinear path and fused q/k/v and gate/up
 groups unless --no-fuse. quantkern.eval.speed.decode_tokens_per_s is the measure (HF generate, greedy,
 KV cache, prefill excluded). Results: benchmarks/results/bench_decode.json with machine info.
 """
@@ -76,6 +76,10 @@ def profile_step(model, ids, new_tokens=32) -> dict:
     return out
 
 
+HEADS = {"fp": "packed, fp32 lm_head", "auto": "packed, 8-bit lm_head (default)",
+         "same": "packed, lm_head at body bits"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
@@ -97,10 +101,9 @@ def main(argv=None) -> int:
     for bits in a.bits:
         spec = quantkern.QuantSpec(bits=bits, group_size=a.group_size)
         row = {"fp32": tps(fp)}
-        for head in (False, True):
+        for head, key in HEADS.items():
             q, _ = quantkern.quantize_model(copy.deepcopy(fp), tok, spec, method="rtn", progress=False,
-                                            quantize_lm_head=head, fuse=not a.no_fuse)
-            key = "packed+lm_head" if head else "packed"
+                                            lm_head=head, fuse=not a.no_fuse)
             row[key] = tps(q)
             row[key + " speedup"] = row[key] / row["fp32"]
             if a.profile:
@@ -110,11 +113,10 @@ def main(argv=None) -> int:
             row["fp32 profile_ms"] = profile_step(fp, ids, a.tokens)
         row["fp32 again"] = tps(fp)  # the baseline measured again after: drift check
         res["runs"][f"w{bits}g{a.group_size}"] = row
-        print(f"w{bits}: fp32 {row['fp32']:.1f} ({row['fp32 again']:.1f} after) tok/s | packed {row['packed']:.1f} "
-              f"({row['packed speedup']:.2f}x) | packed + quantized lm_head {row['packed+lm_head']:.1f} "
-              f"({row['packed+lm_head speedup']:.2f}x)", flush=True)
+        print(f"w{bits}: fp32 {row['fp32']:.1f} ({row['fp32 again']:.1f} after) tok/s | " + " | ".join(
+            f"{k} {row[k]:.1f} ({row[k + ' speedup']:.2f}x)" for k in HEADS.values()), flush=True)
         if a.profile:
-            for k in ("fp32", "packed", "packed+lm_head"):
+            for k in ("fp32", *HEADS.values()):
                 prof = row[k + " profile_ms"]
                 print(f"   {k:<15} " + ", ".join(f"{n} {v:.2f}" for n, v in prof.items()) + " (ms/token)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

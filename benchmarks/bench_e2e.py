@@ -105,6 +105,25 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def measure_decode(results, fp, tok, prompt, a) -> None:
+    """results["decode"][f"w{bits}"]: packed model (RTN codes, default 8-bit lm_head, fused groups) vs fp32,
+    side by side, fp32 measured before and after (drift check)."""
+    dec = results.setdefault("decode", {})
+    for bits in a.bits:
+        spec = quantkern.QuantSpec(bits=bits, group_size=a.group_size)
+        q, _ = quantkern.quantize_model(copy.deepcopy(fp), tok, spec, method="rtn", progress=False)
+        before = decode_tokens_per_s(fp, prompt, a.decode_tokens, repeats=3)
+        tps_q = decode_tokens_per_s(q, prompt, a.decode_tokens, repeats=3)
+        after = decode_tokens_per_s(fp, prompt, a.decode_tokens, repeats=3)
+        head = q.get_output_embeddings().spec
+        dec[f"w{bits}"] = {"decode_tps_packed": tps_q, "decode_tps_fp32": before, "decode_tps_fp32_after": after,
+                           "decode_speedup": tps_q / max(before, after), "lm_head": f"{head.bits}-bit RTN g{head.group_size}",
+                           "group_size": a.group_size}
+        print(f"decode w{bits}: packed {tps_q:.1f} tok/s vs fp32 {before:.1f} / {after:.1f} -> "
+              f"{dec[f'w{bits}']['decode_speedup']:.2f}x (against the faster fp32 measurement)", flush=True)
+        del q
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -121,6 +140,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--grad-cache", default=None, metavar="DIR",
                    help="keep OAC/YAQA gradient statistics in DIR and reuse them across runs and bit widths")
+    p.add_argument("--lm-head", default="fp", choices=("fp", "auto", "same"),
+                   help="output projection of the method runs (default fp: the protocol of the reference numbers; "
+                        "recorded per run)")
+    p.add_argument("--decode-only", action="store_true",
+                   help="only (re)measure the `decode` section: per bit width, decode tokens/s of the packed model as "
+                        "quantize_model builds it by default (8-bit lm_head) vs fp32; speed depends on the format, "
+                        "not on how the codes were chosen, so RTN codes are used")
     a = p.parse_args(argv)
     if a.quick:
         a.nsamples, a.seqlen, a.layers, a.eval_tokens, a.eval_seqlen = 8, 256, a.layers or 6, 2048, 256
@@ -153,6 +179,10 @@ def main(argv=None) -> int:
         results["fp"] = {"ppl": r["ppl"], "tokens": r["tokens"], "windows": r["windows"]}
         save()
     print(f"fp32 perplexity {results['fp']['ppl']:.2f} over {results['fp']['tokens']} tokens")
+    if a.decode_only:
+        measure_decode(results, fp, tok, prompt, a)
+        save()
+        return 0
     for bits in a.bits:
         for name in a.methods:
             key = f"{name}/w{bits}"
@@ -169,7 +199,7 @@ def main(argv=None) -> int:
                     a.grad_cache, f"grad_{kw.get('labels', 'default')}_{kw.get('grad_kind', method)}_"
                     f"rg{kw.get('row_groups', 1)}_{a.nsamples}x{a.seqlen}.pt")
             q, rep = quantkern.quantize_model(copy.deepcopy(fp), tok, spec, method=method, calib=calib,
-                                              layers=a.layers, progress=True, **kw, **extra)
+                                              layers=a.layers, progress=True, lm_head=a.lm_head, **kw, **extra)
             wall = time.perf_counter() - t0
             r = perplexity(q, docs, a.eval_seqlen, progress=True, desc=key)
             tps_fp = decode_tokens_per_s(fp, prompt, a.decode_tokens)
@@ -182,6 +212,7 @@ def main(argv=None) -> int:
                 "forward_share": rep.forward_s / wall, "solve_share": rep.solve_s / wall,
                 "decode_tps_packed": tps_q, "decode_tps_fp32": tps_fp, "decode_speedup": tps_q / tps_fp,
                 "fallback_modules": fallbacks, "modules": len(rep.modules), "method_meta": rep.method_meta,
+                "lm_head": a.lm_head,
             }
             print(f"   ppl {r['ppl']:.2f} (ref {REFERENCE.get(name, {}).get(bits)})  quant {wall:.0f} s "
                   f"(forward {rep.forward_s:.0f} s, solve {rep.solve_s:.0f} s)  decode {tps_q:.1f} vs {tps_fp:.1f} tok/s",

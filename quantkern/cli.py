@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
     q.add_argument("--damp", type=float, default=0.01)
     q.add_argument("--layers", type=int, default=None, help="quantize only the first N blocks (debugging)")
-    q.add_argument("--quantize-lm-head", action="store_true",
-                   help="also quantize the output projection (untied from the embedding; faster decode, some ppl cost)")
+    q.add_argument("--lm-head", type=lm_head_arg, default="auto", metavar="{auto,fp,same,BITS}",
+                   help="output projection: auto = 8-bit RTN g128 (default; ppl unchanged, faster decode), fp = keep "
+                        "float, same = the body's method and bits (GPTQModel lm_head=True), BITS = RTN at that width")
+    q.add_argument("--quantize-lm-head", dest="lm_head", action="store_const", const="same",
+                   help="same as --lm-head same")
     q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
     q.add_argument("--quiet", action="store_true")
 
@@ -68,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None, help="quantized checkpoint (default: RTN 4-bit g64 of SmolLM2, in memory)")
     b.add_argument("--fp-model", default="default")
     b.add_argument("--tokens", type=int, default=32)
-    b.add_argument("--quantize-lm-head", action="store_true",
-                   help="in-memory RTN model: quantize lm_head too (faster decode; costs perplexity, see README)")
+    b.add_argument("--lm-head", type=lm_head_arg, default="auto", metavar="{auto,fp,same,BITS}",
+                   help="in-memory RTN model's output projection (as for quantize; default 8-bit)")
+    b.add_argument("--quantize-lm-head", dest="lm_head", action="store_const", const="same",
+                   help="same as --lm-head same (4-bit lm_head: faster, costs perplexity, see README)")
 
     d = sub.add_parser("demo", help="quantize SmolLM2 with SNRQ 4-bit g64 and report the story")
     d.add_argument("--nsamples", type=int, default=None)
@@ -77,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-tokens", type=int, default=None)
     d.add_argument("--output", default=None)
     return p
+
+
+def lm_head_arg(text: str):
+    """--lm-head value: auto | fp | same | a bit width."""
+    if text in ("auto", "fp", "same"):
+        return text
+    try:
+        bits = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, fp, same or a bit width (2, 3, 4, 8), got {text!r}") from None
+    if bits not in (2, 3, 4, 8):
+        raise argparse.ArgumentTypeError(f"lm_head bits must be 2, 3, 4 or 8, got {bits}")
+    return bits
 
 
 def spec_from_args(args):
@@ -129,7 +147,7 @@ def cmd_quantize(args) -> int:
     log.unlink(missing_ok=True)
     _, report = quantize_model(model, tok, spec, method=args.method, calib=args.calib or "shakespeare",
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
-                               log_path=log, progress=not args.quiet, quantize_lm_head=args.quantize_lm_head,
+                               log_path=log, progress=not args.quiet, lm_head=args.lm_head,
                                **method_kwargs_from_args(args))
     save_quantized(model, out, tokenizer=tok, log_path=log)
     log.unlink(missing_ok=True)
@@ -190,9 +208,11 @@ def inspect_checkpoint(path) -> dict:
         has = any(b in registry._IMPLS[op] for op in gemm_ops) if gemm_ops else b == "reference"
         quantkern_backends[b] = ("yes" if st["available"] and has else "no") + f" ({st['reason']})" + (
             "" if has else " [no qgemm kernel registered]")
+    dynamic = qc.get("dynamic") or {}
+    needs = " (reader must honour `dynamic`: GPTQModel does)" if dynamic else ""
     external = {
-        "transformers/GPTQModel (gptq v1 reader)": "yes" if spec.bits in (2, 3, 4, 8) else "no",
-        "vLLM gptq": "yes" if spec.bits in (2, 3, 4, 8) else "no",
+        "transformers/GPTQModel (gptq v1 reader)": ("yes" + needs) if spec.bits in (2, 3, 4, 8) else "no",
+        "vLLM gptq": ("yes" + needs) if spec.bits in (2, 3, 4, 8) else "no",
         "Marlin/ExLlama kernels": "yes" if spec.bits in (4, 8) and spec.sym else "no (needs 4/8-bit symmetric)",
     }
     return {
@@ -202,9 +222,20 @@ def inspect_checkpoint(path) -> dict:
         "method": meta.get("method"), "alpha": meta.get("alpha"), "K": meta.get("K"),
         "quantizer": f"{meta.get('quantizer', '?')} {meta.get('quantizer_version', '')}".strip(),
         "quantized_modules": len(meta.get("quantized_modules", [])),
+        "lm_head": _lm_head_line(qc, spec),
+        "per-module overrides (dynamic)": {k: ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in dynamic.items()},
         "fallbacks": sum(1 for v in meta.get("modules", {}).values() if v.get("fallback")),
         "size_bytes": checkpoint_size(path), "quantkern_backends_here": quantkern_backends, "other_runtimes": external,
     }
+
+
+def _lm_head_line(qc, spec) -> str:
+    from .models.checkpoint import module_spec
+
+    if not qc.get("lm_head"):
+        return "float (not quantized)"
+    head = module_spec(spec, qc, "lm_head")
+    return "quantized" if head is None else f"{head.bits}-bit, group {head.group_size}, {'sym' if head.sym else 'asym'}"
 
 
 def cmd_inspect(args) -> int:
@@ -236,7 +267,7 @@ def cmd_bench(args) -> int:
         from .spec import QuantSpec
 
         qmodel, _ = quantize_model(copy.deepcopy(fp), tok, QuantSpec(bits=4, group_size=64), method="rtn",
-                                   nsamples=1, seqlen=16, progress=False, quantize_lm_head=args.quantize_lm_head)
+                                   nsamples=1, seqlen=16, progress=False, lm_head=args.lm_head)
     ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     t_fp = decode_tokens_per_s(fp, ids, args.tokens)
     t_q = decode_tokens_per_s(qmodel, ids, args.tokens)

@@ -36,7 +36,8 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
     spec = quantkern.QuantSpec(bits=DEMO["bits"], group_size=DEMO["group_size"])
     print(f"quantkern demo: SmolLM2-135M-Instruct, {DEMO['method'].upper()} {spec.bits}-bit group {spec.group_size} "
           f"(alpha {DEMO['alpha']}), torch threads {torch.get_num_threads()}")
-    print(f"  calibration: {nsamples} x {seqlen} tokens from Shakespeare comedies + histories")
+    print(f"  calibration: {nsamples} x {seqlen} tokens from Shakespeare comedies + histories; "
+          "lm_head: the default 8-bit RTN g128")
     print(f"  evaluation:  {eval_tokens} tokens of Hamlet + Macbeth in {DEMO['eval_seqlen']}-token windows")
     fp, tok = load_fp("default")
     docs = evaluation_tokens(tok, "shakespeare", eval_tokens)
@@ -53,6 +54,7 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
     ppl_q = perplexity(loaded, docs, DEMO["eval_seqlen"], progress=True, desc="ppl quantized")
     size_q = checkpoint_size(output)
     size_fp = checkpoint_size(default_model_dir())
+    head_q = _quant_head_bytes(loaded)
     ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     tps_fp = decode_tokens_per_s(fp, ids, DEMO["decode_tokens"])
     tps_q = decode_tokens_per_s(loaded, ids, DEMO["decode_tokens"])
@@ -63,7 +65,9 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
         ("", "fp32", f"{DEMO['method']} w{spec.bits} g{spec.group_size}"),
         ("perplexity (held out)", f"{ppl_fp['ppl']:.2f}", f"{ppl_q['ppl']:.2f}"),
         ("checkpoint size", _mib(size_fp["total"]), _mib(size_q["total"])),
-        ("  of which linears", _mib(size_fp["total"] - _embed_bytes(fp)), _mib(size_q["packed_linears"])),
+        ("  of which decoder linears", _mib(size_fp["total"] - _embed_bytes(fp)),
+         _mib(size_q["packed_linears"] - head_q)),
+        ("  lm_head", "tied to the embedding", f"{_mib(head_q)} ({_head_desc(loaded)})" if head_q else "tied, float"),
         ("decode tokens/s (batch 1)", f"{tps_fp:.1f}", f"{tps_q:.1f} ({tps_q / tps_fp:.2f}x)"),
         ("quantization time", "-", f"{report.total_s:.0f} s (forward {report.forward_s:.0f} s, solve {report.solve_s:.0f} s)"),
     ]
@@ -77,6 +81,21 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
     if tmp is not None:
         tmp.cleanup()
     return {"ppl_fp": ppl_fp["ppl"], "ppl_q": ppl_q["ppl"], "tps_fp": tps_fp, "tps_q": tps_q, "size_q": size_q}
+
+
+def _quant_head_bytes(model) -> int:
+    from quantkern.formats import gptq
+    from quantkern.nn import QuantLinear
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, QuantLinear):
+        return 0
+    return sum(getattr(head, k).numel() * getattr(head, k).element_size() for k in gptq.TENSOR_NAMES)
+
+
+def _head_desc(model) -> str:
+    s = model.get_output_embeddings().spec
+    return f"{s.bits}-bit RTN g{s.group_size}; the embedding keeps its fp32 table"
 
 
 def _embed_bytes(model):

@@ -19,7 +19,8 @@ GPTQ_KEYS = {"bits", "group_size", "desc_act", "sym", "static_groups", "damp_per
 def quantized():
     model = tiny_llama()
     spec = QuantSpec(bits=4, group_size=32)
-    model, report = quantkern.quantize_model(model, None, spec, method="gptq", calib=tiny_tokens(), progress=False)
+    model, report = quantkern.quantize_model(model, None, spec, method="gptq", calib=tiny_tokens(), progress=False,
+                                             lm_head=None)  # float, tied head: the tie must survive save/load
     return model, report
 
 

@@ -36,6 +36,12 @@ def test_defaults_and_errors(capsys):
     assert g.prompt == "hi there"
     assert cli.build_parser().parse_args(["inspect", "d"]).path == "d"
     assert cli.build_parser().parse_args(["bench"]).model is None
+    assert a.lm_head == "auto"
+    for flag, want in ((["--lm-head", "fp"], "fp"), (["--lm-head", "8"], 8), (["--quantize-lm-head"], "same")):
+        assert cli.build_parser().parse_args(["quantize", "--output", "o", *flag]).lm_head == want
+    for bad in ("5", "bf16"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["quantize", "--output", "o", "--lm-head", bad])
 
 
 def test_missing_model_dir_is_a_clean_error(tmp_path, capsys):
@@ -53,12 +59,15 @@ def test_quantize_inspect_eval_generate(tmp_path, capsys):
                    "--output", str(out), "--quiet"])
     assert rc == 0 and (out / "quantize_config.json").exists() and (out / "quant_log.jsonl").exists()
     rows = [json.loads(line) for line in (out / "quant_log.jsonl").read_text().splitlines()]
-    assert len(rows) == 14 and {"layer", "module", "loss", "damp", "time_s"} <= set(rows[0])
+    assert len(rows) == 15 and {"layer", "module", "loss", "damp", "time_s"} <= set(rows[0])
     capsys.readouterr()
     assert cli.main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["bits"], info["group_size"], info["act_order (desc_act)"], info["method"]) == (4, 32, True, "gptq")
-    assert info["zero_point_convention"] == "v1 (stored zero-1)" and info["quantized_modules"] == 14
+    assert info["zero_point_convention"] == "v1 (stored zero-1)" and info["quantized_modules"] == 15
+    assert info["lm_head"] == "8-bit, group 128, sym"  # the default head, on its own grid via `dynamic`
+    assert info["per-module overrides (dynamic)"] == {
+        r"+:^lm_head$": "bits=8, group_size=128, sym=True, desc_act=False"}
     assert info["size_bytes"]["packed_linears"] > 0
     assert cli.main(["eval", "--model", str(out), "--text", str(tmp_path / "eval.txt"), "--seqlen", "64",
                      "--max-tokens", "256"]) == 0

@@ -200,3 +200,95 @@ def test_lm_head_rtn_and_untied_model():
     w = q.lm_head.dequantized_weight()
     assert (w - fp.lm_head.weight).abs().max() < fp.lm_head.weight.abs().max()  # close, but quantized
     assert not torch.equal(w, fp.lm_head.weight)
+
+
+# ------------------------------------------------------------------ default lm_head: 8-bit RTN on its own grid
+
+@pytest.fixture(scope="module")
+def default_head():
+    fp = tiny_llama(tie=True)
+    model, report = quantkern.quantize_model(copy.deepcopy(fp), None, QuantSpec(bits=4, group_size=32),
+                                             method="gptq", calib=tiny_tokens(), progress=False)
+    return fp, model, report
+
+
+def test_default_lm_head_is_8bit_rtn(default_head):
+    fp, model, report = default_head
+    head = model.lm_head
+    assert isinstance(head, QuantLinear) and (head.spec.bits, head.spec.group_size, head.spec.sym) == (8, 128, True)
+    assert model.get_input_embeddings().weight.data_ptr() != fp.lm_head.weight.data_ptr()
+    torch.testing.assert_close(model.get_input_embeddings().weight, fp.get_input_embeddings().weight, rtol=0, atol=0)
+    # exactly RTN of the fp head on the 8-bit grid: the same codes quantkern.solve gives, error <= half a step
+    ref = quantkern.solve(fp.lm_head.weight.data, None, head.spec, method="rtn")
+    torch.testing.assert_close(head.dequantized_weight(), ref.dequantized, rtol=0, atol=0)
+    step = head.scales.float().t().repeat_interleave(head.in_features, dim=1)[:, :head.in_features]  # one group
+    w = fp.lm_head.weight.detach()  # scales are fp16-rounded: allow their rounding on top of half a step
+    assert ((head.dequantized_weight() - w).abs() <= 0.5 * step + 1e-3 * w.abs().amax(1, keepdim=True)).all()
+    assert report.modules[-1]["module"] == "lm_head" and model.quantkern_info["lm_head"]["mode"] == "rtn"
+    assert all(r["module"] != "lm_head" for r in report.modules[:-1])
+
+
+def test_default_lm_head_saved_as_dynamic_override(default_head, tmp_path):
+    _, model, _ = default_head
+    out = quantkern.save_quantized(model, tmp_path / "ck")
+    qc = ckpt.read_quantize_config(out)
+    assert (qc["bits"], qc["group_size"], qc["lm_head"]) == (4, 32, True)
+    assert qc["dynamic"] == {r"+:^lm_head$": {"bits": 8, "group_size": 128, "sym": True, "desc_act": False}}
+    loaded = quantkern.load(out)
+    assert loaded.lm_head.spec.bits == 8 and loaded.model.layers[0].mlp.down_proj.spec.bits == 4
+    ids = tiny_tokens(2, 16, seed=6)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
+
+
+def test_dynamic_override_that_contradicts_the_tensors_is_refused(default_head, tmp_path):
+    import json
+
+    _, model, _ = default_head
+    out = quantkern.save_quantized(model, tmp_path / "ck")
+    for name in ("quantize_config.json", "config.json"):
+        cfg = json.loads((out / name).read_text())
+        qc = cfg if name == "quantize_config.json" else cfg["quantization_config"]
+        qc["dynamic"] = {r"+:^lm_head$": {"bits": 4}}  # the stored head is 8-bit
+        (out / name).write_text(json.dumps(cfg))
+    with pytest.raises(ckpt.CheckpointError, match="lm_head's packed tensors do not match"):
+        quantkern.load(out, check=False)
+    with pytest.raises(ckpt.CheckpointError, match="corrupted"):  # and with checks on, the edit is caught first
+        quantkern.load(out)
+
+
+def test_module_spec_rules():
+    body = QuantSpec(bits=4, group_size=64)
+    qc = {"dynamic": {r"-:.*\.down_proj$": {}, r"+:.*\.layers\.1\..*": {"bits": 3, "desc_act": True},
+                      r".*gate.*": {"bits": 8, "group_size": 128, "mse": 2.0}}}
+    assert ckpt.module_spec(body, qc, "model.layers.0.mlp.down_proj") is None  # "-:" = not quantized
+    assert ckpt.module_spec(body, qc, "model.layers.1.mlp.gate_proj") == body.replace(bits=3, act_order=True)  # first wins
+    assert ckpt.module_spec(body, qc, "model.layers.0.mlp.gate_proj") == body.replace(bits=8, group_size=128)
+    assert ckpt.module_spec(body, qc, "model.layers.0.self_attn.q_proj") == body
+    assert ckpt.module_spec(body, {}, "anything") == body
+    with pytest.raises(ckpt.CheckpointError, match="bad regex"):
+        ckpt.module_spec(body, {"dynamic": {"+:([": {"bits": 8}}}, "x")
+    with pytest.raises(ckpt.CheckpointError, match="dynamic"):
+        ckpt.module_spec(body, {"dynamic": {"x": {"bits": 5}}}, "x")
+
+
+def test_resolve_lm_head_choices():
+    from quantkern.models.driver import LM_HEAD_AUTO_SPEC, resolve_lm_head
+
+    body = QuantSpec(bits=3, group_size=32)
+    model = tiny_llama()
+    assert resolve_lm_head("auto", body, model) == ("rtn", LM_HEAD_AUTO_SPEC)
+    for fp in (None, False, "fp"):
+        assert resolve_lm_head(fp, body, model) == ("fp", None)
+    assert resolve_lm_head(True, body, model) == resolve_lm_head("same", body, model) == ("same", body)
+    assert resolve_lm_head(4, body, model) == ("rtn", QuantSpec(bits=4, group_size=128))
+    assert resolve_lm_head(body.replace(bits=2), body, model) == ("rtn", body.replace(bits=2))
+
+    class NoLinearHead(nn.Module):
+        def get_output_embeddings(self):
+            return None
+
+    assert resolve_lm_head("auto", body, NoLinearHead()) == ("fp", None)
+    with pytest.raises(ValueError, match="lm_head"):
+        resolve_lm_head("bf16", body, model)
+    with pytest.raises(ValueError):
+        resolve_lm_head(5, body, model)

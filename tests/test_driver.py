@@ -113,7 +113,8 @@ def test_jsonl_log(tmp_path):
     quantkern.quantize_model(tiny_llama(), None, SPEC3, method="rtn", calib=tiny_tokens(), progress=False,
                              log_path=log)
     rows = [json.loads(x) for x in log.read_text().splitlines()]
-    assert len(rows) == 14 and rows[0]["layer"] == 0 and rows[0]["module"] == "self_attn.q_proj"
+    assert len(rows) == 15 and rows[0]["layer"] == 0 and rows[0]["module"] == "self_attn.q_proj"
+    assert rows[-1]["layer"] is None and rows[-1]["module"] == "lm_head"  # the default 8-bit head is logged too
 
 
 def test_needs_tokenizer_for_text():

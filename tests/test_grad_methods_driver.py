@@ -30,7 +30,8 @@ def test_methods_run_through_driver_and_checkpoint(tmp_path, method, kw):
     from quantkern.models import checkpoint, save_quantized
 
     q, rep = _quantize(method, **kw)
-    assert len(rep.modules) == 14 and all(r["fallback"] is None for r in rep.modules)
+    assert len(rep.modules) == 15 and all(r["fallback"] is None for r in rep.modules)
+    assert rep.modules[-1]["module"] == "lm_head"  # the default 8-bit RTN head
     assert isinstance(driver.make_method(method, SPEC), grad_methods.__dict__.get(
         {"oac": "OAC", "yaqa": "YAQA", "adaround": "AdaRound"}[method]))
     save_quantized(q, tmp_path / "ck")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
+from ..formats import gptq
 from ..spec import QuantSpec
 from ..nn import QuantLinear
 
@@ -72,7 +74,15 @@ def quantize_config(model: nn.Module) -> dict:
     desc_act = any(not _natural_g_idx(m.g_idx, spec.group_size) for m in qmods.values())
     method = dict(info["method"])
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {
+    body = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "desc_act": desc_act}
+    dynamic = {}
+    for name, mod in sorted(qmods.items()):
+        own = {"bits": mod.spec.bits, "group_size": mod.spec.group_size, "sym": mod.spec.sym,
+               "desc_act": not _natural_g_idx(mod.g_idx, mod.spec.group_size)}
+        diff = {k: v for k, v in own.items() if v != body[k]}
+        if diff and (diff.keys() - {"desc_act"}):  # a module on its own grid (e.g. an 8-bit lm_head)
+            dynamic[f"+:^{re.escape(name)}$"] = own
+    out = {
         "bits": spec.bits, "group_size": spec.group_size, "desc_act": desc_act, "sym": spec.sym,
         "lm_head": isinstance(head, QuantLinear),  # GPTQModel's key: the output projection is quantized too
         "static_groups": spec.static_groups, "damp_percent": spec.damp, "true_sequential": spec.true_sequential,
@@ -84,6 +94,37 @@ def quantize_config(model: nn.Module) -> dict:
             "quantized_modules": sorted(qmods), "modules": info.get("modules", {}),
         },
     }
+    if dynamic:  # GPTQModel's per-module overrides: regex on the module name -> its own bits/group/sym/desc_act
+        out["dynamic"] = dynamic
+    return out
+
+
+_DYNAMIC_FIELDS = {"bits": "bits", "group_size": "group_size", "sym": "sym", "desc_act": "act_order"}
+
+
+def module_spec(spec: QuantSpec, qcfg: dict, name: str) -> QuantSpec | None:
+    """The spec of module `name` under quantize_config's GPTQModel-style `dynamic` overrides: the first rule
+    whose regex matches the name (re.match; "+:" or no prefix = override, "-:" = module left unquantized,
+    returned as None) wins; fields it does not name keep the checkpoint-wide values."""
+    for pattern, override in (qcfg.get("dynamic") or {}).items():
+        sign, rx = ("-", pattern[2:]) if pattern.startswith("-:") else (
+            "+", pattern[2:] if pattern.startswith("+:") else pattern)
+        try:
+            hit = re.match(rx, name)
+        except re.error as e:
+            raise CheckpointError(f"quantize_config dynamic: bad regex {pattern!r}: {e}") from e
+        if not hit:
+            continue
+        if sign == "-":
+            return None
+        if not isinstance(override, dict):
+            raise CheckpointError(f"quantize_config dynamic: {pattern!r} must map to an object, got {override!r}")
+        changes = {_DYNAMIC_FIELDS[k]: v for k, v in override.items() if k in _DYNAMIC_FIELDS}
+        try:
+            return spec.replace(**changes)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"quantize_config dynamic: {pattern!r} -> {override}: {e}") from e
+    return spec
 
 
 def _state_dict_dedup(model: nn.Module) -> tuple[dict, dict]:
@@ -242,11 +283,23 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
             old = model.get_submodule(name)
         except AttributeError as e:
             raise CheckpointError(f"{path}: {key} names a module the model does not have") from e
+        mspec = module_spec(spec, qcfg, name)
+        if mspec is None:
+            raise CheckpointError(f"{path}: {name} has packed weights but quantize_config's dynamic rules "
+                                  "exclude it from quantization")
+        missing_t = [t for t in gptq.TENSOR_NAMES if f"{name}.{t}" not in sd]
+        if missing_t:
+            raise CheckpointError(f"{path}: {name} lacks {missing_t}")
         n, m = sd[name + ".g_idx"].shape[0], sd[name + ".scales"].shape[1]
         if isinstance(old, nn.Linear) and (old.in_features, old.out_features) != (n, m):
             raise CheckpointError(f"{path}: {name} is {old.out_features}x{old.in_features} in the config, "
                                   f"{m}x{n} in the weights")
-        q = QuantLinear(n, m, spec, bias=(name + ".bias") in sd)
+        try:
+            gptq.check_tensors({t: sd[f"{name}.{t}"] for t in gptq.TENSOR_NAMES}, mspec.bits, m, n)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {name}'s packed tensors do not match its quantize_config "
+                                  f"({mspec.bits}-bit, group {mspec.group_size}): {e}") from e
+        q = QuantLinear(n, m, mspec, bias=(name + ".bias") in sd)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     aliases = qcfg.get("meta", {}).get("tied", {})
