@@ -31,7 +31,7 @@
 
 namespace {
 
-constexpr int kRT = 32;  // rows per tile: 4 AVX2 / 2 AVX-512 vectors per tile column
+constexpr int kRT = 64;  // rows per tile: 8 AVX2 / 4 AVX-512 vectors per tile column
 // One tile column (kRT rows) as a GCC vector: the rank-1 updates are then exactly one vector
 // multiply and one subtract per column, whatever the auto-vectorizer would have chosen.
 typedef float vrow __attribute__((vector_size(kRT * sizeof(float)), aligned(64)));
