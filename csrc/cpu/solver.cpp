@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -30,7 +31,7 @@
 
 namespace {
 
-constexpr int kRT = 32;  // rows per tile: 4 AVX2 / 2 AVX-512 vectors per tile column
+constexpr int kRT = 64;  // rows per tile: 8 AVX2 / 4 AVX-512 vectors per tile column
 // One tile column (kRT rows) as a GCC vector: the rank-1 updates are then exactly one vector
 // multiply and one subtract per column, whatever the auto-vectorizer would have chosen.
 typedef float vrow __attribute__((vector_size(kRT * sizeof(float)), aligned(64)));
@@ -88,6 +89,54 @@ static inline __attribute__((always_inline)) void update_avx2(float* w1, const f
   }
 }
 
+// lo/hi (kRT floats, already holding column i) = min/max with the tile columns j in [jb, je) of
+// base (column j at base + j * ld). min_ps(x, lo) = x < lo ? x : lo and max_ps(x, hi) =
+// x > hi ? x : hi are exactly std::min(lo, x) / std::max(hi, x) (NaN and signed zeros included).
+__attribute__((target("avx512f"))) static void minmax_avx512(const float* base, int64_t ld, int64_t jb, int64_t je,
+                                                          float* lo, float* hi) {
+  constexpr int V = kRT / 16;
+  __m512 l[V], h[V];
+  for (int k = 0; k < V; ++k) {
+    l[k] = _mm512_loadu_ps(lo + 16 * k);
+    h[k] = _mm512_loadu_ps(hi + 16 * k);
+  }
+  for (int64_t j = jb; j < je; ++j) {
+    const float* x = base + j * ld;
+    for (int k = 0; k < V; ++k) {
+      const __m512 xv = _mm512_loadu_ps(x + 16 * k);
+      l[k] = _mm512_min_ps(xv, l[k]);
+      h[k] = _mm512_max_ps(xv, h[k]);
+    }
+  }
+  for (int k = 0; k < V; ++k) {
+    _mm512_storeu_ps(lo + 16 * k, l[k]);
+    _mm512_storeu_ps(hi + 16 * k, h[k]);
+  }
+}
+
+static inline __attribute__((always_inline)) void minmax_avx2(const float* base, int64_t ld, int64_t jb, int64_t je,
+                                                              float* lo, float* hi) {
+  constexpr int V = kRT / 8;
+  __m256 l[V], h[V];
+  for (int k = 0; k < V; ++k) {
+    l[k] = _mm256_loadu_ps(lo + 8 * k);
+    h[k] = _mm256_loadu_ps(hi + 8 * k);
+  }
+  for (int64_t j = jb; j < je; ++j) {
+    const float* x = base + j * ld;
+    for (int k = 0; k < V; ++k) {
+      const __m256 xv = _mm256_loadu_ps(x + 8 * k);
+      l[k] = _mm256_min_ps(xv, l[k]);
+      h[k] = _mm256_max_ps(xv, h[k]);
+    }
+  }
+  for (int k = 0; k < V; ++k) {
+    _mm256_storeu_ps(lo + 8 * k, l[k]);
+    _mm256_storeu_ps(hi + 8 * k, h[k]);
+  }
+}
+
+
 constexpr int kSB = 16;  // columns per sub-block of the two-level in-block update
 
 // cols[j] for j in [jb, je) (block-relative) -= e[t] * u[t*ldu + j] (- w[t] * p[t*ldu + j]) for
@@ -98,49 +147,47 @@ template <bool HasP>
 __attribute__((target("avx512f"))) static void lazy_avx512(float* cols, const float* e, const float* w,
                                                         const float* u, const float* p, int64_t ldu, int64_t ns,
                                                         int64_t jb, int64_t je) {
-  constexpr int NC = 4;
+  constexpr int NC = 4, V = kRT / 16;
   int64_t j = jb;
   for (; j + NC <= je; j += NC) {
-    __m512 acc[NC][2];
+    __m512 acc[NC][V];
     for (int c = 0; c < NC; ++c)
-      for (int k = 0; k < 2; ++k) acc[c][k] = _mm512_load_ps(cols + (j + c) * kRT + 16 * k);
+      for (int k = 0; k < V; ++k) acc[c][k] = _mm512_load_ps(cols + (j + c) * kRT + 16 * k);
     for (int64_t t = 0; t < ns; ++t) {
-      const __m512 e0 = _mm512_load_ps(e + t * kRT), e1 = _mm512_load_ps(e + t * kRT + 16);
       const float* ur = u + t * ldu + j;
+      __m512 ev[V];
+      for (int k = 0; k < V; ++k) ev[k] = _mm512_load_ps(e + t * kRT + 16 * k);
       if constexpr (HasP) {
-        const __m512 w0 = _mm512_load_ps(w + t * kRT), w1 = _mm512_load_ps(w + t * kRT + 16);
+        __m512 wv[V];
+        for (int k = 0; k < V; ++k) wv[k] = _mm512_load_ps(w + t * kRT + 16 * k);
         const float* pr = p + t * ldu + j;
         for (int c = 0; c < NC; ++c) {
           const __m512 uc = _mm512_set1_ps(ur[c]), pc = _mm512_set1_ps(pr[c]);
-          acc[c][0] = _mm512_sub_ps(acc[c][0], _mm512_sub_ps(_mm512_mul_ps(e0, uc), _mm512_mul_ps(w0, pc)));
-          acc[c][1] = _mm512_sub_ps(acc[c][1], _mm512_sub_ps(_mm512_mul_ps(e1, uc), _mm512_mul_ps(w1, pc)));
+          for (int k = 0; k < V; ++k)
+            acc[c][k] = _mm512_sub_ps(acc[c][k], _mm512_sub_ps(_mm512_mul_ps(ev[k], uc), _mm512_mul_ps(wv[k], pc)));
         }
       } else {
         for (int c = 0; c < NC; ++c) {
           const __m512 uc = _mm512_set1_ps(ur[c]);
-          acc[c][0] = _mm512_sub_ps(acc[c][0], _mm512_mul_ps(e0, uc));
-          acc[c][1] = _mm512_sub_ps(acc[c][1], _mm512_mul_ps(e1, uc));
+          for (int k = 0; k < V; ++k) acc[c][k] = _mm512_sub_ps(acc[c][k], _mm512_mul_ps(ev[k], uc));
         }
       }
     }
     for (int c = 0; c < NC; ++c)
-      for (int k = 0; k < 2; ++k) _mm512_store_ps(cols + (j + c) * kRT + 16 * k, acc[c][k]);
+      for (int k = 0; k < V; ++k) _mm512_store_ps(cols + (j + c) * kRT + 16 * k, acc[c][k]);
   }
   for (; j < je; ++j) {
-    __m512 a0 = _mm512_load_ps(cols + j * kRT), a1 = _mm512_load_ps(cols + j * kRT + 16);
+    __m512 acc[V];
+    for (int k = 0; k < V; ++k) acc[k] = _mm512_load_ps(cols + j * kRT + 16 * k);
     for (int64_t t = 0; t < ns; ++t) {
       const __m512 uc = _mm512_set1_ps(u[t * ldu + j]);
-      __m512 d0 = _mm512_mul_ps(_mm512_load_ps(e + t * kRT), uc), d1 = _mm512_mul_ps(_mm512_load_ps(e + t * kRT + 16), uc);
-      if constexpr (HasP) {
-        const __m512 pc = _mm512_set1_ps(p[t * ldu + j]);
-        d0 = _mm512_sub_ps(d0, _mm512_mul_ps(_mm512_load_ps(w + t * kRT), pc));
-        d1 = _mm512_sub_ps(d1, _mm512_mul_ps(_mm512_load_ps(w + t * kRT + 16), pc));
+      for (int k = 0; k < V; ++k) {
+        __m512 d = _mm512_mul_ps(_mm512_load_ps(e + t * kRT + 16 * k), uc);
+        if constexpr (HasP) d = _mm512_sub_ps(d, _mm512_mul_ps(_mm512_load_ps(w + t * kRT + 16 * k), _mm512_set1_ps(p[t * ldu + j])));
+        acc[k] = _mm512_sub_ps(acc[k], d);
       }
-      a0 = _mm512_sub_ps(a0, d0);
-      a1 = _mm512_sub_ps(a1, d1);
     }
-    _mm512_store_ps(cols + j * kRT, a0);
-    _mm512_store_ps(cols + j * kRT + 16, a1);
+    for (int k = 0; k < V; ++k) _mm512_store_ps(cols + j * kRT + 16 * k, acc[k]);
   }
 }
 
@@ -240,14 +287,15 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
         alignas(64) float lo[kRT], hi[kRT];
         const float* row = a.wt + i * ld + rl0;
         for (int r = 0; r < kRT; ++r) lo[r] = hi[r] = r < nr ? row[r] : 0.f;
-        for (int64_t j = i + 1; j < e_end; ++j) {
-          row = a.wt + j * ld + rl0;
-          if (nr == kRT) {
-            for (int r = 0; r < kRT; ++r) {
-              lo[r] = std::min(lo[r], row[r]);
-              hi[r] = std::max(hi[r], row[r]);
-            }
+        if (nr == kRT) {  // whole tile columns as vectors (GCC leaves the std::min/max loop scalar)
+          if constexpr (Avx512) {
+            minmax_avx512(a.wt + rl0, ld, i + 1, e_end, lo, hi);
           } else {
+            minmax_avx2(a.wt + rl0, ld, i + 1, e_end, lo, hi);
+          }
+        } else {
+          for (int64_t j = i + 1; j < e_end; ++j) {
+            row = a.wt + j * ld + rl0;
             for (int r = 0; r < nr; ++r) {
               lo[r] = std::min(lo[r], row[r]);
               hi[r] = std::max(hi[r], row[r]);
