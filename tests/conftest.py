@@ -16,6 +16,18 @@ def rng(request):
     salt = int(os.environ.get("QUANTKERN_TEST_SEED", "0"))
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()) ^ salt)
 
+
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request, monkeypatch):
+    """Run the test on both CPU kernel paths: AVX-512 where the CPU has it, and AVX2 forced by
+    QUANTKERN_NO_AVX512=1 (read by the extension at each call)."""
+    if request.param == "avx2":
+        monkeypatch.setenv("QUANTKERN_NO_AVX512", "1")
+    else:
+        monkeypatch.delenv("QUANTKERN_NO_AVX512", raising=False)
+    return request.param
+
+
 # Without a GPU, Triton kernels run in the interpreter on CPU tensors. Triton reads this when a kernel
 # is defined, so it is set before any test imports quantkern.triton.
 if not torch.cuda.is_available():

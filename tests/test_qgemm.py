@@ -18,15 +18,6 @@ BATCHES = [1, 3, 17, 128]
 M, N = 100, 300  # neither a multiple of 64 (nor of the 16-row tile)
 
 
-@pytest.fixture(params=["avx512", "avx2"])
-def isa(request, monkeypatch):
-    if request.param == "avx2":
-        monkeypatch.setenv("QUANTKERN_NO_AVX512", "1")
-    else:
-        monkeypatch.delenv("QUANTKERN_NO_AVX512", raising=False)
-    return request.param
-
-
 def reference(x, t, bits, bias=None):
     return Q.qgemm(x, t, bits, bias=bias, backend="reference")
 

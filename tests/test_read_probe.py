@@ -9,15 +9,6 @@ from quantkern import _ext
 pytestmark = pytest.mark.skipif(not _ext.has_cpu(), reason=f"extension not built: {_ext.LOAD_ERROR}")
 
 
-@pytest.fixture(params=["avx512", "avx2"])
-def isa(request, monkeypatch):
-    if request.param == "avx2":
-        monkeypatch.setenv("QUANTKERN_NO_AVX512", "1")
-    else:
-        monkeypatch.delenv("QUANTKERN_NO_AVX512", raising=False)
-    return request.param
-
-
 # ragged around the 64-float vector steps, the 16384-float blocks and the 8-block stream groups; more
 # than 16 blocks is split over threads (grain 16 blocks), leaving a group and some single blocks each
 SIZES = [0, 1, 63, 127, 129, 16383, 16384, 16385, 100_003, 8 * 16384 + 1, 16 * 16384 * 2 + 77, 25 * 16384 + 5]
