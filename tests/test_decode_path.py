@@ -233,6 +233,7 @@ def test_default_lm_head_saved_as_dynamic_override(default_head, tmp_path):
     out = quantkern.save_quantized(model, tmp_path / "ck")
     qc = ckpt.read_quantize_config(out)
     assert (qc["bits"], qc["group_size"], qc["lm_head"]) == (4, 32, True)
+    assert qc["desc_act"] is False  # the head's g128 g_idx is natural on its own grid, not on the body's g32
     assert qc["dynamic"] == {r"+:^lm_head$": {"bits": 8, "group_size": 128, "sym": True, "desc_act": False}}
     loaded = quantkern.load(out)
     assert loaded.lm_head.spec.bits == 8 and loaded.model.layers[0].mlp.down_proj.spec.bits == 4

@@ -70,18 +70,16 @@ def quantize_config(model: nn.Module) -> dict:
     qmods = quant_modules(model)
     if not qmods:
         raise CheckpointError("model has no QuantLinear modules to save")
-    # desc_act is what the stored g_idx says, not what was asked: SNRQ always permutes
-    desc_act = any(not _natural_g_idx(m.g_idx, spec.group_size) for m in qmods.values())
+    # each module's grid as stored; desc_act is what its g_idx says, not what was asked (SNRQ always permutes)
+    body = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym}
+    grids = {name: {"bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym,
+                    "desc_act": not _natural_g_idx(m.g_idx, m.spec.group_size)} for name, m in sorted(qmods.items())}
+    own_grid = {name for name, g in grids.items() if any(g[k] != v for k, v in body.items())}
+    desc_act = any(g["desc_act"] for name, g in grids.items() if name not in own_grid)
+    # a module on its own grid (e.g. the 8-bit lm_head) gets a GPTQModel `dynamic` override
+    dynamic = {f"+:^{re.escape(name)}$": grids[name] for name in sorted(own_grid)}
     method = dict(info["method"])
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "desc_act": desc_act}
-    dynamic = {}
-    for name, mod in sorted(qmods.items()):
-        own = {"bits": mod.spec.bits, "group_size": mod.spec.group_size, "sym": mod.spec.sym,
-               "desc_act": not _natural_g_idx(mod.g_idx, mod.spec.group_size)}
-        diff = {k: v for k, v in own.items() if v != body[k]}
-        if diff and (diff.keys() - {"desc_act"}):  # a module on its own grid (e.g. an 8-bit lm_head)
-            dynamic[f"+:^{re.escape(name)}$"] = own
     out = {
         "bits": spec.bits, "group_size": spec.group_size, "desc_act": desc_act, "sym": spec.sym,
         "lm_head": isinstance(head, QuantLinear),  # GPTQModel's key: the output projection is quantized too
@@ -107,8 +105,7 @@ def module_spec(spec: QuantSpec, qcfg: dict, name: str) -> QuantSpec | None:
     whose regex matches the name (re.match; "+:" or no prefix = override, "-:" = module left unquantized,
     returned as None) wins; fields it does not name keep the checkpoint-wide values."""
     for pattern, override in (qcfg.get("dynamic") or {}).items():
-        sign, rx = ("-", pattern[2:]) if pattern.startswith("-:") else (
-            "+", pattern[2:] if pattern.startswith("+:") else pattern)
+        sign, rx = (pattern[0], pattern[2:]) if pattern[:2] in ("+:", "-:") else ("+", pattern)
         try:
             hit = re.match(rx, name)
         except re.error as e:
