@@ -80,6 +80,28 @@ HEADS = {"fp": "packed, fp32 lm_head", "auto": "packed, 8-bit lm_head (default)"
          "same": "packed, lm_head at body bits"}
 
 
+def measure_bits(fp, tok, ids, spec, heads=HEADS, tokens=32, repeats=3, fuse=True, profile=False) -> dict:
+    """One bit width side by side: fp32, the packed model for each lm_head choice in `heads` (RTN codes:
+    speed depends on the format, not on how the codes were chosen), fp32 again (drift check)."""
+
+    def tps(model):
+        return decode_tokens_per_s(model, ids, tokens, repeats=repeats)
+
+    row = {"fp32": tps(fp)}
+    for head, key in heads.items():
+        q, _ = quantkern.quantize_model(copy.deepcopy(fp), tok, spec, method="rtn", progress=False,
+                                        lm_head=head, fuse=fuse)
+        row[key] = tps(q)
+        row[key + " speedup"] = row[key] / row["fp32"]
+        if profile:
+            row[key + " profile_ms"] = profile_step(q, ids, tokens)
+        del q
+    if profile:
+        row["fp32 profile_ms"] = profile_step(fp, ids, tokens)
+    row["fp32 again"] = tps(fp)
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
@@ -95,23 +117,9 @@ def main(argv=None) -> int:
     res = {"settings": vars(a), "machine": {"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                                            "note": "run under the shared CPU lock (quiet machine)"}, "runs": {}}
 
-    def tps(model):
-        return decode_tokens_per_s(model, ids, a.tokens, repeats=a.repeats)
-
     for bits in a.bits:
         spec = quantkern.QuantSpec(bits=bits, group_size=a.group_size)
-        row = {"fp32": tps(fp)}
-        for head, key in HEADS.items():
-            q, _ = quantkern.quantize_model(copy.deepcopy(fp), tok, spec, method="rtn", progress=False,
-                                            lm_head=head, fuse=not a.no_fuse)
-            row[key] = tps(q)
-            row[key + " speedup"] = row[key] / row["fp32"]
-            if a.profile:
-                row[key + " profile_ms"] = profile_step(q, ids, a.tokens)
-            del q
-        if a.profile:
-            row["fp32 profile_ms"] = profile_step(fp, ids, a.tokens)
-        row["fp32 again"] = tps(fp)  # the baseline measured again after: drift check
+        row = measure_bits(fp, tok, ids, spec, HEADS, a.tokens, a.repeats, fuse=not a.no_fuse, profile=a.profile)
         res["runs"][f"w{bits}g{a.group_size}"] = row
         print(f"w{bits}: fp32 {row['fp32']:.1f} ({row['fp32 again']:.1f} after) tok/s | " + " | ".join(
             f"{k} {row[k]:.1f} ({row[k + ' speedup']:.2f}x)" for k in HEADS.values()), flush=True)

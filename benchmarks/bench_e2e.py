@@ -39,6 +39,7 @@ import quantkern  # noqa: E402
 from quantkern.calibration.data import calibration_samples, evaluation_tokens  # noqa: E402
 from quantkern.eval.perplexity import perplexity  # noqa: E402
 from quantkern.eval.speed import decode_tokens_per_s  # noqa: E402
+from quantkern.models.driver import LM_HEAD_AUTO_SPEC  # noqa: E402
 from quantkern.models.zoo import load_fp  # noqa: E402
 
 # name -> (driver method, QuantSpec overrides, method kwargs)
@@ -110,22 +111,21 @@ def plot(results: dict, path: Path) -> None:
 
 
 def measure_decode(results, fp, tok, prompt, a) -> None:
-    """results["decode"][f"w{bits}"]: packed model (RTN codes, default 8-bit lm_head, fused groups) vs fp32,
-    side by side, fp32 measured before and after (drift check)."""
+    """results["decode"][f"w{bits}"]: the packed model as quantize_model builds it by default (8-bit lm_head,
+    fused groups) vs fp32 measured before and after, side by side (bench_decode.measure_bits)."""
+    from bench_decode import measure_bits
+
     dec = results.setdefault("decode", {})
     for bits in a.bits:
         spec = quantkern.QuantSpec(bits=bits, group_size=a.group_size)
-        q, _ = quantkern.quantize_model(copy.deepcopy(fp), tok, spec, method="rtn", progress=False)
-        before = decode_tokens_per_s(fp, prompt, a.decode_tokens, repeats=3)
-        tps_q = decode_tokens_per_s(q, prompt, a.decode_tokens, repeats=3)
-        after = decode_tokens_per_s(fp, prompt, a.decode_tokens, repeats=3)
-        head = q.get_output_embeddings().spec
+        row = measure_bits(fp, tok, prompt, spec, {"auto": "packed"}, a.decode_tokens, repeats=3)
+        before, tps_q, after = row["fp32"], row["packed"], row["fp32 again"]
         dec[f"w{bits}"] = {"decode_tps_packed": tps_q, "decode_tps_fp32": before, "decode_tps_fp32_after": after,
-                           "decode_speedup": tps_q / max(before, after), "lm_head": f"{head.bits}-bit RTN g{head.group_size}",
+                           "decode_speedup": tps_q / max(before, after),
+                           "lm_head": "{bits}-bit RTN g{group_size}".format(**LM_HEAD_AUTO_SPEC.to_dict()),
                            "group_size": a.group_size}
         print(f"decode w{bits}: packed {tps_q:.1f} tok/s vs fp32 {before:.1f} / {after:.1f} -> "
               f"{dec[f'w{bits}']['decode_speedup']:.2f}x (against the faster fp32 measurement)", flush=True)
-        del q
 
 
 def main(argv=None) -> int:
