@@ -65,6 +65,31 @@ at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t m, const 
   return bias->to(x.scalar_type()).contiguous();
 }
 
+// The activation checks both kernels share: x is [batch, n] on the weight's device.
+void check_x(const char* op, const at::Tensor& x, const qk::cuda::QWeightView& w, const at::Tensor& qweight) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.n, op, ": x must be [batch, ", w.n, "], got ", x.sizes());
+  TORCH_CHECK(x.device() == qweight.device(), op, ": x on ", x.device(), ", weight on ", qweight.device());
+}
+
+// y [batch, m] and the checked bias; `done` when no kernel needs to run: an empty batch or m, or n == 0
+// (y is then the bias broadcast over the batch, or zeros).
+struct Output {
+  at::Tensor y, bias;
+  bool done;
+};
+
+Output make_output(const char* op, const at::Tensor& x, const qk::cuda::QWeightView& w,
+                   const std::optional<at::Tensor>& bias) {
+  Output o{at::empty({x.size(0), w.m}, x.options()), checked_bias(bias, w.m, x, op), false};
+  if (x.size(0) == 0 || w.m == 0) {
+    o.done = true;
+  } else if (w.n == 0) {
+    o.y = o.bias.defined() ? o.bias.unsqueeze(0).expand({x.size(0), w.m}).contiguous() : o.y.zero_();
+    o.done = true;
+  }
+  return o;
+}
+
 // Split-K arrival counters, zero between calls (each call re-arms them). One set per device and
 // stream, so launches on different streams never share them. Grown on demand, never freed.
 unsigned int* gemv_counters(const at::Device& dev, cudaStream_t stream, int64_t need) {
@@ -82,16 +107,13 @@ at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::T
   constexpr const char* op = "quantkern::gpu_qgemm_gemv";
   const c10::cuda::CUDAGuard guard(qweight.device());
   const auto w = view_of(op, qweight, scales, zeros, g_idx, bits, group_size);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.n, op, ": x must be [batch, ", w.n, "], got ", x.sizes());
-  TORCH_CHECK(x.device() == qweight.device(), op, ": x on ", x.device(), ", weight on ", qweight.device());
+  check_x(op, x, w, qweight);
   const auto xt = dtype_of(x.scalar_type(), op);
   const auto xc = x.contiguous();
-  const at::Tensor bc = checked_bias(bias, w.m, x, op);
+  auto [y, bc, done] = make_output(op, x, w, bias);
+  if (done) return y;
   const bool has_bias = bc.defined();
   const int64_t batch = x.size(0);
-  auto y = at::empty({batch, w.m}, x.options());
-  if (batch == 0 || w.m == 0) return y;
-  if (w.n == 0) return has_bias ? bc.unsqueeze(0).expand({batch, w.m}).contiguous() : y.zero_();
   static const int sms = std::max(qk::cuda::sm_count(), 1);
   const int64_t target_blocks = 4 * sms;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(qweight.device().index()).stream();
@@ -139,19 +161,16 @@ at::Tensor mma_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const c10::cuda::CUDAGuard guard(qweight.device());
   const auto w = view_of(op, qweight, scales, zeros, g_idx, bits, group_size);
   TORCH_CHECK(bits >= 2 && bits <= 4, op, ": the tensor-core kernel supports bits 2, 3 and 4, got ", bits);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.n, op, ": x must be [batch, ", w.n, "], got ", x.sizes());
-  TORCH_CHECK(x.device() == qweight.device(), op, ": x on ", x.device(), ", weight on ", qweight.device());
+  check_x(op, x, w, qweight);
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
               ": x must be float16 or bfloat16 (fp32 activations take gpu_qgemm_dequant_t + matmul), got ",
               x.scalar_type());
   const int major = qk::cuda::mma_arch_major();
   TORCH_CHECK(major >= 8, op, ": needs a GPU of compute capability 8.0 or newer (mma.sync, cp.async), got ", major);
-  const at::Tensor bc = checked_bias(bias, w.m, x, op);
+  auto [y, bc, done] = make_output(op, x, w, bias);
+  if (done) return y;
   const bool has_bias = bc.defined();
   const int64_t batch = x.size(0);
-  auto y = at::empty({batch, w.m}, x.options());
-  if (batch == 0 || w.m == 0) return y;
-  if (w.n == 0) return has_bias ? bc.unsqueeze(0).expand({batch, w.m}).contiguous() : y.zero_();
   // 16-byte activation copies need rows of a multiple of 8 elements at a 16-byte aligned base:
   // otherwise stage a zero-padded copy (one chunk multiple wide).
   at::Tensor xc = x.contiguous();
