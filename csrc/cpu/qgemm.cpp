@@ -130,7 +130,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   else if (xt == at::kBFloat16) gather_x<at::BFloat16>(xc, xi, Kpad, xnp);
   else gather_x<at::Half>(xc, xi, Kpad, xnp);
 
-  if (path == 1 || path == 3 || path == 4 || path == 5 || (path == 0 && B <= qg::kMaxGemvBatch)) {
+  if (path == 1 || path == 3 || path == 4 || path == 5 || path == 6 || (path == 0 && B <= qg::kMaxGemvBatch)) {
     std::vector<float> xsum(B * G);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < G; ++g) {
@@ -162,6 +162,39 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
           qg::gemv_int8_avx512(L, nb, limbs, xq.data() + b0 * limbs * Kpad, Kpad, dx.data() + b0 * KB, KB,
                                xsq.data() + b0 * G, bptr, y + b0 * m, m, t0, t1);
         });
+      }
+      return;
+    }
+    const bool amx = avx512 && (bits == 2 || bits == 3) && (path == 6 || path == 0) && qg::amx_available();
+    if (amx) {
+      // runs: each group's k-blocks in pieces of <= kAmxRunBlocks (one x step each)
+      std::vector<int32_t> group_run(G + 1), run_kb;
+      for (int64_t g = 0; g < G; ++g) {
+        group_run[g] = static_cast<int32_t>(run_kb.size());
+        for (int32_t k = kbs[g]; k < kbs[g + 1]; k += qg::kAmxRunBlocks) run_kb.push_back(k);
+      }
+      group_run[G] = static_cast<int32_t>(run_kb.size());
+      int64_t chunks = 0;
+      for (size_t r = 0; r < run_kb.size(); ++r) {
+        const int32_t end = r + 1 < run_kb.size() ? run_kb[r + 1] : static_cast<int32_t>(KB);
+        chunks += (std::min<int32_t>(end - run_kb[r], qg::kAmxRunBlocks) + 1) / 2;
+      }
+      const int64_t runs = static_cast<int64_t>(run_kb.size());
+      run_kb.push_back(static_cast<int32_t>(KB));
+      // a run ends at its group's end or after kAmxRunBlocks: run r = [run_kb[r], run_kb[r + 1])
+      const qg::AmxRuns R{G, runs, chunks, group_run.data(), run_kb.data()};
+      thread_local std::vector<int8_t> xq;  // reused per calling thread (no page faults per call)
+      if (xq.size() < static_cast<size_t>(B * 3 * chunks * 64)) xq.resize(B * 3 * chunks * 64);
+      int8_t* xqp = xq.data();
+      std::vector<float> dx(B * runs), xsq(B * G);
+      for (int64_t b = 0; b < B; ++b)
+        qg::quantize_x_amx(xnp + b * Kpad, R, xqp + b * 3 * chunks * 64, dx.data() + b * runs, xsq.data() + b * G);
+      for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxAmxBatch) {
+        const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxAmxBatch, B - b0));
+        dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {
+          qg::gemv_amx(L, R, nb, xqp + b0 * 3 * chunks * 64, dx.data() + b0 * runs, xsq.data() + b0 * G, bptr,
+                       y + b0 * m, m, t0, t1);
+        }, /*align=*/qg::kAmxTiles);
       }
       return;
     }
@@ -236,6 +269,7 @@ void qgemm_cpu_out_op(const at::Tensor& x, const at::Tensor& qw, const at::Tenso
 // at::mm); 1 = FMA GEMV, 2 = panels + at::mm, 3 = LUT GEMV where available (else FMA GEMV). 1-3 for tests.
 // 4 = int8-activation VNNI GEMV for 4-bit (opt-in, approximate; else the FMA GEMV). 5 = 3-digit VNNI
 // GEMV for 4-bit (else the FMA GEMV); path 0 takes it for <= kMaxLimbBatch tokens where VNNI exists.
+// 6 = AMX GEMV for 2/3-bit (else the FMA GEMV); path 0 takes it for <= kMaxGemvBatch tokens where AMX works.
 TORCH_LIBRARY_FRAGMENT(quantkern, m) {
   m.def("qgemm_cpu(Tensor x, Tensor qw, Tensor sc, Tensor kb_start, Tensor x_index, int bits, int m,"
         " Tensor? bias, int path=0) -> Tensor");

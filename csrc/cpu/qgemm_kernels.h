@@ -94,6 +94,26 @@ void quantize_x_avx512(const float* x, int64_t KB, int limbs, int8_t* q, int64_t
 void gemv_int8_avx512(const Layout& L, int B, int limbs, const int8_t* xq, int64_t ldq, const float* dx, int64_t ldd,
                       const float* xsq, const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1);
 
+// AMX-INT8 GEMV for 2/3-bit (csrc/cpu/qgemm_amx.cpp). x is quantized per run of <= kAmxRunBlocks k-blocks
+// of one group (step d per run and token, 3 signed base-128 digit planes, 22-bit fixed point); each run
+// is ceil(k-blocks / 2) chunks of 64 channels (one tile multiply). amx_available(): CPU has AMX-INT8 and
+// GFNI, the kernel granted the tile state, and QUANTKERN_NO_AMX is unset.
+constexpr int kAmxRunBlocks = 4;  // 128 channels: the int32 merge of the digit sums stays < 2^31 at 3 bits
+constexpr int kMaxAmxBatch = 5;   // 3 digit planes per token, 16 A-tile rows
+constexpr int kAmxTiles = 3;      // row tiles in flight (B and C tile registers: 1 + 2 * 3 of the 8)
+struct AmxRuns {
+  int64_t G, runs, chunks;
+  const int32_t* group_run;  // [G + 1]: group g owns runs [group_run[g], group_run[g + 1])
+  const int32_t* run_kb;     // [runs + 1]: run r = k-blocks [run_kb[r], run_kb[r + 1])
+};
+bool amx_available();
+// one token: x [Kpad] native order -> q (3 planes of R.chunks * 64 bytes, top digit first), d [runs],
+// xsq [G] per-group sums of the represented x
+void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, float* d, float* xsq);
+// B <= kMaxAmxBatch tokens: xq token b plane l at xq + (3 * b + l) * R.chunks * 64; dx [B][runs]; xsq [B][G]
+void gemv_amx(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, const float* dx, const float* xsq,
+              const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1);
+
 // Dense W^T of tiles [t0, t1) x k-blocks [kb0, kb1):
 // wt[(p - 32 * kb0) * ldw + (tile - t0) * 16 + lane] = (q - z) * s for native position p.
 void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,

@@ -1,0 +1,268 @@
+// AMX-INT8 GEMV for 2- and 3-bit weights (decode, few tokens), on the unchanged bit-plane layout.
+//
+// x is written as 3 signed base-128 digit planes per run of <= 4 k-blocks (22-bit fixed point, as the
+// 4-bit VNNI path does per k-block), so tdpbsud's int32 dot products are exact and the only rounding
+// is x's (<= 2^-22 of the run's max |x|). A tile rows = digit planes x tokens, B tile = unsigned
+// codes of 16 rows x 64 channels, C = int32 [planes x tokens][16 rows].
+//
+// Why: the fp32 LUT GEMV costs a shift + vpermps + add per 4 bits of weights and 16 rows, so it is
+// compute-bound at 2/3 bits. Here the vector units only turn planes into code bytes: one GF2P8AFFINEQB
+// per plane moves bit t of every byte to bit i (plane i), an OR merges the planes, a store writes one
+// B-tile row (4 channels x 16 rows); the tile unit does the multiply-adds.
+//
+// Channel order: a plane word holds native position p = 8 * byte + t at bit t of byte `byte`. B-tile row
+// t of a k-block takes bit t of every byte, so byte j of a row's dword is position 8j + t; the A tile's
+// k index 4t + j must therefore hold x at native position 8j + t (the digit writer transposes each
+// k-block's 4 x 8 positions).
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,gfni,amx-tile,amx-int8")
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "qgemm_kernels.h"
+
+namespace qk::cpu::qgemm {
+namespace {
+
+struct TileConfig {
+  uint8_t palette, start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+constexpr int kAmxTiles = 3;
+// weight prefetch distance per row-tile stream, in int32 words (1 KiB, as the LUT GEMV's 3-4 streams)
+constexpr int64_t kPrefetchAmx = 256;  // row tiles in flight (B and C registers: 1 + 2 * 3 of the 8 tiles)
+
+bool detect_amx() {
+#if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = (d >> 24) & 1, int8 = (d >> 25) & 1, gfni = (c >> 8) & 1;
+  if (!(tile && int8 && gfni)) return false;
+  // the kernel must enable XTILEDATA (state component 18) for this process; refused on old kernels
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
+}
+
+// y[b] (+ bias) -> out rows of one tile; rows >= m (padding) are not written.
+inline void store_rows(const Layout& L, int64_t tile, int B, const __m512* y, const float* bias, float* out,
+                       int64_t ldo) {
+  const int64_t r0 = tile * kTileRows;
+  const int64_t valid = L.m - r0 < kTileRows ? L.m - r0 : kTileRows;
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + r0) : _mm512_setzero_ps();
+  for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + b * ldo + r0, mask, _mm512_add_ps(y[b], bv));
+}
+
+inline __m512 load_half(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// GF(2) affine matrix moving bit t of each byte to bit i (all other output bits 0)
+inline __m512i bit_mover(int t, int i) {
+  return _mm512_set1_epi64(static_cast<long long>((uint64_t{1} << t) << (8 * (7 - i))));
+}
+
+// Unpacks one k-block of one row tile (BITS plane words at w, stride 16) into 8 B-tile rows at dst.
+template <int BITS>
+inline void unpack_kblock(const int32_t* w, const __m512i (*mv)[3], uint8_t* dst) {
+  __m512i p[BITS];
+  for (int i = 0; i < BITS; ++i) p[i] = _mm512_loadu_si512(w + i * kTileRows);
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t) {
+    __m512i v = _mm512_or_si512(_mm512_gf2p8affine_epi64_epi8(p[0], mv[t][0], 0),
+                                _mm512_gf2p8affine_epi64_epi8(p[1], mv[t][1], 0));
+    if constexpr (BITS == 3) v = _mm512_or_si512(v, _mm512_gf2p8affine_epi64_epi8(p[2], mv[t][2], 0));
+    _mm512_store_si512(dst + t * 64, v);
+  }
+}
+
+// Tile register numbers must be literals (GCC's _tile_* macros paste them into the asm): tmm0 = A
+// (digits), tmm1-3 = B of row tile 0-2, tmm4-6 = C of row tile 0-2.
+template <int T>
+inline void load_b_and_multiply(const uint8_t* buf) {
+  if constexpr (T == 0) { _tile_loadd(1, buf, 64); _tile_dpbsud(4, 0, 1); }
+  if constexpr (T == 1) { _tile_loadd(2, buf, 64); _tile_dpbsud(5, 0, 2); }
+  if constexpr (T == 2) { _tile_loadd(3, buf, 64); _tile_dpbsud(6, 0, 3); }
+}
+
+template <int T>
+inline void store_c(int32_t* buf) {
+  if constexpr (T == 0) { _tile_stored(4, buf, 64); _tile_zero(4); }
+  if constexpr (T == 1) { _tile_stored(5, buf, 64); _tile_zero(5); }
+  if constexpr (T == 2) { _tile_stored(6, buf, 64); _tile_zero(6); }
+}
+
+template <int BITS, int NT>
+void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, const float* dx,
+                    const float* xsq, const float* bias, float* out, int64_t ldo, int64_t tile0,
+                    const __m512i (*mv)[3]) {
+  const int64_t tstride = L.KB * BITS * kTileRows;  // int32 words per row tile
+  const int32_t* wt0 = L.qw + tile0 * tstride;
+  const uint16_t* sc0 = L.sc + tile0 * L.G * 2 * kTileRows;
+  const int64_t lda = R.chunks * 64;  // bytes between digit planes (A tile rows)
+  alignas(64) uint8_t bbuf[2][NT][16 * 64];  // B tiles, double-buffered across chunks
+  alignas(64) int32_t cbuf[NT][16 * 16];
+  __m512 y[NT][kMaxAmxBatch];
+  for (int t = 0; t < NT; ++t)
+    for (int b = 0; b < B; ++b) y[t][b] = _mm512_setzero_ps();
+  for (int t = 0; t < NT; ++t) {
+    if (t == 0) _tile_zero(4);
+    if (t == 1) _tile_zero(5);
+    if (t == 2) _tile_zero(6);
+  }
+  int64_t chunk = 0, parity = 0;
+  for (int64_t g = 0; g < L.G; ++g) {
+    __m512 facc[NT][kMaxAmxBatch];
+    for (int t = 0; t < NT; ++t)
+      for (int b = 0; b < B; ++b) facc[t][b] = _mm512_setzero_ps();
+    bool any = false;
+    for (int64_t r = R.group_run[g]; r < R.group_run[g + 1]; ++r) {
+      any = true;
+      const int k0 = R.run_kb[r], k1 = R.run_kb[r + 1];
+      for (int kb = k0; kb < k1; kb += 2, ++chunk, parity ^= 1) {
+        const int nk = kb + 1 < k1 ? 2 : 1;  // a lone last k-block: its A digits are 0 in the upper half
+#pragma GCC unroll 3
+        for (int t = 0; t < NT; ++t) {
+          const int32_t* wp = wt0 + t * tstride + static_cast<int64_t>(kb) * BITS * kTileRows;
+          for (int i = 0; i < nk * BITS; ++i)
+            _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchAmx + i * kTileRows), _MM_HINT_T0);
+          for (int h = 0; h < nk; ++h) unpack_kblock<BITS>(wp + h * BITS * kTileRows, mv, bbuf[parity][t] + h * 8 * 64);
+        }
+        _tile_loadd(0, xq + chunk * 64, lda);
+        load_b_and_multiply<0>(bbuf[parity][0]);
+        if constexpr (NT > 1) load_b_and_multiply<1>(bbuf[parity][1]);
+        if constexpr (NT > 2) load_b_and_multiply<2>(bbuf[parity][2]);
+      }
+      store_c<0>(cbuf[0]);
+      if constexpr (NT > 1) store_c<1>(cbuf[1]);
+      if constexpr (NT > 2) store_c<2>(cbuf[2]);
+      for (int t = 0; t < NT; ++t)
+        for (int b = 0; b < B; ++b) {
+          // a * 2^14 + b * 2^7 + c: |sum| <= 128 channels * 7 * 127 * 2^14 < 2^31
+          const int32_t* c = cbuf[t] + 3 * b * 16;
+          __m512i v = _mm512_load_si512(c);
+          v = _mm512_add_epi32(_mm512_slli_epi32(v, 7), _mm512_load_si512(c + 16));
+          v = _mm512_add_epi32(_mm512_slli_epi32(v, 7), _mm512_load_si512(c + 32));
+          facc[t][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(dx[b * R.runs + r]), facc[t][b]);
+        }
+    }
+    if (!any) continue;
+    for (int t = 0; t < NT; ++t) {
+      const uint16_t* sc = sc0 + (t * L.G + g) * 2 * kTileRows;
+      const __m512 s = load_half(sc);
+      const __m512 sz = _mm512_mul_ps(s, load_half(sc + kTileRows));
+      for (int b = 0; b < B; ++b) {
+        y[t][b] = _mm512_fmadd_ps(s, facc[t][b], y[t][b]);
+        y[t][b] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsq[b * L.G + g]), y[t][b]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) store_rows(L, tile0 + t, B, y[t], bias, out, ldo);
+}
+
+template <int BITS>
+void gemv_amx_bits(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, const float* dx, const float* xsq,
+                   const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+  __m512i mv[8][3];
+  for (int t = 0; t < 8; ++t)
+    for (int i = 0; i < 3; ++i) mv[t][i] = bit_mover(t, i);
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  const int M = 3 * B;
+  cfg.rows[0] = static_cast<uint8_t>(M);
+  cfg.colsb[0] = 64;
+  for (int t = 0; t < kAmxTiles; ++t) {
+    cfg.rows[1 + t] = 16;
+    cfg.colsb[1 + t] = 64;
+    cfg.rows[4 + t] = static_cast<uint8_t>(M);
+    cfg.colsb[4 + t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  int64_t tile = t0;
+  for (; tile + kAmxTiles <= t1; tile += kAmxTiles)
+    gemv_amx_group<BITS, kAmxTiles>(L, R, B, xq, dx, xsq, bias, out, ldo, tile, mv);
+  for (; tile < t1; ++tile) gemv_amx_group<BITS, 1>(L, R, B, xq, dx, xsq, bias, out, ldo, tile, mv);
+  _tile_release();
+}
+
+}  // namespace
+
+bool amx_available() {
+  static const bool ok = detect_amx();
+  const char* off = std::getenv("QUANTKERN_NO_AMX");
+  return ok && !(off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0);
+}
+
+void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, float* d, float* xsq_group) {
+  // byte o of a k-block's 32 takes native position src[o] = 8 * (o % 4) + o / 4 (see the header comment)
+  alignas(64) int32_t src[32];
+  for (int o = 0; o < 32; ++o) src[o] = 8 * (o % 4) + o / 4;
+  const __m512i i_lo = _mm512_load_si512(src), i_hi = _mm512_load_si512(src + 16);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const float top = 127.0f * 16384.0f;  // x = d * (a * 2^14 + b * 2^7 + c), |a| <= 127, b, c in [-64, 63]
+  const __m512i h = _mm512_set1_epi32(64), m7 = _mm512_set1_epi32(127);
+  const int64_t lda = R.chunks * 64;
+  int64_t chunk = 0;
+  for (int64_t g = 0; g < R.G; ++g) {
+    double gsum = 0.0;
+    for (int64_t r = R.group_run[g]; r < R.group_run[g + 1]; ++r) {
+      const int k0 = R.run_kb[r], k1 = R.run_kb[r + 1];
+      __m512 mx = _mm512_setzero_ps();
+      for (int kb = k0; kb < k1; ++kb)
+        mx = _mm512_max_ps(mx, _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(x + kb * 32)),
+                                              _mm512_andnot_ps(sign, _mm512_loadu_ps(x + kb * 32 + 16))));
+      const float amax = _mm512_reduce_max_ps(mx);
+      const __m512 inv = _mm512_set1_ps(amax > 0 ? top / amax : 0.0f);
+      d[r] = amax / top;
+      __m512i isum = _mm512_setzero_si512();
+      for (int kb = k0; kb < k1; ++kb) {
+        const int64_t c = chunk + (kb - k0) / 2, half = (kb - k0) % 2;
+        const __m512 a = _mm512_loadu_ps(x + kb * 32), b = _mm512_loadu_ps(x + kb * 32 + 16);
+        __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+        isum = _mm512_add_epi32(isum, _mm512_add_epi32(qa, qb));
+        // reorder to tile order first (digits are per element, so either order works)
+        __m512i lo = _mm512_permutex2var_epi32(qa, i_lo, qb), hi = _mm512_permutex2var_epi32(qa, i_hi, qb);
+        for (int l = 2; l >= 0; --l) {  // lowest digit first: balanced base-128 digits
+          __m512i dl = lo, dh = hi;
+          if (l > 0) {
+            dl = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(lo, h), m7), h);
+            dh = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(hi, h), m7), h);
+            lo = _mm512_srai_epi32(_mm512_sub_epi32(lo, dl), 7);
+            hi = _mm512_srai_epi32(_mm512_sub_epi32(hi, dh), 7);
+          }
+          int8_t* ql = q + l * lda + c * 64 + half * 32;
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(ql), _mm512_cvtsepi32_epi8(dl));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(ql + 16), _mm512_cvtsepi32_epi8(dh));
+        }
+      }
+      if ((k1 - k0) % 2)  // the lone k-block's partner half of the chunk reads digit 0
+        for (int l = 0; l < 3; ++l) std::memset(q + l * lda + (chunk + (k1 - k0) / 2) * 64 + 32, 0, 32);
+      chunk += (k1 - k0 + 1) / 2;
+      gsum += static_cast<double>(d[r]) * static_cast<double>(_mm512_reduce_add_epi32(isum));
+    }
+    xsq_group[g] = static_cast<float>(gsum);
+  }
+}
+
+void gemv_amx(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, const float* dx, const float* xsq,
+              const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+  if (L.bits == 2) return gemv_amx_bits<2>(L, R, B, xq, dx, xsq, bias, out, ldo, t0, t1);
+  return gemv_amx_bits<3>(L, R, B, xq, dx, xsq, bias, out, ldo, t0, t1);
+}
+
+}  // namespace qk::cpu::qgemm
