@@ -174,15 +174,17 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
         for (int32_t k = kbs[g]; k < kbs[g + 1]; k += qg::kAmxRunBlocks) run_kb.push_back(k);
       }
       group_run[G] = static_cast<int32_t>(run_kb.size());
-      int64_t chunks = 0;
-      for (size_t r = 0; r < run_kb.size(); ++r) {
-        const int32_t end = r + 1 < run_kb.size() ? run_kb[r + 1] : static_cast<int32_t>(KB);
-        chunks += (std::min<int32_t>(end - run_kb[r], qg::kAmxRunBlocks) + 1) / 2;
-      }
       const int64_t runs = static_cast<int64_t>(run_kb.size());
       run_kb.push_back(static_cast<int32_t>(KB));
       // a run ends at its group's end or after kAmxRunBlocks: run r = [run_kb[r], run_kb[r + 1])
-      const qg::AmxRuns R{G, runs, chunks, group_run.data(), run_kb.data()};
+      std::vector<int32_t> chunk_kb, chunk_run;
+      for (int64_t r = 0; r < runs; ++r)
+        for (int32_t k = run_kb[r]; k < run_kb[r + 1]; k += 2) {
+          chunk_kb.push_back(k);
+          chunk_run.push_back(static_cast<int32_t>(r));
+        }
+      const int64_t chunks = static_cast<int64_t>(chunk_kb.size());
+      const qg::AmxRuns R{G, runs, chunks, group_run.data(), run_kb.data(), chunk_kb.data(), chunk_run.data()};
       thread_local std::vector<int8_t> xq;  // reused per calling thread (no page faults per call)
       if (xq.size() < static_cast<size_t>(B * 3 * chunks * 64)) xq.resize(B * 3 * chunks * 64);
       int8_t* xqp = xq.data();

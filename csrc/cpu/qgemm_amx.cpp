@@ -39,9 +39,8 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-constexpr int kAmxTiles = 3;
 // weight prefetch distance per row-tile stream, in int32 words (1 KiB, as the LUT GEMV's 3-4 streams)
-constexpr int64_t kPrefetchAmx = 256;  // row tiles in flight (B and C registers: 1 + 2 * 3 of the 8 tiles)
+constexpr int64_t kPrefetchAmx = 256;
 
 bool detect_amx() {
 #if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
@@ -71,21 +70,38 @@ inline __m512 load_half(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// GF(2) affine matrix moving bit t of each byte to bit i (all other output bits 0)
-inline __m512i bit_mover(int t, int i) {
-  return _mm512_set1_epi64(static_cast<long long>((uint64_t{1} << t) << (8 * (7 - i))));
+// GF(2) affine matrices (out bit i = parity(row i & byte); row i is byte 7 - i of the qword).
+// Planes 0 and 1 are first merged per byte into lo = [p0 bits 0-3 | p1 bits 0-3 << 4] and
+// hi = [p0 bits 4-7 | p1 bits 4-7 << 4] (one shift and one bit-select each), so one affine per B-tile
+// row yields bits 0-1 of every code: merged[u] moves byte bits u and u + 4 to bits 0 and 1.
+// plane2[t] moves bit t of a plane-2 byte to bit 2.
+struct Movers {
+  __m512i merged[4], plane2[8];
+};
+
+inline Movers make_movers() {
+  Movers mv;
+  for (int u = 0; u < 4; ++u)
+    mv.merged[u] = _mm512_set1_epi64(static_cast<long long>(((uint64_t{1} << u) << 56) | ((uint64_t{1} << (u + 4)) << 48)));
+  for (int t = 0; t < 8; ++t) mv.plane2[t] = _mm512_set1_epi64(static_cast<long long>((uint64_t{1} << t) << 40));
+  return mv;
 }
 
-// Unpacks one k-block of one row tile (BITS plane words at w, stride 16) into 8 B-tile rows at dst.
+// Unpacks one k-block of one row tile (BITS plane words at w, stride 16) into 8 B-tile rows at dst:
+// row t = bit t of every plane byte, i.e. byte j of a row's dword is native position 8j + t.
 template <int BITS>
-inline void unpack_kblock(const int32_t* w, const __m512i (*mv)[3], uint8_t* dst) {
-  __m512i p[BITS];
-  for (int i = 0; i < BITS; ++i) p[i] = _mm512_loadu_si512(w + i * kTileRows);
+inline void unpack_kblock(const int32_t* w, const Movers& mv, uint8_t* dst) {
+  const __m512i p0 = _mm512_loadu_si512(w), p1 = _mm512_loadu_si512(w + kTileRows);
+  const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
+  // a ? b : c per bit = 0xCA
+  const __m512i lo = _mm512_ternarylogic_epi32(nib, p0, _mm512_slli_epi32(p1, 4), 0xCA);
+  const __m512i hi = _mm512_ternarylogic_epi32(nib, _mm512_srli_epi32(p0, 4), p1, 0xCA);
+  __m512i p2 = _mm512_setzero_si512();
+  if constexpr (BITS == 3) p2 = _mm512_loadu_si512(w + 2 * kTileRows);
 #pragma GCC unroll 8
   for (int t = 0; t < 8; ++t) {
-    __m512i v = _mm512_or_si512(_mm512_gf2p8affine_epi64_epi8(p[0], mv[t][0], 0),
-                                _mm512_gf2p8affine_epi64_epi8(p[1], mv[t][1], 0));
-    if constexpr (BITS == 3) v = _mm512_or_si512(v, _mm512_gf2p8affine_epi64_epi8(p[2], mv[t][2], 0));
+    __m512i v = _mm512_gf2p8affine_epi64_epi8(t < 4 ? lo : hi, mv.merged[t & 3], 0);
+    if constexpr (BITS == 3) v = _mm512_or_si512(v, _mm512_gf2p8affine_epi64_epi8(p2, mv.plane2[t], 0));
     _mm512_store_si512(dst + t * 64, v);
   }
 }
@@ -107,69 +123,67 @@ inline void store_c(int32_t* buf) {
 }
 
 template <int BITS, int NT>
-void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, const float* dx,
-                    const float* xsq, const float* bias, float* out, int64_t ldo, int64_t tile0,
-                    const __m512i (*mv)[3]) {
+void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq,
+                    const float* dx, const float* xsq, const float* bias, float* out, int64_t ldo, int64_t tile0,
+                    const Movers& mv) {
   const int64_t tstride = L.KB * BITS * kTileRows;  // int32 words per row tile
   const int32_t* wt0 = L.qw + tile0 * tstride;
   const uint16_t* sc0 = L.sc + tile0 * L.G * 2 * kTileRows;
   const int64_t lda = R.chunks * 64;  // bytes between digit planes (A tile rows)
-  alignas(64) uint8_t bbuf[2][NT][16 * 64];  // B tiles, double-buffered across chunks
+  alignas(64) uint8_t bbuf[2][NT][16 * 64];  // B tiles, double-buffered: chunk c + 1 unpacks while c multiplies
   alignas(64) int32_t cbuf[NT][16 * 16];
-  __m512 y[NT][kMaxAmxBatch];
+  __m512 y[NT][kMaxAmxBatch], facc[NT][kMaxAmxBatch];
   for (int t = 0; t < NT; ++t)
-    for (int b = 0; b < B; ++b) y[t][b] = _mm512_setzero_ps();
-  for (int t = 0; t < NT; ++t) {
-    if (t == 0) _tile_zero(4);
-    if (t == 1) _tile_zero(5);
-    if (t == 2) _tile_zero(6);
-  }
-  int64_t chunk = 0, parity = 0;
-  for (int64_t g = 0; g < L.G; ++g) {
-    __m512 facc[NT][kMaxAmxBatch];
-    for (int t = 0; t < NT; ++t)
-      for (int b = 0; b < B; ++b) facc[t][b] = _mm512_setzero_ps();
-    bool any = false;
-    for (int64_t r = R.group_run[g]; r < R.group_run[g + 1]; ++r) {
-      any = true;
-      const int k0 = R.run_kb[r], k1 = R.run_kb[r + 1];
-      for (int kb = k0; kb < k1; kb += 2, ++chunk, parity ^= 1) {
-        const int nk = kb + 1 < k1 ? 2 : 1;  // a lone last k-block: its A digits are 0 in the upper half
+    for (int b = 0; b < B; ++b) y[t][b] = facc[t][b] = _mm512_setzero_ps();
+  _tile_zero(4);
+  if constexpr (NT > 1) _tile_zero(5);
+  if constexpr (NT > 2) _tile_zero(6);
+  const int64_t nch = R.chunks;
+  auto unpack = [&](int64_t c) {
+    const int kb = R.chunk_kb[c], nk = R.run_kb[R.chunk_run[c] + 1] - kb < 2 ? 1 : 2;
 #pragma GCC unroll 3
-        for (int t = 0; t < NT; ++t) {
-          const int32_t* wp = wt0 + t * tstride + static_cast<int64_t>(kb) * BITS * kTileRows;
-          for (int i = 0; i < nk * BITS; ++i)
-            _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchAmx + i * kTileRows), _MM_HINT_T0);
-          for (int h = 0; h < nk; ++h) unpack_kblock<BITS>(wp + h * BITS * kTileRows, mv, bbuf[parity][t] + h * 8 * 64);
-        }
-        _tile_loadd(0, xq + chunk * 64, lda);
-        load_b_and_multiply<0>(bbuf[parity][0]);
-        if constexpr (NT > 1) load_b_and_multiply<1>(bbuf[parity][1]);
-        if constexpr (NT > 2) load_b_and_multiply<2>(bbuf[parity][2]);
-      }
-      store_c<0>(cbuf[0]);
-      if constexpr (NT > 1) store_c<1>(cbuf[1]);
-      if constexpr (NT > 2) store_c<2>(cbuf[2]);
-      for (int t = 0; t < NT; ++t)
-        for (int b = 0; b < B; ++b) {
-          // a * 2^14 + b * 2^7 + c: |sum| <= 128 channels * 7 * 127 * 2^14 < 2^31
-          const int32_t* c = cbuf[t] + 3 * b * 16;
-          __m512i v = _mm512_load_si512(c);
-          v = _mm512_add_epi32(_mm512_slli_epi32(v, 7), _mm512_load_si512(c + 16));
-          v = _mm512_add_epi32(_mm512_slli_epi32(v, 7), _mm512_load_si512(c + 32));
-          facc[t][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(dx[b * R.runs + r]), facc[t][b]);
-        }
-    }
-    if (!any) continue;
     for (int t = 0; t < NT; ++t) {
+      const int32_t* wp = wt0 + t * tstride + static_cast<int64_t>(kb) * BITS * kTileRows;
+      for (int i = 0; i < nk * BITS; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchAmx + i * kTileRows), _MM_HINT_T0);
+      for (int h = 0; h < nk; ++h) unpack_kblock<BITS>(wp + h * BITS * kTileRows, mv, bbuf[c & 1][t] + h * 8 * 64);
+    }
+  };
+  int64_t r = 0, g = 0;  // current run and group
+  while (g < L.G && R.group_run[g + 1] == 0) ++g;  // leading empty groups (no k-blocks)
+  if (nch > 0) unpack(0);
+  for (int64_t c = 0; c < nch; ++c) {
+    if (c + 1 < nch) unpack(c + 1);
+    _tile_loadd(0, xq + c * 64, lda);
+    load_b_and_multiply<0>(bbuf[c & 1][0]);
+    if constexpr (NT > 1) load_b_and_multiply<1>(bbuf[c & 1][1]);
+    if constexpr (NT > 2) load_b_and_multiply<2>(bbuf[c & 1][2]);
+    if (R.chunk_kb[c] + 2 < R.run_kb[R.chunk_run[c] + 1]) continue;  // not the run's last chunk
+    store_c<0>(cbuf[0]);
+    if constexpr (NT > 1) store_c<1>(cbuf[1]);
+    if constexpr (NT > 2) store_c<2>(cbuf[2]);
+    for (int t = 0; t < NT; ++t)
+      for (int b = 0; b < B; ++b) {
+        // a * 2^14 + b * 2^7 + c: |sum| <= 128 channels * 7 * 127 * 2^14 < 2^31
+        const int32_t* cp = cbuf[t] + 3 * b * 16;
+        __m512i v = _mm512_load_si512(cp);
+        v = _mm512_add_epi32(_mm512_slli_epi32(v, 7), _mm512_load_si512(cp + 16));
+        v = _mm512_add_epi32(_mm512_slli_epi32(v, 7), _mm512_load_si512(cp + 32));
+        facc[t][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(dx[b * R.runs + r]), facc[t][b]);
+      }
+    if (++r < R.group_run[g + 1]) continue;
+    for (int t = 0; t < NT; ++t) {  // group g done: y += s * acc - s * z * sum(x)
       const uint16_t* sc = sc0 + (t * L.G + g) * 2 * kTileRows;
       const __m512 s = load_half(sc);
       const __m512 sz = _mm512_mul_ps(s, load_half(sc + kTileRows));
       for (int b = 0; b < B; ++b) {
         y[t][b] = _mm512_fmadd_ps(s, facc[t][b], y[t][b]);
         y[t][b] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsq[b * L.G + g]), y[t][b]);
+        facc[t][b] = _mm512_setzero_ps();
       }
     }
+    ++g;
+    while (g < L.G && R.group_run[g + 1] == r) ++g;  // empty groups
   }
   for (int t = 0; t < NT; ++t) store_rows(L, tile0 + t, B, y[t], bias, out, ldo);
 }
@@ -177,9 +191,7 @@ void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, 
 template <int BITS>
 void gemv_amx_bits(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, const float* dx, const float* xsq,
                    const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1) {
-  __m512i mv[8][3];
-  for (int t = 0; t < 8; ++t)
-    for (int i = 0; i < 3; ++i) mv[t][i] = bit_mover(t, i);
+  const Movers mv = make_movers();
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;

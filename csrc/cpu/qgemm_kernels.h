@@ -105,6 +105,8 @@ struct AmxRuns {
   int64_t G, runs, chunks;
   const int32_t* group_run;  // [G + 1]: group g owns runs [group_run[g], group_run[g + 1])
   const int32_t* run_kb;     // [runs + 1]: run r = k-blocks [run_kb[r], run_kb[r + 1])
+  const int32_t* chunk_kb;   // [chunks]: first k-block of each chunk (2 k-blocks, or 1 at a run's odd end)
+  const int32_t* chunk_run;  // [chunks]: the run of each chunk
 };
 bool amx_available();
 // one token: x [Kpad] native order -> q (3 planes of R.chunks * 64 bytes, top digit first), d [runs],
