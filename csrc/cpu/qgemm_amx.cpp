@@ -41,6 +41,10 @@ struct TileConfig {
 
 // weight prefetch distance per row-tile stream, in int32 words (1 KiB, as the LUT GEMV's 3-4 streams)
 constexpr int64_t kPrefetchAmx = 256;
+#ifndef QK_AMX_AHEAD
+#define QK_AMX_AHEAD 2
+#endif
+constexpr int kUnpackAhead = QK_AMX_AHEAD;
 
 bool detect_amx() {
 #if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
@@ -106,13 +110,23 @@ inline void unpack_kblock(const int32_t* w, const Movers& mv, uint8_t* dst) {
   }
 }
 
-// Tile register numbers must be literals (GCC's _tile_* macros paste them into the asm): tmm0 = A
-// (digits), tmm1-3 = B of row tile 0-2, tmm4-6 = C of row tile 0-2.
-template <int T>
+// Tile register numbers must be literals (GCC's _tile_* macros paste them into the asm): tmm0 and tmm7 =
+// A (digits) of even and odd chunks, tmm1-3 = B of row tile 0-2, tmm4-6 = C of row tile 0-2. Tile
+// registers are not renamed: a tile load waits until the multiplies that read the old contents are
+// done, so one A register made every chunk wait for the last multiply of the one before it.
+template <int T, int A>
 inline void load_b_and_multiply(const uint8_t* buf) {
-  if constexpr (T == 0) { _tile_loadd(1, buf, 64); _tile_dpbsud(4, 0, 1); }
-  if constexpr (T == 1) { _tile_loadd(2, buf, 64); _tile_dpbsud(5, 0, 2); }
-  if constexpr (T == 2) { _tile_loadd(3, buf, 64); _tile_dpbsud(6, 0, 3); }
+  if constexpr (T == 0) { _tile_loadd(1, buf, 64); _tile_dpbsud(4, A, 1); }
+  if constexpr (T == 1) { _tile_loadd(2, buf, 64); _tile_dpbsud(5, A, 2); }
+  if constexpr (T == 2) { _tile_loadd(3, buf, 64); _tile_dpbsud(6, A, 3); }
+}
+
+template <int NT, int A>
+inline void multiply_chunk(const int8_t* xq, int64_t lda, uint8_t (*bbuf)[16 * 64]) {
+  _tile_loadd(A, xq, lda);
+  load_b_and_multiply<0, A>(bbuf[0]);
+  if constexpr (NT > 1) load_b_and_multiply<1, A>(bbuf[1]);
+  if constexpr (NT > 2) load_b_and_multiply<2, A>(bbuf[2]);
 }
 
 template <int T>
@@ -130,7 +144,10 @@ void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq,
   const int32_t* wt0 = L.qw + tile0 * tstride;
   const uint16_t* sc0 = L.sc + tile0 * L.G * 2 * kTileRows;
   const int64_t lda = R.chunks * 64;  // bytes between digit planes (A tile rows)
-  alignas(64) uint8_t bbuf[2][NT][16 * 64];  // B tiles, double-buffered: chunk c + 1 unpacks while c multiplies
+  // B tiles in a ring: chunk c + kUnpackAhead is unpacked while chunk c multiplies. The stores only
+  // reach L1 after they retire, behind the (long) tile multiplies before them, and a tile load waits
+  // for them: unpacking one chunk ahead left each chunk's multiplies waiting for the last chunk's.
+  alignas(64) uint8_t bbuf[kUnpackAhead + 1][NT][16 * 64];
   alignas(64) int32_t cbuf[NT][16 * 16];
   __m512 y[NT][kMaxAmxBatch], facc[NT][kMaxAmxBatch];
   for (int t = 0; t < NT; ++t)
@@ -146,18 +163,16 @@ void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq,
       const int32_t* wp = wt0 + t * tstride + static_cast<int64_t>(kb) * BITS * kTileRows;
       for (int i = 0; i < nk * BITS; ++i)
         _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchAmx + i * kTileRows), _MM_HINT_T0);
-      for (int h = 0; h < nk; ++h) unpack_kblock<BITS>(wp + h * BITS * kTileRows, mv, bbuf[c & 1][t] + h * 8 * 64);
+      for (int h = 0; h < nk; ++h) unpack_kblock<BITS>(wp + h * BITS * kTileRows, mv, bbuf[c % (kUnpackAhead + 1)][t] + h * 8 * 64);
     }
   };
   int64_t r = 0, g = 0;  // current run and group
   while (g < L.G && R.group_run[g + 1] == 0) ++g;  // leading empty groups (no k-blocks)
-  if (nch > 0) unpack(0);
+  for (int64_t c = 0; c < kUnpackAhead && c < nch; ++c) unpack(c);
   for (int64_t c = 0; c < nch; ++c) {
-    if (c + 1 < nch) unpack(c + 1);
-    _tile_loadd(0, xq + c * 64, lda);
-    load_b_and_multiply<0>(bbuf[c & 1][0]);
-    if constexpr (NT > 1) load_b_and_multiply<1>(bbuf[c & 1][1]);
-    if constexpr (NT > 2) load_b_and_multiply<2>(bbuf[c & 1][2]);
+    if (c + kUnpackAhead < nch) unpack(c + kUnpackAhead);
+    if (c & 1) multiply_chunk<NT, 7>(xq + c * 64, lda, bbuf[c % (kUnpackAhead + 1)]);
+    else multiply_chunk<NT, 0>(xq + c * 64, lda, bbuf[c % (kUnpackAhead + 1)]);
     if (R.chunk_kb[c] + 2 < R.run_kb[R.chunk_run[c] + 1]) continue;  // not the run's last chunk
     store_c<0>(cbuf[0]);
     if constexpr (NT > 1) store_c<1>(cbuf[1]);
@@ -196,8 +211,8 @@ void gemv_amx_bits(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, c
   std::memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
   const int M = 3 * B;
-  cfg.rows[0] = static_cast<uint8_t>(M);
-  cfg.colsb[0] = 64;
+  cfg.rows[0] = cfg.rows[7] = static_cast<uint8_t>(M);
+  cfg.colsb[0] = cfg.colsb[7] = 64;
   for (int t = 0; t < kAmxTiles; ++t) {
     cfg.rows[1 + t] = 16;
     cfg.colsb[1 + t] = 64;
