@@ -40,7 +40,10 @@ struct TileConfig {
 };
 
 // weight prefetch distance per row-tile stream, in int32 words (1 KiB, as the LUT GEMV's 3-4 streams)
-constexpr int64_t kPrefetchAmx = 256;
+#ifndef QK_PF
+#define QK_PF 512
+#endif
+constexpr int64_t kPrefetchAmx = QK_PF;
 #ifndef QK_AMX_AHEAD
 #define QK_AMX_AHEAD 2
 #endif
@@ -161,8 +164,11 @@ void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq,
 #pragma GCC unroll 3
     for (int t = 0; t < NT; ++t) {
       const int32_t* wp = wt0 + t * tstride + static_cast<int64_t>(kb) * BITS * kTileRows;
-      for (int i = 0; i < nk * BITS; ++i)
-        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchAmx + i * kTileRows), _MM_HINT_T0);
+      // past this tile's end, prefetch the start of the same stream in the next group of NT tiles
+      // (tile t + NT; it follows in memory) instead of tile t + 1, which another stream reads now
+      const int64_t ahead = static_cast<int64_t>(kb) * BITS * kTileRows + kPrefetchAmx;
+      const int32_t* pf = wp + kPrefetchAmx + (ahead >= tstride ? (NT - 1) * tstride : 0);
+      for (int i = 0; i < nk * BITS; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * kTileRows), _MM_HINT_T0);
       for (int h = 0; h < nk; ++h) unpack_kblock<BITS>(wp + h * BITS * kTileRows, mv, bbuf[c % (kUnpackAhead + 1)][t] + h * 8 * 64);
     }
   };
