@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/cpu_features.h"
+#include "cpu/qgemm_kernels.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -33,6 +34,8 @@ static py::dict build_info() {
   d["torch_threads"] = at::get_num_threads();
   d["cpu_isa"] = qk::cpu::isa_names();
   d["avx512_kernels"] = qk::cpu::use_avx512();
+  // the 2/3-bit AMX GEMV runs (AMX-INT8 + GFNI, tile state granted, QUANTKERN_NO_AMX unset)
+  d["amx_kernels"] = qk::cpu::use_avx512() && qk::cpu::qgemm::amx_available();
   d["compiler"] = std::string(__VERSION__);
   return d;
 }

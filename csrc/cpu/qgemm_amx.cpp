@@ -119,14 +119,21 @@ inline void unpack_kblock(const int32_t* w, const Movers& mv, uint8_t* dst) {
 // done, so one A register made every chunk wait for the last multiply of the one before it.
 template <int T, int A>
 inline void load_b_and_multiply(const uint8_t* buf) {
-  if constexpr (T == 0) { _tile_loadd(1, buf, 64); _tile_dpbsud(4, A, 1); }
-  if constexpr (T == 1) { _tile_loadd(2, buf, 64); _tile_dpbsud(5, A, 2); }
-  if constexpr (T == 2) { _tile_loadd(3, buf, 64); _tile_dpbsud(6, A, 3); }
+  if constexpr (T == 0) _tile_loadd(1, buf, 64);
+  if constexpr (T == 1) _tile_loadd(2, buf, 64);
+  if constexpr (T == 2) _tile_loadd(3, buf, 64);
+  if constexpr (A == 0 && T == 0) _tile_dpbsud(4, 0, 1);
+  if constexpr (A == 0 && T == 1) _tile_dpbsud(5, 0, 2);
+  if constexpr (A == 0 && T == 2) _tile_dpbsud(6, 0, 3);
+  if constexpr (A == 7 && T == 0) _tile_dpbsud(4, 7, 1);
+  if constexpr (A == 7 && T == 1) _tile_dpbsud(5, 7, 2);
+  if constexpr (A == 7 && T == 2) _tile_dpbsud(6, 7, 3);
 }
 
 template <int NT, int A>
 inline void multiply_chunk(const int8_t* xq, int64_t lda, uint8_t (*bbuf)[16 * 64]) {
-  _tile_loadd(A, xq, lda);
+  if constexpr (A == 0) _tile_loadd(0, xq, lda);
+  if constexpr (A == 7) _tile_loadd(7, xq, lda);
   load_b_and_multiply<0, A>(bbuf[0]);
   if constexpr (NT > 1) load_b_and_multiply<1, A>(bbuf[1]);
   if constexpr (NT > 2) load_b_and_multiply<2, A>(bbuf[2]);
@@ -255,13 +262,17 @@ void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, float* d, float
     double gsum = 0.0;
     for (int64_t r = R.group_run[g]; r < R.group_run[g + 1]; ++r) {
       const int k0 = R.run_kb[r], k1 = R.run_kb[r + 1];
-      __m512 mx = _mm512_setzero_ps();
-      for (int kb = k0; kb < k1; ++kb)
-        mx = _mm512_max_ps(mx, _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(x + kb * 32)),
-                                              _mm512_andnot_ps(sign, _mm512_loadu_ps(x + kb * 32 + 16))));
-      const float amax = _mm512_reduce_max_ps(mx);
-      const __m512 inv = _mm512_set1_ps(amax > 0 ? top / amax : 0.0f);
-      d[r] = amax / top;
+      __m512 mx = _mm512_setzero_ps(), fin = _mm512_setzero_ps();
+      for (int kb = k0; kb < k1; ++kb) {
+        const __m512 a = _mm512_loadu_ps(x + kb * 32), b = _mm512_loadu_ps(x + kb * 32 + 16);
+        mx = _mm512_max_ps(mx, _mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
+        fin = _mm512_add_ps(fin, _mm512_mul_ps(_mm512_add_ps(a, b), _mm512_setzero_ps()));  // NaN if any x is
+      }
+      const float amax = _mm512_reduce_max_ps(mx);  // (vmaxps drops NaNs: `fin` catches them)
+      const bool finite = !__builtin_isnan(_mm512_reduce_add_ps(fin)) && __builtin_isfinite(amax);
+      const __m512 inv = _mm512_set1_ps(finite && amax > 0 ? top / amax : 0.0f);
+      // a NaN/Inf in the run: its step is NaN, so the token's outputs are NaN as on the fp32 paths
+      d[r] = finite ? amax / top : __builtin_nanf("");
       __m512i isum = _mm512_setzero_si512();
       for (int kb = k0; kb < k1; ++kb) {
         const int64_t c = chunk + (kb - k0) / 2, half = (kb - k0) % 2;

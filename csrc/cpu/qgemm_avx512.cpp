@@ -326,9 +326,12 @@ void quantize_x_avx512(const float* x, int64_t KB, int limbs, int8_t* q, int64_t
   for (int64_t kb = 0; kb < KB; ++kb) {
     const __m512 a = _mm512_loadu_ps(x + kb * 32), b = _mm512_loadu_ps(x + kb * 32 + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
-    const __m512 inv = _mm512_set1_ps(amax > 0 ? top / amax : 0.0f);
+    // vmaxps drops NaNs: a NaN/Inf x makes (a + b) * 0 NaN; its block's step is then NaN, so the token's
+    // outputs are NaN as on the fp32 paths
+    const bool finite = !__builtin_isnan(_mm512_reduce_add_ps(_mm512_mul_ps(_mm512_add_ps(a, b), _mm512_setzero_ps())));
+    const __m512 inv = _mm512_set1_ps(finite && amax > 0 ? top / amax : 0.0f);
     __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-    d[kb] = amax / top;
+    d[kb] = finite ? amax / top : __builtin_nanf("");
     isum[kb] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
     for (int l = limbs - 1; l >= 0; --l) {  // lowest digit first: balanced base-128 digits
       __m512i da = qa, db = qb;
