@@ -42,9 +42,10 @@ def test_cpu_matches_reference_fp32(bits, group_size, sym, act_order, isa):
     for B in BATCHES:
         x = torch.randn(B, N, generator=gen) + 0.5  # non-zero mean exercises the folded zero-point term
         ref = x @ W.T
-        # FMA GEMV, panel GEMM, LUT GEMV (2/3-bit, AVX-512), 3-digit VNNI GEMV (4-bit, AVX-512 VNNI) for
-        # every batch size (a path a layout/ISA lacks falls back to the FMA GEMV)
-        for path in (1, 2, 3, 5):
+        # FMA GEMV, panel GEMM, LUT GEMV (2/3-bit, AVX-512), 3-digit VNNI GEMV (4-bit, AVX-512 VNNI), AMX
+        # GEMV (2/3-bit, AMX-INT8 + GFNI) for every batch size (a path a layout/ISA lacks falls back to
+        # the FMA GEMV)
+        for path in (1, 2, 3, 5, 6):
             out = torch.full((B, M), float("nan"))  # poisoned: every element must be written
             torch.ops.quantkern.qgemm_cpu_out(
                 x, prep.layout.qw, prep.layout.sc, prep.layout.kb_start, prep.layout.x_index, bits, M, None, path, out
@@ -90,7 +91,7 @@ def test_cpu_long_rows_precision(bits, isa):
     """One group over 4096 channels, activations with a large mean: the zero-point fold must stay exact."""
     t = random_layer(40, 4096, QuantSpec(bits=bits, group_size=-1, sym=False), seed=9)
     x = torch.randn(3, 4096) * 0.5 + 2.0
-    for path in (1, 2, 3, 5):
+    for path in (1, 2, 3, 5, 6):
         y = Q.get_backend("cpu").run(x, Q.prepare(t, bits, "cpu").layout, None, path)
         assert rel_err(y, reference(x, t, bits)) < 1e-5
 
@@ -105,7 +106,7 @@ def test_cpu_threaded_sizes(bits, isa):
     W = gptq.dequantize(t, bits)
     for B in (1, 2, 9):
         x = torch.randn(B, n)
-        for path in (1, 2, 3, 5):
+        for path in (1, 2, 3, 5, 6):
             y = Q.get_backend("cpu").run(x, L, None, path)
             assert rel_err(y, x @ W.T) < 1e-5, (B, path)
 
@@ -133,6 +134,109 @@ def test_cpu_vnni_digit_path_wide_range(group_size):
         assert rel_err(out, ref[:B]) < 1e-5, (B, rel_err(out, ref[:B]))
         for b in range(B):  # per token too: a large token must not hide a small one's error
             assert rel_err(out[b], ref[b]) < 1e-5, (B, b)
+
+
+def _amx_cpu() -> bool:
+    """The CPU flags the AMX GEMV needs (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"amx_tile", "amx_int8", "gfni", "avx512bw"} <= set(flags)
+
+
+def _run_path(x, L, bits, m, path):
+    out = torch.full((x.shape[0], m), float("nan"))  # poisoned: every element must be written
+    torch.ops.quantkern.qgemm_cpu_out(x, L.qw, L.sc, L.kb_start, L.x_index, bits, m, None, path, out)
+    return out
+
+
+@needs_cpu
+def test_amx_detection_and_override(monkeypatch):
+    """The AMX GEMV is on where the CPU has AMX-INT8 + GFNI (and Linux grants the tile state);
+    QUANTKERN_NO_AMX=1 and QUANTKERN_NO_AVX512=1 turn it off at the next call."""
+    monkeypatch.delenv("QUANTKERN_NO_AMX", raising=False)
+    monkeypatch.delenv("QUANTKERN_NO_AVX512", raising=False)
+    assert _ext.build_info()["amx_kernels"] == _amx_cpu()
+    monkeypatch.setenv("QUANTKERN_NO_AMX", "1")
+    assert _ext.build_info()["amx_kernels"] is False
+    monkeypatch.delenv("QUANTKERN_NO_AMX")
+    monkeypatch.setenv("QUANTKERN_NO_AVX512", "1")
+    assert _ext.build_info()["amx_kernels"] is False
+
+
+needs_amx = pytest.mark.skipif(not (_ext.has_cpu() and _ext.build_info().get("amx_kernels")),
+                               reason="no AMX-INT8 + GFNI (or the kernel refused the tile state)")
+
+
+@needs_amx
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("group_size", [-1, 32, 128, 48, 160])
+def test_cpu_amx_path(bits, group_size, monkeypatch):
+    """AMX GEMV (path 6): ragged m/n, act-order, groups of 1-5 k-blocks and longer (-1, 160: several
+    x steps per group), batches that take one, two and four passes of <= 5 tokens. It must be the AMX
+    kernel that ran (its rounding differs from the FMA GEMV's), and the default for few tokens."""
+    monkeypatch.delenv("QUANTKERN_NO_AMX", raising=False)
+    monkeypatch.delenv("QUANTKERN_NO_AVX512", raising=False)
+    for (m, n), sym, act in [((100, 300), False, True), ((37, 1000), True, False), ((16, 32), False, False)]:
+        spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act)
+        t = random_layer(m, n, spec, seed=bits * 7 + group_size)
+        L = Q.prepare(t, bits, "cpu").layout
+        W = gptq.dequantize(t, bits).double()
+        gen = torch.Generator().manual_seed(n)
+        for B in (1, 2, 5, 6, 17):
+            x = torch.randn(B, n, generator=gen) + 0.5
+            ref = x.double() @ W.T
+            out = _run_path(x, L, bits, m, 6)
+            assert not out.isnan().any(), (m, n, B)
+            assert rel_err(out, ref) < 1e-5, (m, n, B, rel_err(out, ref))
+            if B <= 8:  # path 0 picks the AMX GEMV for decode batches: the same bits
+                assert torch.equal(_run_path(x, L, bits, m, 0), out)
+        assert not torch.equal(out, _run_path(x, L, bits, m, 1)), "path 6 ran the FMA GEMV"
+    monkeypatch.setenv("QUANTKERN_NO_AMX", "1")  # the fallback (FMA GEMV) stays exact
+    assert rel_err(_run_path(x, L, bits, m, 6), ref) < 1e-5
+
+
+@needs_cpu
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("group_size", [-1, 32, 128, 48])
+def test_cpu_amx_digit_path_wide_range(bits, group_size):
+    """x as 3 base-128 digits per run of <= 128 channels (22-bit fixed point): outliers next to tiny
+    values, all-zero runs, negative and exact-max values keep the fp32 accuracy per token. Runs the
+    FMA GEMV where the CPU has no AMX."""
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=False, act_order=True)
+    t = random_layer(M, N, spec, seed=31)
+    L = Q.prepare(t, bits, "cpu").layout
+    W = gptq.dequantize(t, bits)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, N, generator=gen) * torch.logspace(-4, 3, N)[torch.randperm(N, generator=gen)]
+    x[0, :150] = 0.0  # zero runs (step 0)
+    x[1, 5] = -1e4  # an outlier that sets its run's step
+    x[2] = x[2].abs().max()  # every value at the run maximum
+    x[3] = torch.randn(N, generator=gen) * 1e-30  # tiny (fp32 normals) everywhere
+    ref = x.double() @ W.double().T
+    for B in (1, 2, 5):
+        out = _run_path(x[:B], L, bits, M, 6)
+        assert not out.isnan().any()
+        for b in range(B):  # per token: a large token must not hide a small one's error
+            assert rel_err(out[b], ref[b]) < 1e-5, (B, b, rel_err(out[b], ref[b]))
+
+
+@needs_cpu
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cpu_non_finite_x_gives_nan_on_every_path(bits, isa):
+    """A NaN or Inf in a token's x makes that token's outputs NaN (not silently dropped by the int8
+    digit paths), and leaves the other tokens finite."""
+    t = random_layer(M, N, QuantSpec(bits=bits, group_size=64, sym=False), seed=8)
+    L = Q.prepare(t, bits, "cpu").layout
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(3, N)
+        x[1, 7] = bad
+        for path in (0, 1, 3, 5, 6):
+            out = _run_path(x, L, bits, M, path)
+            assert out[1].isnan().all(), (bad, path)
+            assert out[0].isfinite().all() and out[2].isfinite().all(), (bad, path)
 
 
 @needs_cpu
