@@ -113,37 +113,38 @@ inline void unpack_kblock(const int32_t* w, const Movers& mv, uint8_t* dst) {
   }
 }
 
-// Tile register numbers must be literals (GCC's _tile_* macros paste them into the asm): tmm0 and tmm7 =
-// A (digits) of even and odd chunks, tmm1-3 = B of row tile 0-2, tmm4-6 = C of row tile 0-2. Tile
-// registers are not renamed: a tile load waits until the multiplies that read the old contents are
-// done, so one A register made every chunk wait for the last multiply of the one before it.
-template <int T, int A>
-inline void load_b_and_multiply(const uint8_t* buf) {
-  if constexpr (T == 0) _tile_loadd(1, buf, 64);
-  if constexpr (T == 1) _tile_loadd(2, buf, 64);
-  if constexpr (T == 2) _tile_loadd(3, buf, 64);
-  if constexpr (A == 0 && T == 0) _tile_dpbsud(4, 0, 1);
-  if constexpr (A == 0 && T == 1) _tile_dpbsud(5, 0, 2);
-  if constexpr (A == 0 && T == 2) _tile_dpbsud(6, 0, 3);
-  if constexpr (A == 7 && T == 0) _tile_dpbsud(4, 7, 1);
-  if constexpr (A == 7 && T == 1) _tile_dpbsud(5, 7, 2);
-  if constexpr (A == 7 && T == 2) _tile_dpbsud(6, 7, 3);
-}
-
-template <int NT, int A>
+// Tile register numbers must be literals (GCC's _tile_* macros paste them into the asm). Tile registers
+// are not renamed: a tile load waits until the multiplies that read the register's old contents are
+// done, and a multiply waits for its loads. With one A and one B register per row tile every chunk
+// waited for the last chunk's multiply and then for its own loads (~190 cycles per chunk); so even
+// and odd chunks use their own A and B registers and the loads of one overlap the multiplies of the
+// other. Even chunk: A = tmm0, B = tmm1 (row tile 0), tmm2 (row tile 1); odd chunk: A = tmm7, B = tmm3,
+// tmm5; C = tmm4 (row tile 0), tmm6 (row tile 1): all 8 registers, 2 row tiles in flight.
+template <int NT, int P>
 inline void multiply_chunk(const int8_t* xq, int64_t lda, uint8_t (*bbuf)[16 * 64]) {
-  if constexpr (A == 0) _tile_loadd(0, xq, lda);
-  if constexpr (A == 7) _tile_loadd(7, xq, lda);
-  load_b_and_multiply<0, A>(bbuf[0]);
-  if constexpr (NT > 1) load_b_and_multiply<1, A>(bbuf[1]);
-  if constexpr (NT > 2) load_b_and_multiply<2, A>(bbuf[2]);
+  if constexpr (P == 0) {
+    _tile_loadd(0, xq, lda);
+    _tile_loadd(1, bbuf[0], 64);
+    _tile_dpbsud(4, 0, 1);
+    if constexpr (NT > 1) {
+      _tile_loadd(2, bbuf[1], 64);
+      _tile_dpbsud(6, 0, 2);
+    }
+  } else {
+    _tile_loadd(7, xq, lda);
+    _tile_loadd(3, bbuf[0], 64);
+    _tile_dpbsud(4, 7, 3);
+    if constexpr (NT > 1) {
+      _tile_loadd(5, bbuf[1], 64);
+      _tile_dpbsud(6, 7, 5);
+    }
+  }
 }
 
 template <int T>
 inline void store_c(int32_t* buf) {
   if constexpr (T == 0) { _tile_stored(4, buf, 64); _tile_zero(4); }
-  if constexpr (T == 1) { _tile_stored(5, buf, 64); _tile_zero(5); }
-  if constexpr (T == 2) { _tile_stored(6, buf, 64); _tile_zero(6); }
+  if constexpr (T == 1) { _tile_stored(6, buf, 64); _tile_zero(6); }
 }
 
 template <int BITS, int NT>
@@ -163,12 +164,11 @@ void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq,
   for (int t = 0; t < NT; ++t)
     for (int b = 0; b < B; ++b) y[t][b] = facc[t][b] = _mm512_setzero_ps();
   _tile_zero(4);
-  if constexpr (NT > 1) _tile_zero(5);
-  if constexpr (NT > 2) _tile_zero(6);
+  if constexpr (NT > 1) _tile_zero(6);
   const int64_t nch = R.chunks;
   auto unpack = [&](int64_t c) {
     const int kb = R.chunk_kb[c], nk = R.run_kb[R.chunk_run[c] + 1] - kb < 2 ? 1 : 2;
-#pragma GCC unroll 3
+#pragma GCC unroll 2
     for (int t = 0; t < NT; ++t) {
       const int32_t* wp = wt0 + t * tstride + static_cast<int64_t>(kb) * BITS * kTileRows;
       // past this tile's end, prefetch the start of the same stream in the next group of NT tiles
@@ -184,12 +184,11 @@ void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq,
   for (int64_t c = 0; c < kUnpackAhead && c < nch; ++c) unpack(c);
   for (int64_t c = 0; c < nch; ++c) {
     if (c + kUnpackAhead < nch) unpack(c + kUnpackAhead);
-    if (c & 1) multiply_chunk<NT, 7>(xq + c * 64, lda, bbuf[c % (kUnpackAhead + 1)]);
+    if (c & 1) multiply_chunk<NT, 1>(xq + c * 64, lda, bbuf[c % (kUnpackAhead + 1)]);
     else multiply_chunk<NT, 0>(xq + c * 64, lda, bbuf[c % (kUnpackAhead + 1)]);
     if (R.chunk_kb[c] + 2 < R.run_kb[R.chunk_run[c] + 1]) continue;  // not the run's last chunk
     store_c<0>(cbuf[0]);
     if constexpr (NT > 1) store_c<1>(cbuf[1]);
-    if constexpr (NT > 2) store_c<2>(cbuf[2]);
     for (int t = 0; t < NT; ++t)
       for (int b = 0; b < B; ++b) {
         // a * 2^14 + b * 2^7 + c: |sum| <= 128 channels * 7 * 127 * 2^14 < 2^31
@@ -224,13 +223,14 @@ void gemv_amx_bits(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, c
   std::memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
   const int M = 3 * B;
-  cfg.rows[0] = cfg.rows[7] = static_cast<uint8_t>(M);
-  cfg.colsb[0] = cfg.colsb[7] = 64;
-  for (int t = 0; t < kAmxTiles; ++t) {
-    cfg.rows[1 + t] = 16;
-    cfg.colsb[1 + t] = 64;
-    cfg.rows[4 + t] = static_cast<uint8_t>(M);
-    cfg.colsb[4 + t] = 64;
+  const int ac[4] = {0, 7, 4, 6}, bt[4] = {1, 2, 3, 5};
+  for (int r : ac) {  // A and C: digit planes x tokens rows
+    cfg.rows[r] = static_cast<uint8_t>(M);
+    cfg.colsb[r] = 64;
+  }
+  for (int r : bt) {  // B: 16 rows of 4 k x 16 output rows
+    cfg.rows[r] = 16;
+    cfg.colsb[r] = 64;
   }
   _tile_loadconfig(&cfg);
   int64_t tile = t0;
