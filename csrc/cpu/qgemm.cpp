@@ -165,7 +165,10 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
       }
       return;
     }
-    const bool amx = avx512 && (bits == 2 || bits == 3) && (path == 6 || path == 0) && qg::amx_available();
+    // AMX for 2/3-bit decode: path 0 takes it for 2-8 tokens, and for 1 token on rows of <= kAmxMaxK1
+    // channels (at 1 token on long rows the 4-stream LUT GEMV measured a few % faster)
+    const bool amx = avx512 && (bits == 2 || bits == 3) && qg::amx_available() &&
+                     (path == 6 || (path == 0 && (B > 1 || Kpad <= qg::kAmxMaxK1)));
     if (amx) {
       // runs: each group's k-blocks in pieces of <= kAmxRunBlocks (one x step each)
       std::vector<int32_t> group_run(G + 1), run_kb;
@@ -271,7 +274,8 @@ void qgemm_cpu_out_op(const at::Tensor& x, const at::Tensor& qw, const at::Tenso
 // at::mm); 1 = FMA GEMV, 2 = panels + at::mm, 3 = LUT GEMV where available (else FMA GEMV). 1-3 for tests.
 // 4 = int8-activation VNNI GEMV for 4-bit (opt-in, approximate; else the FMA GEMV). 5 = 3-digit VNNI
 // GEMV for 4-bit (else the FMA GEMV); path 0 takes it for <= kMaxLimbBatch tokens where VNNI exists.
-// 6 = AMX GEMV for 2/3-bit (else the FMA GEMV); path 0 takes it for <= kMaxGemvBatch tokens where AMX works.
+// 6 = AMX GEMV for 2/3-bit (else the FMA GEMV); path 0 takes it for 2..kMaxGemvBatch tokens where AMX works,
+// and for 1 token on rows of <= kAmxMaxK1 channels.
 TORCH_LIBRARY_FRAGMENT(quantkern, m) {
   m.def("qgemm_cpu(Tensor x, Tensor qw, Tensor sc, Tensor kb_start, Tensor x_index, int bits, int m,"
         " Tensor? bias, int path=0) -> Tensor");

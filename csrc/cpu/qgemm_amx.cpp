@@ -6,9 +6,11 @@
 // codes of 16 rows x 64 channels, C = int32 [planes x tokens][16 rows].
 //
 // Why: the fp32 LUT GEMV costs a shift + vpermps + add per 4 bits of weights and 16 rows, so it is
-// compute-bound at 2/3 bits. Here the vector units only turn planes into code bytes: one GF2P8AFFINEQB
-// per plane moves bit t of every byte to bit i (plane i), an OR merges the planes, a store writes one
-// B-tile row (4 channels x 16 rows); the tile unit does the multiply-adds.
+// compute-bound at 2/3 bits, and per token. Here the vector units only turn planes into code bytes
+// (planes 0 and 1 merged per nibble, then one GF2P8AFFINEQB per B-tile row yields bits 0-1 of 64
+// codes; 3-bit adds one affine + OR for plane 2; a store writes the row) and the tile unit does the
+// multiply-adds for up to 5 tokens at once. Measured (docs/cpu_qgemm.md): 1.5-2.7x the LUT/FMA GEMVs
+// at 2-8 tokens; at 1 token about the LUT GEMV's speed (both wait on DRAM), ahead on short rows.
 //
 // Channel order: a plane word holds native position p = 8 * byte + t at bit t of byte `byte`. B-tile row
 // t of a k-block takes bit t of every byte, so byte j of a row's dword is position 8j + t; the A tile's
@@ -39,15 +41,10 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-// weight prefetch distance per row-tile stream, in int32 words (1 KiB, as the LUT GEMV's 3-4 streams)
-#ifndef QK_PF
-#define QK_PF 512
-#endif
-constexpr int64_t kPrefetchAmx = QK_PF;
-#ifndef QK_AMX_AHEAD
-#define QK_AMX_AHEAD 2
-#endif
-constexpr int kUnpackAhead = QK_AMX_AHEAD;
+// Weight prefetch distance per row-tile stream, in int32 words (2 KiB; 1, 4 and 8 KiB and an extra
+// L2 prefetch 16 KiB ahead measured the same or worse within the noise on the test VM).
+constexpr int64_t kPrefetchAmx = 512;
+constexpr int kUnpackAhead = 2;  // chunks unpacked ahead of the one multiplying (see gemv_amx_group)
 
 bool detect_amx() {
 #if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))

@@ -100,6 +100,7 @@ void gemv_int8_avx512(const Layout& L, int B, int limbs, const int8_t* xq, int64
 // GFNI, the kernel granted the tile state, and QUANTKERN_NO_AMX is unset.
 constexpr int kAmxRunBlocks = 4;  // 128 channels: the int32 merge of the digit sums stays < 2^31 at 3 bits
 constexpr int kMaxAmxBatch = 5;   // 3 digit planes per token, 16 A-tile rows
+constexpr int64_t kAmxMaxK1 = 8192;  // path 0 at 1 token: AMX up to this many (padded) input channels
 constexpr int kAmxTiles = 2;      // row tiles in flight (tile registers: 2 A + 2 * 2 B + 2 C of the 8)
 struct AmxRuns {
   int64_t G, runs, chunks;
