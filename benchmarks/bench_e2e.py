@@ -66,6 +66,11 @@ METHODS.update({
     "oac-paper": ("oac", {}, dict(GRAD)),
     "snrq-mse": ("snrq", {}, {"alpha": 0.25, "grid": "mse"}),
     "adaround": ("adaround", {}, {"iters": 200}),
+    # grid="select": per module, the least post-feedback objective among the min/max, feedback-following
+    # (dynamic), union and MSE grids (docs/methods_beyond_proxy.md, "Grid selection")
+    "snrq-select": ("snrq", {}, {"alpha": 0.25, "grid": "select"}),
+    "yaqa-select": ("yaqa", {}, {"grid_from": "snrq", "h_mix": 0.0, "fisher": "sequence", "out_damp": YAQA_OUT_DAMP,
+                                 "grid": "select", **GRAD}),
 })
 GRADIENT_METHODS = ("oac", "yaqa")  # driver methods that take grad_stats_path
 REFERENCE = {"fp": 42.2, "rtn": {4: 59.4, 3: 213}, "gptq": {4: 53.5, 3: 142}, "gptq-act": {4: 50.9, 3: 82.6, 2: 2.3e5},
@@ -222,6 +227,11 @@ def main(argv=None) -> int:
                 "fallback_modules": fallbacks, "modules": len(rep.modules), "method_meta": rep.method_meta,
                 "lm_head": a.lm_head,
             }
+            chosen = [m for m in rep.modules if "grid" in m]
+            if chosen:  # grid="select": which grid each module kept, and every candidate's objective
+                results["runs"][key]["grid_modules"] = [
+                    [m["layer"], m["module"], m["grid"], {k: float(f"{v:.5g}") for k, v in m["grid_losses"].items()}]
+                    for m in chosen]
             print(f"   ppl {r['ppl']:.2f} (ref {REFERENCE.get(name, {}).get(bits)})  quant {wall:.0f} s "
                   f"(forward {rep.forward_s:.0f} s, solve {rep.solve_s:.0f} s)  decode {tps_q:.1f} vs {tps_fp:.1f} tok/s",
                   flush=True)

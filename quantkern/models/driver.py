@@ -331,6 +331,8 @@ class _Run:
                "loss": float(res.loss), "damp": float(res.log.get("damp", float("nan"))),
                "retries": int(res.log.get("retries", 0) or 0), "fallback": res.log.get("fallback"),
                "time_s": round(dt, 4)}
+        if "grid_losses" in res.log:  # grid="select": every candidate's objective and the one kept
+            row["grid"], row["grid_losses"] = res.log["grid"], res.log["grid_losses"]
         self.report.modules.append(row)
         if self.log:
             self.log.write(json.dumps(row) + "\n")
@@ -339,7 +341,8 @@ class _Run:
             loss = f"{row['loss']:>10.4g}" if row["loss"] == row["loss"] else f"{'-':>10}"  # RTN: no H, no loss
             damp = f"{row['damp']:.3g}" if row["damp"] == row["damp"] else "-"
             tqdm.write(f"  layer {'-' if li is None else li:>3}  {name:<18} loss {loss}  damp {damp}"
-                       f"{'  FALLBACK ' + str(row['fallback']) if row['fallback'] else ''}  {dt:6.2f}s")
+                       f"{'  FALLBACK ' + str(row['fallback']) if row['fallback'] else ''}  {dt:6.2f}s"
+                       f"{'  grid ' + row['grid'] if 'grid' in row else ''}")
         return res
 
     def close(self):
