@@ -157,3 +157,16 @@ def test_select_passes_through_oac_and_rejects_unknown_grids():
     for method, kw in (("snrq", {}), ("yaqa", {"H_out": torch.eye(16), "grid_from": "snrq"})):
         with pytest.raises(ValueError, match="grid"):
             quantkern.solve(W, H, spec, method=method, D=D, grid="nope", **kw)
+
+
+@pytest.mark.parametrize("n,gs,sym", [(128, 32, True), (100, 32, False), (64, 64, True)])
+def test_batched_mse_group_params_equal_the_per_group_search(n, gs, sym):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(12, n, generator=g) * torch.rand(12, 1, generator=g)
+    wt = torch.rand(n, generator=g) + 0.1
+    spec = QuantSpec(bits=2, group_size=gs, sym=sym)
+    s, z = grid.group_params(w, spec, kind="mse", weight=wt)
+    for k in range((n + gs - 1) // gs):
+        cols = slice(k * gs, min(n, (k + 1) * gs))
+        s1, z1 = grid.search_params(w[:, cols], 2, sym, wt[cols])
+        assert torch.equal(s[k], s1) and torch.equal(z[k], z1)
