@@ -67,10 +67,12 @@ METHODS.update({
     "snrq-mse": ("snrq", {}, {"alpha": 0.25, "grid": "mse"}),
     "adaround": ("adaround", {}, {"iters": 200}),
     # grid="select": per module, the least post-feedback objective among the min/max, feedback-following
-    # (dynamic), union and MSE grids (docs/methods_beyond_proxy.md, "Grid selection")
+    # (dynamic), union and MSE grids; grid="guard": min/max unless another grid lowers the objective >= 4x
+    # (a clamp cliff) (docs/methods_beyond_proxy.md, "Grid selection")
     "snrq-select": ("snrq", {}, {"alpha": 0.25, "grid": "select"}),
-    "yaqa-select": ("yaqa", {}, {"grid_from": "snrq", "h_mix": 0.0, "fisher": "sequence", "out_damp": YAQA_OUT_DAMP,
-                                 "grid": "select", **GRAD}),
+    "snrq-guard": ("snrq", {}, {"alpha": 0.25, "grid": "guard"}),
+    "yaqa-guard": ("yaqa", {}, {"grid_from": "snrq", "h_mix": 0.0, "fisher": "sequence", "out_damp": YAQA_OUT_DAMP,
+                                "grid": "guard", **GRAD}),
 })
 GRADIENT_METHODS = ("oac", "yaqa")  # driver methods that take grad_stats_path
 REFERENCE = {"fp": 42.2, "rtn": {4: 59.4, 3: 213}, "gptq": {4: 53.5, 3: 142}, "gptq-act": {4: 50.9, 3: 82.6, 2: 2.3e5},

@@ -27,9 +27,13 @@ grid (group params; all static in the sense that the decode uses them as given, 
   "union"    min/max widened to cover the dynamic grid's range too (only groups whose feedback
              reached beyond the static range change).
   "select"   decode on each of minmax, dynamic, union, mse and keep the least objective after
-             feedback (res.log["grid_losses"], ["grid"]). At 2-3 bits a module whose input carries
-             massive activations can feed errors of outlier channels into later columns that fall
-             outside a static grid (a "clamp cliff", docs/solvers.md); the selection avoids it.
+             feedback (res.log["grid_losses"], ["grid"]).
+  "guard"    the same candidates, but keep minmax unless another grid's objective is below
+             CLIFF_RATIO (1/4) of minmax's. At 2-3 bits a module whose input carries massive
+             activations can feed errors of outlier channels into later columns that fall outside a
+             static grid (a "clamp cliff", docs/solvers.md): its min/max objective is 10-30x the
+             other grids'. Elsewhere the MSE grid's 30-40% lower objective did not carry over to
+             perplexity on SmolLM2 at 2 bits (docs/methods_beyond_proxy.md), hence the margin.
 res.loss: tr((W_ref - Q) H_d (W_ref - Q)^T) of the returned codes (the loop's sum of err^2).
 """
 from __future__ import annotations
@@ -52,8 +56,20 @@ def _alpha_star(Wp, WDp, Qp, U) -> float:
     return min(max(num / den, 0.0), 1.0)
 
 
-GRIDS = grid.GRID_KINDS + ("dynamic", "union", "select")
+GRIDS = grid.GRID_KINDS + ("dynamic", "union", "select", "guard")
+SELECT_RULES = ("select", "guard")
 SELECT_CANDIDATES = ("minmax", "dynamic", "union", "mse")
+CLIFF_RATIO = 0.25  # "guard": leave min/max only where another grid lowers the objective >= 4x
+
+
+def choose_grid(losses: dict, rule: str) -> str:
+    """The kept grid among candidate objectives {kind: loss} (insertion order breaks ties).
+    "select": the least. "guard": "minmax" unless the least is below CLIFF_RATIO x minmax's objective
+    (min/max fell off a clamp cliff), then the least."""
+    best = min(losses, key=losses.get)
+    if rule == "guard" and not losses[best] < CLIFF_RATIO * losses["minmax"]:
+        return "minmax"
+    return best
 
 
 def check_grid(kind):
@@ -148,19 +164,19 @@ def _decode(prep, Wref, gidx_p, scales, zeros, greedy, K, cd_passes, log, backen
 
 
 def _solve_once(prep, WDp, alpha, K, cd_passes, log, backend, grid_kind="minmax"):
-    """grid_kind "select": decode on every SELECT_CANDIDATES grid and keep the least objective (the
-    solve's own loss tr((W_ref - Q) H_d (W_ref - Q)^T), after feedback); log["grid_losses"], log["grid"]."""
+    """grid_kind "select" / "guard": decode on every SELECT_CANDIDATES grid and keep one by choose_grid
+    on the solve's own objective tr((W_ref - Q) H_d (W_ref - Q)^T) after feedback;
+    log["grid_losses"], log["grid"]."""
     Wref, gidx_p, _, _ = shifted_target(prep, WDp, alpha, None)
-    kinds = SELECT_CANDIDATES if grid_kind == "select" else (grid_kind,)
-    best = None
-    losses = {}
+    kinds = SELECT_CANDIDATES if grid_kind in SELECT_RULES else (grid_kind,)
+    solved, losses = {}, {}
     for kind, (scales, zeros, greedy) in candidate_grids(prep, Wref, gidx_p, kinds, log, backend).items():
         codes_p, loss = _decode(prep, Wref, gidx_p, scales, zeros, greedy, K, cd_passes, log, backend)
         losses[kind] = float(loss.sum())
-        if best is None or losses[kind] < best[0]:
-            best = (losses[kind], kind, codes_p, scales, zeros, loss)
-    _, kind, codes_p, scales, zeros, loss = best
-    if grid_kind == "select":
+        solved[kind] = (codes_p, scales, zeros, loss)
+    kind = choose_grid(losses, grid_kind) if grid_kind in SELECT_RULES else grid_kind
+    codes_p, scales, zeros, loss = solved[kind]
+    if grid_kind in SELECT_RULES:
         log["grid_losses"] = losses
         log["grid"] = kind
     return codes_p, scales, zeros, gidx_p, loss, Wref
@@ -204,7 +220,7 @@ def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backe
             log["alpha_next"] = _alpha_star(prep.W, WDp, Qp, prep.U)
     log["alpha"] = a
     params["alpha_used"] = a
-    if grid_kind == "select":
+    if grid_kind in SELECT_RULES:
         params["grid_chosen"] = log["grid"]
     return core.make_result(prep, codes_p, scales, zeros, gidx_p, loss, log, method, params)
 

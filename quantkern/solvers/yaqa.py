@@ -33,7 +33,8 @@ from .gptaq import check_alpha, check_D
 from .hessian import HessianError, blend, check_hessian, inverse_cholesky, mask_dead
 from .kron_ldlq import kron_ldlq, objective, unit_upper_factor
 from .registry import get_method, register_method
-from .snrq import GRIDS as SNRQ_GRIDS, SELECT_CANDIDATES, candidate_grids, permuted_mismatch_product, shifted_target
+from .snrq import GRIDS as SNRQ_GRIDS, SELECT_CANDIDATES, SELECT_RULES, _decode, candidate_grids, choose_grid, \
+    permuted_mismatch_product, shifted_target
 
 
 def output_factor(H_out: torch.Tensor, damp: float, log: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +90,14 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
             Dm = (1.0 - float(h_mix)) * Dm
         a = check_alpha(alpha)
         target, gidx_p, _, _ = shifted_target(prep, permuted_mismatch_product(prep, check_D(Dm, n)), a, None)
-        kinds = SELECT_CANDIDATES if grid == "select" else (grid,)
-        grids = {k: v[:2] for k, v in candidate_grids(prep, target, gidx_p, kinds, log, backend).items()}
+        kinds = SELECT_CANDIDATES if grid in SELECT_RULES else (grid,)
+        cands = candidate_grids(prep, target, gidx_p, kinds, log, backend)
+        if grid == "guard":  # screen with SNRQ's greedy objective (cheap); round twice only on a cliff
+            screen = {k: float(_decode(prep, target, gidx_p, sc, zr, gr, 1, 0, {}, backend)[1].sum())
+                      for k, (sc, zr, gr) in cands.items()}
+            log["grid_screen"] = screen
+            cands = {k: cands[k] for k in dict.fromkeys(("minmax", choose_grid(screen, "guard")))}
+        grids = {k: v[:2] for k, v in cands.items()}
     else:
         if grid_from == "gptq":
             base = get_method("gptq")(W, H, spec, {}, backend=backend)
@@ -108,19 +115,20 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
     if rperm is not None:  # rows with the most output curvature decided first (act-order for rows)
         Ho, Tr = Ho[rperm][:, rperm], target[rperm]
     B, Hod = output_factor(Ho, spec.damp if out_damp is None else float(out_damp), log)
-    best, losses = None, {}
+    rule = grid if grid_from == "snrq" and grid in SELECT_RULES else None
+    losses, solved = {}, {}
     for kind, (scales, zeros) in grids.items():
         S = scales[gi].t().contiguous()
         Z = zeros[gi].t().contiguous()
         if rperm is not None:
             S, Z = S[rperm], Z[rperm]
         codes_r = kron_ldlq(Tr, A, B, S, Z, spec.maxq, tile=tile)
-        if len(grids) > 1:  # the objective the rounding minimises (damped factors), in its own order
+        solved[kind] = (codes_r, scales, zeros)
+        if rule:  # the objective the rounding minimises (damped factors), in its own order
             losses[kind] = objective(Tr - gridmath.dequantize(codes_r, S, Z), prep.Hd, Hod)
-        if best is None or losses[kind] < best[0]:
-            best = (losses.get(kind), kind, codes_r, scales, zeros)
-    _, kind, codes_p, scales, zeros = best
-    if len(grids) > 1:
+    kind = choose_grid(losses, rule) if rule else next(iter(grids))
+    codes_p, scales, zeros = solved[kind]
+    if rule:
         log["grid_losses"], log["grid"] = losses, kind
     if rperm is not None:
         codes_p = codes_p[torch.argsort(rperm)]
@@ -137,7 +145,7 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
               "out_damp": out_damp, "out_order": bool(out_order)}
     if grid_from == "snrq":
         params.update(alpha=alpha, grid_kind=grid)
-        if grid == "select":
+        if rule:
             params["grid_chosen"] = kind
     return SolveResult(codes, scales.float().contiguous(), zeros.float().contiguous(), g_idx.to(torch.int32), deq,
                        loss, log, spec, "yaqa", params, prep.perm)
