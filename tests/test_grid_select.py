@@ -13,12 +13,12 @@ from quantkern.solvers.snrq import SELECT_CANDIDATES, permuted_mismatch_product,
 from quantkern.spec import QuantSpec
 
 
-def outlier_problem(seed, m=24, n=96, outliers=2):
+def outlier_problem(seed, m=24, n=96, outliers=2, scale=40.0, uniform=False):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(6 * n, n, generator=g)
-    X[:, :outliers] *= 40.0
+    X[:, :outliers] *= scale
     Xq = X + 0.05 * torch.randn(X.shape, generator=g)
-    W = 0.05 * torch.randn(m, n, generator=g)
+    W = 0.1 * (2 * torch.rand(m, n, generator=g) - 1) if uniform else 0.05 * torch.randn(m, n, generator=g)
     H = 2.0 * X.t() @ X / X.shape[0]
     D = 2.0 * Xq.t() @ (X - Xq) / X.shape[0]
     return W, H, D
@@ -108,9 +108,9 @@ def test_select_keeps_the_least_objective(bits, gs, sym, K):
         assert torch.allclose(sel.dequantized, grid.dequantize_groups(sel.codes, sel.scales, sel.zeros, sel.g_idx))
 
 
-def test_select_avoids_a_clamp_cliff():
-    """On the outlier problems the feedback-following grids beat the static min/max grid on average
-    at 2 bits (the reason for the option); select is never worse than min/max."""
+def test_select_lowers_the_objective_on_outlier_problems():
+    """select is never worse than min/max, and on these Gaussian-weight outlier problems another grid
+    (mostly the MSE one) is clearly better on average at 2 bits."""
     ratio = []
     for seed in range(4):
         W, H, D = outlier_problem(seed, n=128, outliers=3)
@@ -170,3 +170,42 @@ def test_batched_mse_group_params_equal_the_per_group_search(n, gs, sym):
         cols = slice(k * gs, min(n, (k + 1) * gs))
         s1, z1 = grid.search_params(w[:, cols], 2, sym, wt[cols])
         assert torch.equal(s[k], s1) and torch.equal(z[k], z1)
+
+
+def test_choose_grid_rules():
+    from quantkern.solvers.snrq import CLIFF_RATIO, choose_grid
+    off_cliff = {"minmax": 10.0, "dynamic": 11.0, "union": 12.0, "mse": 6.0}
+    assert choose_grid(off_cliff, "select") == "mse" and choose_grid(off_cliff, "guard") == "minmax"
+    cliff = {"minmax": 100.0, "dynamic": 40.0, "union": 41.0, "mse": 100.0 * CLIFF_RATIO * 0.99}
+    assert choose_grid(cliff, "select") == "mse" and choose_grid(cliff, "guard") == "mse"
+    assert choose_grid({"minmax": 1.0, "mse": 1.0}, "select") == "minmax"  # ties keep the first
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_guard_is_minmax_off_the_cliff_and_the_least_on_it(bits):
+    """Uniform weights (min/max is near the best static grid): without outlier channels guard keeps
+    min/max; with one 300x channel the feedback clamps and another grid is >= 4x better."""
+    from quantkern.solvers.snrq import CLIFF_RATIO
+    spec = QuantSpec(bits=bits, group_size=32)
+    for seed in range(3):
+        for outliers, scale, want_minmax in ((0, 1.0, True), (1, 300.0, False)):
+            W, H, D = outlier_problem(seed, outliers=outliers, scale=scale, uniform=True)
+            g = quantkern.solve(W, H, spec, method="snrq", D=D, grid="guard")
+            ref = quantkern.solve(W, H, spec, method="snrq", D=D, grid=g.log["grid"])
+            losses = g.log["grid_losses"]
+            assert torch.equal(g.codes, ref.codes) and g.loss == pytest.approx(ref.loss, rel=1e-9)
+            assert (g.log["grid"] == "minmax") == want_minmax, losses
+            if want_minmax:
+                assert min(losses.values()) >= CLIFF_RATIO * losses["minmax"]
+            else:
+                assert g.loss == min(losses.values()) < CLIFF_RATIO * losses["minmax"]
+
+
+def test_yaqa_guard_with_identity_output_is_snrq_guard():
+    spec = QuantSpec(bits=2, group_size=32)
+    for seed in range(3):
+        W, H, D = outlier_problem(seed, m=20, n=64, outliers=seed % 2, scale=300.0, uniform=True)
+        s = quantkern.solve(W, H, spec, method="snrq", D=D, grid="guard")
+        y = quantkern.solve(W, H, spec, method="yaqa", H_out=torch.eye(20), grid_from="snrq", D=D, grid="guard")
+        assert y.log["grid"] == s.log["grid"] and set(y.log["grid_screen"]) == set(SELECT_CANDIDATES)
+        assert torch.equal(y.scales, s.scales) and (y.codes != s.codes).float().mean() < 2e-3
