@@ -71,6 +71,8 @@ METHODS.update({
     # (a clamp cliff) (docs/methods_beyond_proxy.md, "Grid selection")
     "snrq-select": ("snrq", {}, {"alpha": 0.25, "grid": "select"}),
     "snrq-guard": ("snrq", {}, {"alpha": 0.25, "grid": "guard"}),
+    "oac-guard": ("oac", {}, {"core": "snrq", "fisher": "token", "row_groups": 4, "h_mix": OAC_H_MIX, "labels": "data",
+                              "grid": "guard"}),
     "yaqa-guard": ("yaqa", {}, {"grid_from": "snrq", "h_mix": 0.0, "fisher": "sequence", "out_damp": YAQA_OUT_DAMP,
                                 "grid": "guard", **GRAD}),
 })

@@ -209,3 +209,14 @@ def test_yaqa_guard_with_identity_output_is_snrq_guard():
         y = quantkern.solve(W, H, spec, method="yaqa", H_out=torch.eye(20), grid_from="snrq", D=D, grid="guard")
         assert y.log["grid"] == s.log["grid"] and set(y.log["grid_screen"]) == set(SELECT_CANDIDATES)
         assert torch.equal(y.scales, s.scales) and (y.codes != s.codes).float().mean() < 2e-3
+
+
+def test_oac_row_blocks_report_each_blocks_grid():
+    W, H, D = outlier_problem(1, m=32, n=64, outliers=1, scale=300.0, uniform=True)
+    F = torch.stack([H, 1.1 * H, 0.9 * H, H])
+    spec = QuantSpec(bits=2, group_size=32)
+    r = quantkern.solve(W, H, spec, method="oac", H_oac=F, core="snrq", h_mix=0.25, D=D, grid="guard")
+    blocks = r.log["grid"].split("/")
+    assert len(blocks) == 4 and set(r.log["grid_losses"]) == set(SELECT_CANDIDATES)
+    assert r.loss <= r.log["grid_losses"]["minmax"] * (1 + 1e-9)
+    assert r.loss == pytest.approx(sum(r.log["row_block_losses"]), rel=1e-9)
