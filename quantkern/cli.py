@@ -166,15 +166,17 @@ def load_any(name):
 
 def cmd_quantize(args) -> int:
     from .models import quantize_model, save_quantized
+    from .models.driver import make_method
     from .models.zoo import load_fp
 
     spec = spec_from_args(args)
+    method, method_kwargs = method_from_args(args)
+    make_method(method, spec, seed=args.seed, **method_kwargs)  # bad options fail here, before the model loads
     model, tok = load_fp(args.model)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f".{out.name}.quant_log.jsonl"
     log.unlink(missing_ok=True)
-    method, method_kwargs = method_from_args(args)
     _, report = quantize_model(model, tok, spec, method=method, calib=args.calib or "shakespeare",
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
                                log_path=log, progress=not args.quiet, lm_head=args.lm_head, **method_kwargs)
@@ -322,10 +324,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .calibration.data import MissingDataError
     from .models.checkpoint import CheckpointError
+    from .solvers.registry import MethodOptionError
 
     try:
         return COMMANDS[args.command](args)
-    except (MissingDataError, CheckpointError, FileNotFoundError) as e:
+    except (MissingDataError, CheckpointError, FileNotFoundError, MethodOptionError) as e:
         print(f"quantkern {args.command}: error: {e}", file=sys.stderr)
         return 2
 

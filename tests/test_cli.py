@@ -110,3 +110,14 @@ def test_quantize_with_a_recipe(tmp_path):
     rows = [json.loads(line) for line in (out / "quant_log.jsonl").read_text().splitlines()]
     body = [r for r in rows if r["module"] != "lm_head"]  # the head: 8-bit RTN by default, no grid choice
     assert len(body) == 14 and all(r["grid"] in ("minmax", "dynamic", "union", "mse") for r in body)
+
+
+def test_unknown_method_option_fails_before_calibration(tmp_path, capsys):
+    """A misspelt --option names the method's real options and fails before any model work (no output)."""
+    out = tmp_path / "q"
+    for extra, bad in ((["--recipe", "yaqa-guard", "--option", "gird=mse"], "gird"),
+                       (["--method", "snrq", "--option", "frobnicate=1"], "frobnicate"),
+                       (["--method", "rtn", "--option", "grid=guard"], "grid")):
+        rc = cli.main(["quantize", "--model", str(tmp_path / "no-such-model"), *extra, "--output", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"no option(s) ['{bad}']" in err and not out.exists()

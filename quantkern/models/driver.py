@@ -33,6 +33,7 @@ from ..spec import QuantSpec
 from ..calibration.stats import AsymAccumulator, HessianAccumulator
 from ..nn import QuantLinear
 from ..solvers import solve
+from ..solvers.registry import METHODS as SOLVER_METHODS, check_options
 from .arch import find_blocks, linear_groups
 
 
@@ -144,7 +145,10 @@ def register_method(name: str, cls: type[Method]) -> None:
 
 def make_method(name: str, spec: QuantSpec, seed: int = 0, **kwargs) -> Method:
     # unknown names still go to quantkern.solve with H: solvers registered there work without a driver entry
-    return METHODS.get(name, Method)(name, spec, seed=seed, **kwargs)
+    plugin = METHODS.get(name, Method)(name, spec, seed=seed, **kwargs)
+    if (plugin.solver_method or name) in SOLVER_METHODS:  # (a plug-in may solve its own way under its own name)
+        check_options(plugin.solver_method or name, plugin.kwargs)
+    return plugin
 
 
 # ----------------------------------------------------------------------------------- report
