@@ -3,7 +3,9 @@
 Cases (weight [out, in]): 4096x14336 and 14336x4096, batch 1, 8 and 128:
   torch fp32 F.linear, torch bf16 F.linear, torch int4 (_weight_int4pack_mm_for_cpu, group 128, bf16
   activations: its fast path), quantkern cpu at 4, 3 and 2 bits (group 128, fp32 activations, exact
-  fp32 paths), and quantkern 4-bit with the opt-in int8-activation decode path (qk4_int8x, approximate).
+  fp32 paths; 2/3-bit decode on the AMX GEMV where the CPU has AMX), the same 2/3-bit weights on the
+  AVX-512 LUT/FMA GEMVs without AMX (qk3_avx512, qk2_avx512: the side-by-side comparison), and quantkern
+  4-bit with the opt-in int8-activation decode path (qk4_int8x, approximate).
 Every case rotates over enough distinct weights that each call reads its weight from DRAM, not from
 the last-level cache: --rotate-mb per case, by default twice the LLC size the OS reports (sysfs), at
 least 256 MB. The DRAM read bandwidth reference is one more case in the same rounds, timed by the same
@@ -64,12 +66,17 @@ def random_gptq(m: int, n: int, bits: int, gen: torch.Generator) -> dict:
 class Case:
     """One implementation at one shape: a list of distinct weights and a call on one of them."""
 
-    def __init__(self, name: str, label: str, bytes_per_weight: int, build, run, x_dtype):
+    def __init__(self, name: str, label: str, bytes_per_weight: int, build, run, x_dtype, shares=None):
         self.name, self.label, self.bytes_per_weight = name, label, bytes_per_weight
         self.build, self.run, self.x_dtype = build, run, x_dtype
+        self.shares = shares  # name of a case whose weights this one runs on (same bytes, less memory)
         self.weights: list = []
 
-    def setup(self, rotate_bytes: int, gen):
+    def setup(self, rotate_bytes: int, gen, others=()):
+        src = next((c for c in others if c.name == self.shares and c.weights), None)
+        if src is not None:
+            self.weights = src.weights
+            return
         count = max(2, math.ceil(rotate_bytes / self.bytes_per_weight))
         self.weights = [self.build(gen) for _ in range(count)]
 
@@ -111,9 +118,18 @@ def make_cases(m: int, n: int, names=None) -> list[Case]:
         cases.append(Case(f"qk{bits}", f"quantkern {bits}-bit g{GROUP} (fp32 x)", nbytes,
                           lambda g, b=bits: Q.prepare(random_gptq(m, n, b, g), b, "cpu"),
                           lambda x, p, b=bits: Q.qgemm(x, None, b, prepared=p), torch.float32))
+    # the same 2/3-bit weights on the AVX-512 paths that were the default before the AMX GEMV (LUT GEMV
+    # <= 2 tokens, FMA GEMV <= 8, panels above): AMX against them, side by side. Same as qk{bits} where
+    # the CPU has no AMX.
+    cpu = Q.get_backend("cpu")
+    for bits in (3, 2):
+        nbytes = bitstream.packed_rows(n, bits) * m * 4 + G * m * 2 + G * bitstream.packed_rows(m, bits) * 4
+        cases.append(Case(f"qk{bits}_avx512", f"quantkern {bits}-bit g{GROUP}, AVX-512 LUT/FMA GEMV (no AMX)", nbytes,
+                          lambda g, b=bits: Q.prepare(random_gptq(m, n, b, g), b, "cpu"),
+                          lambda x, p: cpu.run(x, p.layout, None, 3 if x.shape[0] <= 2 else (1 if x.shape[0] <= 8 else 0)),
+                          torch.float32, shares=f"qk{bits}"))
     # opt-in int8-activation 4-bit decode path (approximate: QUANTKERN_CPU_INT8_ACT=1); exact path above 8 tokens
     nbytes4 = bitstream.packed_rows(n, 4) * m * 4 + G * m * 2 + G * bitstream.packed_rows(m, 4) * 4
-    cpu = Q.get_backend("cpu")
     cases.append(Case("qk4_int8x", "quantkern 4-bit, int8 activations (opt-in, approximate)", nbytes4,
                       lambda g: Q.prepare(random_gptq(m, n, 4, g), 4, "cpu"),
                       lambda x, p: cpu.run(x, p.layout, None, 4 if x.shape[0] <= 8 else 0), torch.float32))
@@ -189,7 +205,7 @@ def run(quick: bool, rounds: int, rotate_mb: int, only=None, shapes=None, batche
     for m, n in shapes:
         cases = make_cases(m, n, None if only is None else ["dram_read", *only])  # the reference always runs
         for c in cases:
-            c.setup(rotate_mb * 2**20, gen)
+            c.setup(rotate_mb * 2**20, gen, cases)
         for B in batches:
             xs = {dt: torch.randn(B, n, generator=gen).to(dt) for dt in {c.x_dtype for c in cases}}
             for c in cases:  # warm up (first-call allocation, page faults)
@@ -297,7 +313,7 @@ def main(argv=None):
     ap.add_argument("--merge", action="store_true",
                     help="keep rows of other (shape, batch) cases already in --json")
     ap.add_argument("--quiet-machine", action="store_true", help="record contended=false in the JSON")
-    ap.add_argument("--only", nargs="*", help="implementations to run (fp32 bf16 torch_int4 qk4 qk3 qk2 qk4_int8x;"
+    ap.add_argument("--only", nargs="*", help="implementations to run (fp32 bf16 torch_int4 qk4 qk3 qk2 qk3_avx512 qk2_avx512 qk4_int8x;"
                     " dram_read always runs)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -359,7 +375,8 @@ if pytest is not None:
             _CACHE[(m, n, impl)] = c
         return _CACHE[(m, n, impl)]
 
-    @pytest.mark.parametrize("impl", ["dram_read", "fp32", "bf16", "torch_int4", "qk4", "qk3", "qk2", "qk4_int8x"])
+    @pytest.mark.parametrize("impl", ["dram_read", "fp32", "bf16", "torch_int4", "qk4", "qk3", "qk2", "qk3_avx512",
+                                      "qk2_avx512", "qk4_int8x"])
     @pytest.mark.parametrize("batch", BATCHES)
     @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
     def test_qgemm_cpu(benchmark, shape, batch, impl):
