@@ -44,7 +44,9 @@ struct TileConfig {
 // Weight prefetch distance per row-tile stream, in int32 words (2 KiB; 1, 4 and 8 KiB and an extra
 // L2 prefetch 16 KiB ahead measured the same or worse within the noise on the test VM).
 constexpr int64_t kPrefetchAmx = 512;
-constexpr int kUnpackAhead = 2;  // chunks unpacked ahead of the one multiplying (see gemv_amx_group)
+constexpr int kUnpackAhead = 2;
+constexpr int kScaleAhead = 4;  // groups whose scale lines are prefetched ahead, per row tile (+7 points at
+                                // 2 bits on 14336x4096: each tile's scales are a short stream of their own)  // chunks unpacked ahead of the one multiplying (see gemv_amx_group)
 
 bool detect_amx() {
 #if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
@@ -178,6 +180,9 @@ void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq,
   };
   int64_t r = 0, g = 0;  // current run and group
   while (g < L.G && R.group_run[g + 1] == 0) ++g;  // leading empty groups (no k-blocks)
+  for (int t = 0; t < NT; ++t)
+    for (int k = 0; k < kScaleAhead && k < L.G; ++k)
+      _mm_prefetch(reinterpret_cast<const char*>(sc0 + (t * L.G + k) * 2 * kTileRows), _MM_HINT_T0);
   for (int64_t c = 0; c < kUnpackAhead && c < nch; ++c) unpack(c);
   for (int64_t c = 0; c < nch; ++c) {
     if (c + kUnpackAhead < nch) unpack(c + kUnpackAhead);
@@ -198,6 +203,8 @@ void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq,
     if (++r < R.group_run[g + 1]) continue;
     for (int t = 0; t < NT; ++t) {  // group g done: y += s * acc - s * z * sum(x)
       const uint16_t* sc = sc0 + (t * L.G + g) * 2 * kTileRows;
+      // each tile's scales are their own short stream (one line per group): fetch them ahead
+      _mm_prefetch(reinterpret_cast<const char*>(sc + kScaleAhead * 2 * kTileRows), _MM_HINT_T0);
       const __m512 s = load_half(sc);
       const __m512 sz = _mm512_mul_ps(s, load_half(sc + kTileRows));
       for (int b = 0; b < B; ++b) {

@@ -29,6 +29,10 @@ inline __m512 load_half(const uint16_t* p) {
 // 10-15% slower, 0.5 KiB 5-10% slower); the LUT GEMV runs 4 tile streams at once, 1 KiB ahead each.
 constexpr int64_t kPrefetch = 512;
 constexpr int64_t kPrefetchLut = 256;
+// Groups whose scale lines (one 64-byte line per tile and group, a short stream of its own per tile)
+// are prefetched ahead: on 14336x4096 (32 groups per tile) this took the AMX GEMV from 63% to 70% of
+// the read reference at 2 bits.
+constexpr int kScaleAhead = 4;
 
 template <int BITS>
 inline __m512 code_table() {
@@ -70,6 +74,9 @@ void gemv_lut_group(const Layout& L, const float* lut, int64_t ldl, const float*
   __m512 y[NT][B];
   for (int t = 0; t < NT; ++t)
     for (int b = 0; b < B; ++b) y[t][b] = _mm512_setzero_ps();
+  for (int t = 0; t < NT; ++t)
+    for (int k = 0; k < kScaleAhead && k < L.G; ++k)
+      _mm_prefetch(reinterpret_cast<const char*>(sc0 + (t * L.G + k) * 2 * kTileRows), _MM_HINT_T0);
   for (int64_t g = 0; g < L.G; ++g) {
     const int k0 = L.kb_start[g], k1 = L.kb_start[g + 1];
     if (k0 == k1) continue;
@@ -106,6 +113,8 @@ void gemv_lut_group(const Layout& L, const float* lut, int64_t ldl, const float*
     }
     for (int t = 0; t < NT; ++t) {
       const uint16_t* sc = sc0 + (t * L.G + g) * 2 * kTileRows;
+      // each tile's scales are their own short stream (one line per group): fetch them ahead
+      _mm_prefetch(reinterpret_cast<const char*>(sc + kScaleAhead * 2 * kTileRows), _MM_HINT_T0);
       const __m512 s = load_half(sc);
       const __m512 sz = _mm512_mul_ps(s, load_half(sc + kTileRows));
       for (int b = 0; b < B; ++b) {
