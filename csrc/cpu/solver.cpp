@@ -89,53 +89,50 @@ static inline __attribute__((always_inline)) void update_avx2(float* w1, const f
   }
 }
 
-// lo/hi (kRT floats, already holding column i) = min/max with the tile columns j in [jb, je) of
-// base (column j at base + j * ld). min_ps(x, lo) = x < lo ? x : lo and max_ps(x, hi) =
-// x > hi ? x : hi are exactly std::min(lo, x) / std::max(hi, x) (NaN and signed zeros included).
-__attribute__((target("avx512f"))) static void minmax_avx512(const float* base, int64_t ld, int64_t jb, int64_t je,
-                                                          float* lo, float* hi) {
-  constexpr int V = kRT / 16;
-  __m512 l[V], h[V];
-  for (int k = 0; k < V; ++k) {
-    l[k] = _mm512_loadu_ps(lo + 16 * k);
-    h[k] = _mm512_loadu_ps(hi + 16 * k);
+// *lo / *hi = min / max of row[0 .. len) (len >= 1), for a group's parameters. The order of the
+// comparisons is free: grid_params only looks at min(lo, 0) and max(hi, 0).
+__attribute__((target("avx512f"))) static void minmax_row_avx512(const float* row, int64_t len, float* lo,
+                                                              float* hi) {
+  const __m512 first = _mm512_set1_ps(row[0]);
+  __m512 l = first, h = first;
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    const __m512 x = _mm512_loadu_ps(row + j);
+    l = _mm512_min_ps(x, l);
+    h = _mm512_max_ps(x, h);
   }
-  for (int64_t j = jb; j < je; ++j) {
-    const float* x = base + j * ld;
-    for (int k = 0; k < V; ++k) {
-      const __m512 xv = _mm512_loadu_ps(x + 16 * k);
-      l[k] = _mm512_min_ps(xv, l[k]);
-      h[k] = _mm512_max_ps(xv, h[k]);
-    }
+  if (j < len) {
+    const __m512 x = _mm512_mask_loadu_ps(first, static_cast<__mmask16>((1u << (len - j)) - 1u), row + j);
+    l = _mm512_min_ps(x, l);
+    h = _mm512_max_ps(x, h);
   }
-  for (int k = 0; k < V; ++k) {
-    _mm512_storeu_ps(lo + 16 * k, l[k]);
-    _mm512_storeu_ps(hi + 16 * k, h[k]);
-  }
+  *lo = _mm512_reduce_min_ps(l);
+  *hi = _mm512_reduce_max_ps(h);
 }
 
-static inline __attribute__((always_inline)) void minmax_avx2(const float* base, int64_t ld, int64_t jb, int64_t je,
-                                                              float* lo, float* hi) {
-  constexpr int V = kRT / 8;
-  __m256 l[V], h[V];
-  for (int k = 0; k < V; ++k) {
-    l[k] = _mm256_loadu_ps(lo + 8 * k);
-    h[k] = _mm256_loadu_ps(hi + 8 * k);
+static inline void minmax_row_avx2(const float* row, int64_t len, float* lo, float* hi) {
+  __m256 l = _mm256_set1_ps(row[0]), h = l;
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256 x = _mm256_loadu_ps(row + j);
+    l = _mm256_min_ps(x, l);
+    h = _mm256_max_ps(x, h);
   }
-  for (int64_t j = jb; j < je; ++j) {
-    const float* x = base + j * ld;
-    for (int k = 0; k < V; ++k) {
-      const __m256 xv = _mm256_loadu_ps(x + 8 * k);
-      l[k] = _mm256_min_ps(xv, l[k]);
-      h[k] = _mm256_max_ps(xv, h[k]);
-    }
+  alignas(32) float lv[8], hv[8];
+  _mm256_store_ps(lv, l);
+  _mm256_store_ps(hv, h);
+  float a = lv[0], b = hv[0];
+  for (int k = 1; k < 8; ++k) {
+    a = std::min(a, lv[k]);
+    b = std::max(b, hv[k]);
   }
-  for (int k = 0; k < V; ++k) {
-    _mm256_storeu_ps(lo + 8 * k, l[k]);
-    _mm256_storeu_ps(hi + 8 * k, h[k]);
+  for (; j < len; ++j) {
+    a = std::min(a, row[j]);
+    b = std::max(b, row[j]);
   }
+  *lo = a;
+  *hi = b;
 }
-
 
 constexpr int kSB = 16;  // columns per sub-block of the two-level in-block update
 
@@ -232,22 +229,59 @@ static inline __attribute__((always_inline)) void lazy_avx2(float* cols, const f
   }
 }
 
-// Everything one row tile needs for one block. The chunk's working copy is TRANSPOSED, wt [n, ld]
-// (ld = rows of the chunk), so a tile column is kRT contiguous floats; errors/q go to errT/qT
-// [B, ld] and codes to codesT [n, ld] (transposed back once per chunk).
+// 8x8 float transpose: dst[c * ldd + r] = src[r * lds + c] for r, c < 8 (AVX2, used by both ISAs:
+// the tile loads and the codes' stores are a small part of the block's work).
+static inline __attribute__((always_inline)) void transpose8x8(const float* src, int64_t lds, float* dst,
+                                                               int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + k * lds);
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+    r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+    r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_ps(dst + k * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+    _mm256_storeu_ps(dst + (k + 4) * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+  }
+}
+
+// Same for integer-valued float codes in [0, 255], written as bytes: dst[c * ldd + r] = src[r * lds + c].
+static inline __attribute__((always_inline)) void transpose8x8_codes(const float* src, int64_t lds, uint8_t* dst,
+                                                                     int64_t ldd) {
+  alignas(32) float tmp[64];
+  transpose8x8(src, lds, tmp, 8);
+  for (int k = 0; k < 8; ++k) {
+    const __m256i ci = _mm256_cvttps_epi32(_mm256_load_ps(tmp + 8 * k));
+    const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(ci), _mm256_extracti128_si256(ci, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + k * ldd), _mm_packus_epi16(p16, p16));
+  }
+}
+
+// Everything one row tile needs for one block. The chunk's working copy stays ROW-MAJOR ([mc, n],
+// row stride n) so neither W nor the codes are ever transposed as a whole: each tile transposes
+// its kRT x B slice into the block buffer ([column][row], kRT floats per column) on load, and its
+// codes back on store, in 8x8 register transposes. Errors / q go to errT / qT [B, mc] for the tail
+// GEMM (which takes errT transposed).
 struct TileArgs {
-  const float* wt;
+  const float* src;     // block-start values of the chunk's rows (W for the first block, then Wc), stride n
   const float* u;
   const float* p;
   float* sc;
   float* zr;
-  uint8_t* codesT;
+  uint8_t* codes;       // the chunk's rows of the row-major codes, stride n
   double* ls;
   float* errT;
   float* qT;
+  float* cbuf;          // the tile's codes of the block, [column][row] like the block buffer
   const int32_t* g;
   const int32_t* run_end;
-  int64_t n, m, ld, c0;
+  int64_t n, m, mc, c0;
   int bits;
   bool sym, dynamic_groups;
   float maxq;
@@ -257,19 +291,15 @@ struct TileArgs {
 template <bool HasP, bool Avx512>
 static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, int64_t r0, int64_t nr, int64_t i1,
                                                              int64_t i2, vrow* w1v) {
-  const int64_t n = a.n, m = a.m, ld = a.ld, nb = i2 - i1, rl0 = r0 - a.c0;
-  (void)n;
+  const int64_t n = a.n, m = a.m, mc = a.mc, nb = i2 - i1, rl0 = r0 - a.c0;
   float* w1 = reinterpret_cast<float*>(w1v);
+  const float* tsrc = a.src + rl0 * n;  // the tile's first row
   alignas(64) float w[kRT], s[kRT], z[kRT], c[kRT], q[kRT], e[kRT];
-  for (int64_t j = 0; j < nb; ++j) {
-    const float* src = a.wt + (i1 + j) * ld + rl0;
-    float* dst = w1 + j * kRT;
-    if (nr == kRT) {
-      for (int r = 0; r < kRT; ++r) dst[r] = src[r];
-    } else {
-      for (int r = 0; r < kRT; ++r) dst[r] = r < nr ? src[r] : 0.f;
-    }
-  }
+  const int64_t nb8 = nr == kRT ? nb & ~int64_t{7} : 0;  // columns loaded/stored by 8x8 transposes
+  for (int64_t j = 0; j < nb8; j += 8)
+    for (int r = 0; r < kRT; r += 8) transpose8x8(tsrc + r * n + i1 + j, n, w1 + j * kRT + r, kRT);
+  for (int64_t j = nb8; j < nb; ++j)
+    for (int r = 0; r < kRT; ++r) w1[j * kRT + r] = r < nr ? tsrc[r * n + i1 + j] : 0.f;
   double lsum[kRT] = {};
   for (int r = 0; r < nr; ++r) lsum[r] = a.ls[r0 + r];
   // Two-level lazy update: columns are decided in sub-blocks of kSB; inside a sub-block the
@@ -278,53 +308,59 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
   // receives its updates one at a time in ascending i with the reference's two roundings, so the
   // result is bit-identical to the plain rank-1 order.
   alignas(64) float ev[kSB * kRT], wv[kSB * kRT];
+  int32_t gcur = -1;
   for (int64_t sb = i1; sb < i2; sb += kSB) {
     const int64_t se = std::min(sb + kSB, i2);
     for (int64_t i = sb; i < se; ++i) {
       const int32_t g = a.g[i];
-      if (a.dynamic_groups && a.run_end[i] >= 0) {  // block-start values (wt), see solver.h
-        const int64_t e_end = a.run_end[i];
-        alignas(64) float lo[kRT], hi[kRT];
-        const float* row = a.wt + i * ld + rl0;
-        for (int r = 0; r < kRT; ++r) lo[r] = hi[r] = r < nr ? row[r] : 0.f;
-        if (nr == kRT) {  // whole tile columns as vectors (GCC leaves the std::min/max loop scalar)
+      if (a.dynamic_groups && a.run_end[i] >= 0) {  // block-start values (src), see solver.h
+        const int64_t len = a.run_end[i] - i;
+        for (int r = 0; r < nr; ++r) {
+          const float* row = tsrc + r * n + i;
+          float lo, hi;
           if constexpr (Avx512) {
-            minmax_avx512(a.wt + rl0, ld, i + 1, e_end, lo, hi);
+            minmax_row_avx512(row, len, &lo, &hi);
           } else {
-            minmax_avx2(a.wt + rl0, ld, i + 1, e_end, lo, hi);
+            minmax_row_avx2(row, len, &lo, &hi);
+          }
+          qk::grid_params(lo, hi, a.bits, a.sym, &a.sc[g * m + r0 + r], &a.zr[g * m + r0 + r]);
+        }
+      }
+      if (g != gcur) {  // a new group: its params for the tile's rows
+        gcur = g;
+        const float* sg = a.sc + g * m + r0;
+        const float* zg = a.zr + g * m + r0;
+        if (nr == kRT) {
+          for (int r = 0; r < kRT; ++r) {
+            s[r] = sg[r];
+            z[r] = zg[r];
           }
         } else {
-          for (int64_t j = i + 1; j < e_end; ++j) {
-            row = a.wt + j * ld + rl0;
-            for (int r = 0; r < nr; ++r) {
-              lo[r] = std::min(lo[r], row[r]);
-              hi[r] = std::max(hi[r], row[r]);
-            }
+          for (int r = 0; r < kRT; ++r) {
+            s[r] = r < nr ? sg[r] : 1.f;
+            z[r] = r < nr ? zg[r] : 0.f;
           }
         }
-        for (int r = 0; r < nr; ++r) qk::grid_params(lo[r], hi[r], a.bits, a.sym, &a.sc[g * m + r0 + r], &a.zr[g * m + r0 + r]);
-      }
-      for (int r = 0; r < kRT; ++r) {
-        s[r] = r < nr ? a.sc[g * m + r0 + r] : 1.f;
-        z[r] = r < nr ? a.zr[g * m + r0 + r] : 0.f;
       }
       const float d = a.u[i * a.n + i];
       const float* col = &w1[(i - i1) * kRT];
+      float* cb = a.cbuf + (i - i1) * kRT;
       for (int r = 0; r < kRT; ++r) {
         w[r] = col[r];
         c[r] = qk::quant_code(w[r], s[r], z[r], a.maxq);
         q[r] = qk::dequant(c[r], s[r], z[r]);
         e[r] = (w[r] - q[r]) / d;
+        cb[r] = c[r];
       }
       for (int r = 0; r < kRT; ++r) lsum[r] += static_cast<double>(e[r]) * static_cast<double>(e[r]);
-      uint8_t* cdst = a.codesT + i * ld + rl0;
-      float* edst = a.errT + (i - i1) * ld + rl0;
-      for (int r = 0; r < nr; ++r) {
-        cdst[r] = static_cast<uint8_t>(c[r]);
-        edst[r] = e[r];
+      float* edst = a.errT + (i - i1) * mc + rl0;
+      if (nr == kRT) {
+        for (int r = 0; r < kRT; ++r) edst[r] = e[r];
+      } else {
+        for (int r = 0; r < nr; ++r) edst[r] = e[r];
       }
       if (HasP) {
-        float* qdst = a.qT + (i - i1) * ld + rl0;
+        float* qdst = a.qT + (i - i1) * mc + rl0;
         for (int r = 0; r < nr; ++r) qdst[r] = q[r];
       }
       std::memcpy(&ev[(i - sb) * kRT], e, sizeof(e));
@@ -346,6 +382,11 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
     }
   }
   for (int r = 0; r < nr; ++r) a.ls[r0 + r] = lsum[r];
+  uint8_t* tcodes = a.codes + rl0 * n + i1;
+  for (int64_t j = 0; j < nb8; j += 8)
+    for (int r = 0; r < kRT; r += 8) transpose8x8_codes(a.cbuf + j * kRT + r, kRT, tcodes + r * n + j, n);
+  for (int64_t j = nb8; j < nb; ++j)
+    for (int r = 0; r < nr; ++r) tcodes[r * n + j] = static_cast<uint8_t>(a.cbuf[j * kRT + r]);
 }
 
 using TileFn = void (*)(const TileArgs&, int64_t, int64_t, int64_t, int64_t, vrow*);
@@ -467,23 +508,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
                          : (avx512 ? tile_block_avx512<false> : tile_block_avx2<false>);
   parallel_chunks((m + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t c0 = chunk * rows, c1 = std::min(m, c0 + rows), mc = c1 - c0;
-    at::Tensor WT = W_in.slice(0, c0, c1).t().contiguous();  // [n, mc]
+    const at::Tensor Wchunk = W_in.slice(0, c0, c1);                   // [mc, n], row stride n
+    at::Tensor Wc = n > B ? at::empty({mc, n}, W_in.options()) : Wchunk;  // working copy, columns >= B used
     at::Tensor ErrT = at::empty({B, mc}, W_in.options());
     at::Tensor QT = has_p ? at::empty({B, mc}, W_in.options()) : at::Tensor();
-    at::Tensor codesT = at::empty({n, mc}, W_in.options().dtype(at::kByte));
-    // the tile block, aligned by hand (std::vector does not promise over-aligned storage)
-    std::vector<char> w1buf(static_cast<size_t>(B) * sizeof(vrow) + 128);
+    // the tile block and the tile's codes, aligned by hand (std::vector does not promise over-aligned storage)
+    std::vector<char> w1buf(2 * static_cast<size_t>(B) * sizeof(vrow) + 128);
     vrow* w1v = reinterpret_cast<vrow*>((reinterpret_cast<uintptr_t>(w1buf.data()) + 127) & ~uintptr_t(127));
-    TileArgs ta{WT.data_ptr<float>(), u, p, sc, zr, codesT.data_ptr<uint8_t>(), ls, ErrT.data_ptr<float>(),
-                has_p ? QT.data_ptr<float>() : nullptr, gr.g.data(), gr.run_end.data(), n, m, mc, c0,
-                static_cast<int>(bits), sym, dynamic_groups, maxq};
+    TileArgs ta{Wchunk.data_ptr<float>(), u, p, sc, zr, codes.data_ptr<uint8_t>() + c0 * n, ls,
+                ErrT.data_ptr<float>(), has_p ? QT.data_ptr<float>() : nullptr, reinterpret_cast<float*>(w1v + B),
+                gr.g.data(), gr.run_end.data(), n, m, mc, c0, static_cast<int>(bits), sym, dynamic_groups, maxq};
     for (int64_t i1 = 0; i1 < n; i1 += B) {
       const int64_t i2 = std::min(i1 + B, n);
       for (int64_t r0 = c0; r0 < c1; r0 += kRT) tile_fn(ta, r0, std::min<int64_t>(kRT, c1 - r0), i1, i2, w1v);
-      if (i2 < n) tail_update(WT, U, ErrT, i1, i2, n, -1.0);
-      if (i2 < n && has_p) tail_update(WT, P, QT, i1, i2, n, 1.0);
+      if (i2 < n) {
+        at::Tensor tail = Wc.slice(1, i2, n);
+        if (i1 == 0) {  // the first block read W itself; the working copy starts here
+          tail.copy_(Wchunk.slice(1, i2, n));
+          ta.src = Wc.data_ptr<float>();
+        }
+        tail.addmm_(ErrT.slice(0, 0, i2 - i1).t(), U.slice(0, i1, i2).slice(1, i2, n), 1.0, -1.0);
+        if (has_p) tail.addmm_(QT.slice(0, 0, i2 - i1).t(), P.slice(0, i1, i2).slice(1, i2, n), 1.0, 1.0);
+      }
     }
-    codes.slice(0, c0, c1).copy_(codesT.t());
   });
   return {codes, scales, zeros, loss};
 }
