@@ -309,9 +309,23 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
   // result is bit-identical to the plain rank-1 order.
   alignas(64) float ev[kSB * kRT], wv[kSB * kRT];
   int32_t gcur = -1;
+  // Software prefetch, spread over the block's columns: the next tile's block of W (its rows are n
+  // floats apart, which the hardware prefetcher follows poorly) and this tile's codes lines (stored
+  // at the end). Line k of a set is row k / lpr, line k % lpr of that row's slice.
+  const int64_t lpr_w = (nb * 4 + 63) / 64, lpr_c = (nb + 63) / 64;
+  const int64_t nr_next = std::min<int64_t>(kRT, mc - rl0 - kRT);  // <= 0: last tile of the chunk
+  const int64_t nl_w = nr_next > 0 ? nr_next * lpr_w : 0, nl_c = nr * lpr_c;
+  const int64_t step_w = (nl_w + nb - 1) / nb, step_c = (nl_c + nb - 1) / nb;
+  const char* pf_w = reinterpret_cast<const char*>(tsrc + kRT * n + i1);
+  char* pf_c = reinterpret_cast<char*>(a.codes + rl0 * n + i1);
+  int64_t kw = 0, kc = 0;
   for (int64_t sb = i1; sb < i2; sb += kSB) {
     const int64_t se = std::min(sb + kSB, i2);
     for (int64_t i = sb; i < se; ++i) {
+      for (int64_t t = 0; t < step_w && kw < nl_w; ++t, ++kw)
+        __builtin_prefetch(pf_w + (kw / lpr_w) * n * 4 + (kw % lpr_w) * 64, 0, 2);
+      for (int64_t t = 0; t < step_c && kc < nl_c; ++t, ++kc)
+        __builtin_prefetch(pf_c + (kc / lpr_c) * n + (kc % lpr_c) * 64, 1, 3);
       const int32_t g = a.g[i];
       if (a.dynamic_groups && a.run_end[i] >= 0) {  // block-start values (src), see solver.h
         const int64_t len = a.run_end[i] - i;
