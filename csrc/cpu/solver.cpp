@@ -311,21 +311,31 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
   int32_t gcur = -1;
   // Software prefetch, spread over the block's columns: the next tile's block of W (its rows are n
   // floats apart, which the hardware prefetcher follows poorly) and this tile's codes lines (stored
-  // at the end). Line k of a set is row k / lpr, line k % lpr of that row's slice.
+  // at the end), row by row, lpr lines per row.
   const int64_t lpr_w = (nb * 4 + 63) / 64, lpr_c = (nb + 63) / 64;
   const int64_t nr_next = std::min<int64_t>(kRT, mc - rl0 - kRT);  // <= 0: last tile of the chunk
   const int64_t nl_w = nr_next > 0 ? nr_next * lpr_w : 0, nl_c = nr * lpr_c;
   const int64_t step_w = (nl_w + nb - 1) / nb, step_c = (nl_c + nb - 1) / nb;
   const char* pf_w = reinterpret_cast<const char*>(tsrc + kRT * n + i1);
   char* pf_c = reinterpret_cast<char*>(a.codes + rl0 * n + i1);
-  int64_t kw = 0, kc = 0;
+  int64_t kw = 0, kc = 0, lw = 0, lc = 0;  // lines issued; line within the current row
   for (int64_t sb = i1; sb < i2; sb += kSB) {
     const int64_t se = std::min(sb + kSB, i2);
     for (int64_t i = sb; i < se; ++i) {
-      for (int64_t t = 0; t < step_w && kw < nl_w; ++t, ++kw)
-        __builtin_prefetch(pf_w + (kw / lpr_w) * n * 4 + (kw % lpr_w) * 64, 0, 2);
-      for (int64_t t = 0; t < step_c && kc < nl_c; ++t, ++kc)
-        __builtin_prefetch(pf_c + (kc / lpr_c) * n + (kc % lpr_c) * 64, 1, 3);
+      for (int64_t t = 0; t < step_w && kw < nl_w; ++t, ++kw) {  // (counters, not kw / lpr: no divisions)
+        __builtin_prefetch(pf_w + lw * 64, 0, 2);
+        if (++lw == lpr_w) {
+          lw = 0;
+          pf_w += n * 4;
+        }
+      }
+      for (int64_t t = 0; t < step_c && kc < nl_c; ++t, ++kc) {
+        __builtin_prefetch(pf_c + lc * 64, 1, 3);
+        if (++lc == lpr_c) {
+          lc = 0;
+          pf_c += n;
+        }
+      }
       const int32_t g = a.g[i];
       if (a.dynamic_groups && a.run_end[i] >= 0) {  // block-start values (src), see solver.h
         const int64_t len = a.run_end[i] - i;
@@ -496,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
   if (has_p)
     TORCH_CHECK(P_in->dim() == 2 && P_in->size(0) == n && P_in->size(1) == n && P_in->scalar_type() == at::kFloat,
                 op, ": P must be fp32 [n, n] or None, got ", P_in->sizes());
-  const at::Tensor U = U_in.contiguous(), gidx = gidx_in.contiguous();
+  const at::Tensor W = W_in.contiguous(), U = U_in.contiguous(), gidx = gidx_in.contiguous();  // row stride n below
   const at::Tensor P = has_p ? P_in->contiguous() : at::Tensor();
   at::Tensor scales = scales_in.clone(at::MemoryFormat::Contiguous);
   at::Tensor zeros = zeros_in.clone(at::MemoryFormat::Contiguous);
@@ -522,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
                          : (avx512 ? tile_block_avx512<false> : tile_block_avx2<false>);
   parallel_chunks((m + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t c0 = chunk * rows, c1 = std::min(m, c0 + rows), mc = c1 - c0;
-    const at::Tensor Wchunk = W_in.slice(0, c0, c1);                   // [mc, n], row stride n
+    const at::Tensor Wchunk = W.slice(0, c0, c1);                      // [mc, n], row stride n
     at::Tensor Wc = n > B ? at::empty({mc, n}, W_in.options()) : Wchunk;  // working copy, columns >= B used
     at::Tensor ErrT = at::empty({B, mc}, W_in.options());
     at::Tensor QT = has_p ? at::empty({B, mc}, W_in.options()) : at::Tensor();
@@ -537,9 +547,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
       for (int64_t r0 = c0; r0 < c1; r0 += kRT) tile_fn(ta, r0, std::min<int64_t>(kRT, c1 - r0), i1, i2, w1v);
       if (i2 < n) {
         at::Tensor tail = Wc.slice(1, i2, n);
-        if (i1 == 0) {  // the first block read W itself; the working copy starts here
-          tail.copy_(Wchunk.slice(1, i2, n));
-          ta.src = Wc.data_ptr<float>();
+        if (i1 == 0) {  // the first block read W itself; the working copy starts here (plain row memcpys)
+          const float* wsrc = Wchunk.data_ptr<float>();
+          float* wdst = Wc.data_ptr<float>();
+          for (int64_t r = 0; r < mc; ++r) std::memcpy(wdst + r * n + i2, wsrc + r * n + i2, (n - i2) * sizeof(float));
+          ta.src = wdst;
         }
         tail.addmm_(ErrT.slice(0, 0, i2 - i1).t(), U.slice(0, i1, i2).slice(1, i2, n), 1.0, -1.0);
         if (has_p) tail.addmm_(QT.slice(0, 0, i2 - i1).t(), P.slice(0, i1, i2).slice(1, i2, n), 1.0, 1.0);
