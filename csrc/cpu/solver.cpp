@@ -230,7 +230,7 @@ static inline __attribute__((always_inline)) void lazy_avx2(float* cols, const f
 }
 
 // 8x8 float transpose: dst[c * ldd + r] = src[r * lds + c] for r, c < 8 (AVX2, used by both ISAs:
-// the tile loads and the codes' stores are a small part of the block's work).
+// the tile loads are a small part of the block's work).
 static inline __attribute__((always_inline)) void transpose8x8(const float* src, int64_t lds, float* dst,
                                                                int64_t ldd) {
   __m256 r[8], t[8];
@@ -251,15 +251,20 @@ static inline __attribute__((always_inline)) void transpose8x8(const float* src,
   }
 }
 
-// Same for integer-valued float codes in [0, 255], written as bytes: dst[c * ldd + r] = src[r * lds + c].
-static inline __attribute__((always_inline)) void transpose8x8_codes(const float* src, int64_t lds, uint8_t* dst,
+// 8x8 byte transpose for the codes: dst[c * ldd + r] = src[r * lds + c] for r, c < 8 (SSE2 unpacks).
+static inline __attribute__((always_inline)) void transpose8x8_bytes(const uint8_t* src, int64_t lds, uint8_t* dst,
                                                                      int64_t ldd) {
-  alignas(32) float tmp[64];
-  transpose8x8(src, lds, tmp, 8);
-  for (int k = 0; k < 8; ++k) {
-    const __m256i ci = _mm256_cvttps_epi32(_mm256_load_ps(tmp + 8 * k));
-    const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(ci), _mm256_extracti128_si256(ci, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + k * ldd), _mm_packus_epi16(p16, p16));
+  __m128i a[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k * lds));
+  const __m128i t0 = _mm_unpacklo_epi8(a[0], a[1]), t1 = _mm_unpacklo_epi8(a[2], a[3]);
+  const __m128i t2 = _mm_unpacklo_epi8(a[4], a[5]), t3 = _mm_unpacklo_epi8(a[6], a[7]);
+  const __m128i u0 = _mm_unpacklo_epi16(t0, t1), u1 = _mm_unpackhi_epi16(t0, t1);
+  const __m128i u2 = _mm_unpacklo_epi16(t2, t3), u3 = _mm_unpackhi_epi16(t2, t3);
+  const __m128i v[4] = {_mm_unpacklo_epi32(u0, u2), _mm_unpackhi_epi32(u0, u2), _mm_unpacklo_epi32(u1, u3),
+                        _mm_unpackhi_epi32(u1, u3)};
+  for (int k = 0; k < 4; ++k) {  // v[k] holds output rows 2k and 2k + 1
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (2 * k) * ldd), v[k]);
+    _mm_storeh_pd(reinterpret_cast<double*>(dst + (2 * k + 1) * ldd), _mm_castsi128_pd(v[k]));
   }
 }
 
@@ -278,7 +283,7 @@ struct TileArgs {
   double* ls;
   float* errT;
   float* qT;
-  float* cbuf;          // the tile's codes of the block, [column][row] like the block buffer
+  uint8_t* cbuf;        // the tile's codes of the block, [column][row] like the block buffer
   const int32_t* g;
   const int32_t* run_end;
   int64_t n, m, mc, c0;
@@ -368,13 +373,13 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
       }
       const float d = a.u[i * a.n + i];
       const float* col = &w1[(i - i1) * kRT];
-      float* cb = a.cbuf + (i - i1) * kRT;
+      uint8_t* cb = a.cbuf + (i - i1) * kRT;
       for (int r = 0; r < kRT; ++r) {
         w[r] = col[r];
         c[r] = qk::quant_code(w[r], s[r], z[r], a.maxq);
         q[r] = qk::dequant(c[r], s[r], z[r]);
         e[r] = (w[r] - q[r]) / d;
-        cb[r] = c[r];
+        cb[r] = static_cast<uint8_t>(c[r]);  // integer-valued, in [0, maxq]
       }
       for (int r = 0; r < kRT; ++r) lsum[r] += static_cast<double>(e[r]) * static_cast<double>(e[r]);
       float* edst = a.errT + (i - i1) * mc + rl0;
@@ -408,9 +413,9 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
   for (int r = 0; r < nr; ++r) a.ls[r0 + r] = lsum[r];
   uint8_t* tcodes = a.codes + rl0 * n + i1;
   for (int64_t j = 0; j < nb8; j += 8)
-    for (int r = 0; r < kRT; r += 8) transpose8x8_codes(a.cbuf + j * kRT + r, kRT, tcodes + r * n + j, n);
+    for (int r = 0; r < kRT; r += 8) transpose8x8_bytes(a.cbuf + j * kRT + r, kRT, tcodes + r * n + j, n);
   for (int64_t j = nb8; j < nb; ++j)
-    for (int r = 0; r < nr; ++r) tcodes[r * n + j] = static_cast<uint8_t>(a.cbuf[j * kRT + r]);
+    for (int r = 0; r < nr; ++r) tcodes[r * n + j] = a.cbuf[j * kRT + r];
 }
 
 using TileFn = void (*)(const TileArgs&, int64_t, int64_t, int64_t, int64_t, vrow*);
@@ -537,10 +542,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
     at::Tensor ErrT = at::empty({B, mc}, W_in.options());
     at::Tensor QT = has_p ? at::empty({B, mc}, W_in.options()) : at::Tensor();
     // the tile block and the tile's codes, aligned by hand (std::vector does not promise over-aligned storage)
-    std::vector<char> w1buf(2 * static_cast<size_t>(B) * sizeof(vrow) + 128);
+    std::vector<char> w1buf(static_cast<size_t>(B) * (sizeof(vrow) + kRT) + 128);
     vrow* w1v = reinterpret_cast<vrow*>((reinterpret_cast<uintptr_t>(w1buf.data()) + 127) & ~uintptr_t(127));
     TileArgs ta{Wchunk.data_ptr<float>(), u, p, sc, zr, codes.data_ptr<uint8_t>() + c0 * n, ls,
-                ErrT.data_ptr<float>(), has_p ? QT.data_ptr<float>() : nullptr, reinterpret_cast<float*>(w1v + B),
+                ErrT.data_ptr<float>(), has_p ? QT.data_ptr<float>() : nullptr, reinterpret_cast<uint8_t*>(w1v + B),
                 gr.g.data(), gr.run_end.data(), n, m, mc, c0, static_cast<int>(bits), sym, dynamic_groups, maxq};
     for (int64_t i1 = 0; i1 < n; i1 += B) {
       const int64_t i2 = std::min(i1 + B, n);
