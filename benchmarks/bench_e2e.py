@@ -40,6 +40,7 @@ from quantkern.calibration.data import calibration_samples, evaluation_tokens  #
 from quantkern.eval.perplexity import perplexity  # noqa: E402
 from quantkern.eval.speed import decode_tokens_per_s  # noqa: E402
 from quantkern.models.driver import LM_HEAD_AUTO_SPEC  # noqa: E402
+from quantkern.models.recipes import RECIPES  # noqa: E402
 from quantkern.models.zoo import load_fp  # noqa: E402
 
 # name -> (driver method, QuantSpec overrides, method kwargs)
@@ -58,14 +59,18 @@ METHODS = {
 # target and min/max grid under the output-adaptive statistics); "oac-paper" is the paper's recipe
 # (GPTQ core on the Fisher Hessian); "snrq-mse" is SNRQ on an MSE-clipped grid (better on the first 8
 # blocks, far worse on the whole model at 2 bits, so not used by oac/yaqa).
-GRAD = {"labels": "data", "grad_kind": "both"}
-OAC_H_MIX, YAQA_OUT_DAMP = 0.25, 1.0  # chosen on the first 8 blocks (benchmarks/results/methods_smollm2.jsonl)
+GRAD = {"labels": "data", "grad_kind": "both"}  # one shared set of gradient statistics for OAC and YAQA
 METHODS.update({
-    "oac": ("oac", {}, {"core": "snrq", "fisher": "token", "row_groups": 4, "h_mix": OAC_H_MIX, "labels": "data"}),
-    "yaqa": ("yaqa", {}, {"grid_from": "snrq", "h_mix": 0.0, "fisher": "sequence", "out_damp": YAQA_OUT_DAMP, **GRAD}),
+    "oac": (RECIPES["oac-snrq"][0], {}, RECIPES["oac-snrq"][1]),
+    "yaqa": (RECIPES["yaqa-snrq"][0], {}, RECIPES["yaqa-snrq"][1]),
     "oac-paper": ("oac", {}, dict(GRAD)),
     "snrq-mse": ("snrq", {}, {"alpha": 0.25, "grid": "mse"}),
     "adaround": ("adaround", {}, {"iters": 200}),
+    # grid="select": per module, the least post-feedback objective among the min/max, feedback-following
+    # (dynamic), union and MSE grids; grid="guard": min/max unless another grid lowers the objective >= 4x
+    # (a clamp cliff) (docs/methods_beyond_proxy.md, "Grid selection")
+    "snrq-select": ("snrq", {}, {"alpha": 0.25, "grid": "select"}),
+    **{name: (RECIPES[name][0], {}, RECIPES[name][1]) for name in ("snrq-guard", "oac-guard", "yaqa-guard")},
 })
 GRADIENT_METHODS = ("oac", "yaqa")  # driver methods that take grad_stats_path
 REFERENCE = {"fp": 42.2, "rtn": {4: 59.4, 3: 213}, "gptq": {4: 53.5, 3: 142}, "gptq-act": {4: 50.9, 3: 82.6, 2: 2.3e5},
@@ -222,6 +227,11 @@ def main(argv=None) -> int:
                 "fallback_modules": fallbacks, "modules": len(rep.modules), "method_meta": rep.method_meta,
                 "lm_head": a.lm_head,
             }
+            chosen = [m for m in rep.modules if "grid" in m]
+            if chosen:  # grid="select": which grid each module kept, and every candidate's objective
+                results["runs"][key]["grid_modules"] = [
+                    [m["layer"], m["module"], m["grid"], {k: float(f"{v:.5g}") for k, v in m["grid_losses"].items()}]
+                    for m in chosen]
             print(f"   ppl {r['ppl']:.2f} (ref {REFERENCE.get(name, {}).get(bits)})  quant {wall:.0f} s "
                   f"(forward {rep.forward_s:.0f} s, solve {rep.solve_s:.0f} s)  decode {tps_q:.1f} vs {tps_fp:.1f} tok/s",
                   flush=True)

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from .models.recipes import RECIPES, recipe
+
 METHOD_CHOICES = ("rtn", "gptq", "gptaq", "snrq", "ksnrq", "adaround", "oac", "yaqa")
 
 
@@ -26,12 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model layer by layer and save a GPTQ v1 checkpoint")
     q.add_argument("--model", default="default", help="a local transformers model dir, or 'default' (SmolLM2-135M)")
     q.add_argument("--method", default="gptq", choices=METHOD_CHOICES)
+    q.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="a named method + options (quantkern.models.recipes; overrides --method), e.g. yaqa-guard: "
+                        "the best 2-bit result on SmolLM2")
     q.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     q.add_argument("--group-size", type=int, default=128, help="-1 = one group per output row")
     q.add_argument("--alpha", type=float, default=None, help="GPTAQ/SNRQ alpha (default 0.25)")
     q.add_argument("--alpha-mode", choices=("fixed", "sample", "optimize"), default=None,
                    help="SNRQ alpha: fixed (--alpha), sampled per sequence (SNRQ-S) or closed-form optimum")
     q.add_argument("--k", type=int, default=None, help="K-SNRQ beam width (K=1 is SNRQ; ksnrq defaults to 4)")
+    q.add_argument("--option", type=method_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other keyword of the method (repeatable; VALUE parsed as JSON, else a string), e.g. "
+                        "--method yaqa --option grid_from=snrq --option grid=guard (docs/methods_beyond_proxy.md)")
     q.add_argument("--nsamples", type=int, default=32)
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
@@ -97,11 +105,28 @@ def lm_head_arg(text: str):
     return bits
 
 
+def method_option(text: str) -> tuple[str, object]:
+    """--option KEY=VALUE: (key, value), value parsed as JSON (numbers, true/false, null) else kept a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a keyword name, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
 def spec_from_args(args):
     from .spec import QuantSpec
 
     return QuantSpec(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order,
                      static_groups=args.static_groups, damp=args.damp)
+
+
+def method_from_args(args) -> tuple[str, dict]:
+    """(driver method, its kwargs): the --recipe's (if any), then --alpha/--alpha-mode/--k/--option on top."""
+    method, kw = recipe(args.recipe) if getattr(args, "recipe", None) else (args.method, {})
+    return method, {**kw, **method_kwargs_from_args(args)}
 
 
 def method_kwargs_from_args(args) -> dict:
@@ -112,6 +137,10 @@ def method_kwargs_from_args(args) -> dict:
         kw["alpha_mode"] = args.alpha_mode
     if args.k is not None:
         kw["K"] = args.k
+    for key, value in args.option:
+        if key in kw:
+            raise SystemExit(f"quantkern: --option {key}= repeats a setting already given ({key}={kw[key]!r})")
+        kw[key] = value
     return kw
 
 
@@ -137,18 +166,20 @@ def load_any(name):
 
 def cmd_quantize(args) -> int:
     from .models import quantize_model, save_quantized
+    from .models.driver import make_method
     from .models.zoo import load_fp
 
     spec = spec_from_args(args)
+    method, method_kwargs = method_from_args(args)
+    make_method(method, spec, seed=args.seed, **method_kwargs)  # bad options fail here, before the model loads
     model, tok = load_fp(args.model)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f".{out.name}.quant_log.jsonl"
     log.unlink(missing_ok=True)
-    _, report = quantize_model(model, tok, spec, method=args.method, calib=args.calib or "shakespeare",
+    _, report = quantize_model(model, tok, spec, method=method, calib=args.calib or "shakespeare",
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
-                               log_path=log, progress=not args.quiet, lm_head=args.lm_head,
-                               **method_kwargs_from_args(args))
+                               log_path=log, progress=not args.quiet, lm_head=args.lm_head, **method_kwargs)
     save_quantized(model, out, tokenizer=tok, log_path=log)
     log.unlink(missing_ok=True)
     print(f"saved {out}  ({len(report.modules)} linears, {report.total_s:.0f} s: forward {report.forward_s:.0f} s, "
@@ -293,10 +324,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .calibration.data import MissingDataError
     from .models.checkpoint import CheckpointError
+    from .solvers.registry import MethodOptionError
 
     try:
         return COMMANDS[args.command](args)
-    except (MissingDataError, CheckpointError, FileNotFoundError) as e:
+    except (MissingDataError, CheckpointError, FileNotFoundError, MethodOptionError) as e:
         print(f"quantkern {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -51,13 +51,15 @@ def search_params(w: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | 
                   shrinks=SHRINKS) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped scale per row of w [rows, k]: among min/max scales times each factor in `shrinks`
     (range shrunk or widened about its zero point), the one with the least weighted squared rounding
-    error sum_j weight_j (w_j - deq(q(w_j)))^2 (weight [k], e.g. diag(H); default 1). At 2 bits the
+    error sum_j weight_j (w_j - deq(q(w_j)))^2 (weight [k] or [rows, k], e.g. diag(H); default 1). At 2 bits the
     min/max grid wastes levels on one outlier; this is GPTQ's `mse` quantizer option with a wider
     search. Returns (scale, zero) like find_params, scales fp16-representable."""
     maxq = (1 << bits) - 1
     w = w.float()
     rows, k = w.shape
-    wt = torch.ones(k, device=w.device) if weight is None else weight.float().reshape(k).to(w.device)
+    wt = torch.ones(k, device=w.device) if weight is None else weight.float().to(w.device)
+    if wt.shape not in ((k,), (rows, k)):
+        raise ValueError(f"search_params: weight must be [{k}] or [{rows}, {k}], got {tuple(wt.shape)}")
     best_s, best_z = find_params(w, bits, sym)
     best_err = torch.full((rows,), float("inf"), device=w.device)
     zero_t = torch.zeros(rows, device=w.device)
@@ -103,7 +105,18 @@ def group_params(w: torch.Tensor, spec: QuantSpec, g_idx: torch.Tensor | None = 
     G = int(g_idx.max().item()) + 1 if n else 0
     scales = torch.empty(G, m, device=w.device)
     zeros = torch.empty(G, m, device=w.device)
-    for g in range(G):
+    gs = spec.group_size
+    start = 0
+    if kind == "mse" and gs > 0 and n >= gs and torch.equal(g_idx.long(), torch.arange(n, device=w.device) // gs):
+        # contiguous equal groups: one batched search over all full groups (thousands of tiny ops
+        # per group otherwise, slow on a busy CPU)
+        Gf = n // gs
+        wf = w[:, : Gf * gs].reshape(m, Gf, gs).transpose(0, 1).reshape(Gf * m, gs)
+        wt = None if weight is None else weight[: Gf * gs].reshape(Gf, 1, gs).expand(Gf, m, gs).reshape(Gf * m, gs)
+        s, z = search_params(wf, spec.bits, spec.sym, wt)
+        scales[:Gf], zeros[:Gf] = s.view(Gf, m), z.view(Gf, m)
+        start = Gf
+    for g in range(start, G):
         cols = (g_idx == g).nonzero().flatten()
         if kind == "mse":
             scales[g], zeros[g] = search_params(w[:, cols], spec.bits, spec.sym, None if weight is None else weight[cols])

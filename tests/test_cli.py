@@ -22,6 +22,25 @@ def test_quantize_arguments():
     assert cli.method_kwargs_from_args(a) == {"alpha": 0.5, "K": 4}
 
 
+def test_method_options():
+    parse = cli.build_parser().parse_args
+    a = parse("quantize --method yaqa --option grid_from=snrq --option grid=guard --option out_damp=1.0 "
+              "--option out_order=true --option grad_nsamples=null --output o".split())
+    assert cli.method_kwargs_from_args(a) == {"grid_from": "snrq", "grid": "guard", "out_damp": 1.0,
+                                             "out_order": True, "grad_nsamples": None}
+    for bad in ("grid", "=3", "not-a-name=1"):
+        with pytest.raises(SystemExit):
+            parse(["quantize", "--option", bad, "--output", "o"])
+    r = parse("quantize --recipe yaqa-guard --option out_damp=2 --output o".split())
+    method, kw = cli.method_from_args(r)
+    assert method == "yaqa" and kw["grid"] == "guard" and kw["grid_from"] == "snrq" and kw["out_damp"] == 2
+    assert cli.method_from_args(parse("quantize --method snrq --k 2 --output o".split())) == ("snrq", {"K": 2})
+    with pytest.raises(SystemExit):
+        parse("quantize --recipe nope --output o".split())
+    with pytest.raises(SystemExit, match="alpha"):
+        cli.method_kwargs_from_args(parse("quantize --alpha 0.5 --option alpha=0.3 --output o".split()))
+
+
 def test_defaults_and_errors(capsys):
     a = cli.build_parser().parse_args(["quantize", "--output", "o"])
     assert (a.model, a.method, a.bits, a.group_size, a.asym, a.act_order) == ("default", "gptq", 4, 128, False, False)
@@ -74,3 +93,31 @@ def test_quantize_inspect_eval_generate(tmp_path, capsys):
     o = capsys.readouterr().out
     assert "perplexity" in o and "256" not in o.split("over")[0]
     assert cli.main(["generate", "--model", str(out), "--prompt", "Line 1", "--max-new-tokens", "5", "--raw"]) == 0
+
+
+def test_quantize_with_a_recipe(tmp_path):
+    """--recipe yaqa-guard reaches the driver as yaqa with the recipe's options (saved in the checkpoint's meta)."""
+    src = tiny_model_dir(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(TEXT)
+    out = tmp_path / "q"
+    rc = cli.main(["quantize", "--model", str(src), "--recipe", "yaqa-guard", "--bits", "2", "--group-size", "32",
+                   "--nsamples", "4", "--seqlen", "32", "--calib", str(tmp_path / "calib.txt"), "--output", str(out),
+                   "--quiet"])
+    assert rc == 0
+    meta = json.loads((out / "quantize_config.json").read_text())["meta"]
+    opts = meta["method_options"]
+    assert meta["method"] == "yaqa" and opts["grid"] == "guard" and opts["grid_from"] == "snrq"
+    rows = [json.loads(line) for line in (out / "quant_log.jsonl").read_text().splitlines()]
+    body = [r for r in rows if r["module"] != "lm_head"]  # the head: 8-bit RTN by default, no grid choice
+    assert len(body) == 14 and all(r["grid"] in ("minmax", "dynamic", "union", "mse") for r in body)
+
+
+def test_unknown_method_option_fails_before_calibration(tmp_path, capsys):
+    """A misspelt --option names the method's real options and fails before any model work (no output)."""
+    out = tmp_path / "q"
+    for extra, bad in ((["--recipe", "yaqa-guard", "--option", "gird=mse"], "gird"),
+                       (["--method", "snrq", "--option", "frobnicate=1"], "frobnicate"),
+                       (["--method", "rtn", "--option", "grid=guard"], "grid")):
+        rc = cli.main(["quantize", "--model", str(tmp_path / "no-such-model"), *extra, "--output", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"no option(s) ['{bad}']" in err and not out.exists()

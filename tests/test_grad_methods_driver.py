@@ -89,6 +89,11 @@ def test_bad_options():
         driver.make_method("yaqa", SPEC, fisher="nope")
     with pytest.raises(ValueError, match="grad_kind"):
         driver.make_method("oac", SPEC, grad_kind="yaqa")
+    # keywords neither the plug-in nor the solver takes fail at construction, naming the solver's options
+    for name, kw in (("yaqa", {"gird": "mse"}), ("snrq", {"Kk": 2}), ("gptq", {"alpha": 0.3}), ("rtn", {"K": 2})):
+        with pytest.raises(ValueError, match=rf"has no option\(s\) \['{next(iter(kw))}'\]"):
+            driver.make_method(name, SPEC, **kw)
+    driver.make_method("yaqa", SPEC, grid_from="snrq", grid="guard", labels="data", out_damp=1.0)  # all known
     m = driver.make_method("oac", SPEC)
     with pytest.raises(RuntimeError, match="no gradient statistics"):
         m.solve("x", torch.randn(4, 8), None)

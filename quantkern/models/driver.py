@@ -33,6 +33,7 @@ from ..spec import QuantSpec
 from ..calibration.stats import AsymAccumulator, HessianAccumulator
 from ..nn import QuantLinear
 from ..solvers import solve
+from ..solvers.registry import METHODS as SOLVER_METHODS, check_options
 from .arch import find_blocks, linear_groups
 
 
@@ -144,7 +145,10 @@ def register_method(name: str, cls: type[Method]) -> None:
 
 def make_method(name: str, spec: QuantSpec, seed: int = 0, **kwargs) -> Method:
     # unknown names still go to quantkern.solve with H: solvers registered there work without a driver entry
-    return METHODS.get(name, Method)(name, spec, seed=seed, **kwargs)
+    plugin = METHODS.get(name, Method)(name, spec, seed=seed, **kwargs)
+    if (plugin.solver_method or name) in SOLVER_METHODS:  # (a plug-in may solve its own way under its own name)
+        check_options(plugin.solver_method or name, plugin.kwargs)
+    return plugin
 
 
 # ----------------------------------------------------------------------------------- report
@@ -331,6 +335,8 @@ class _Run:
                "loss": float(res.loss), "damp": float(res.log.get("damp", float("nan"))),
                "retries": int(res.log.get("retries", 0) or 0), "fallback": res.log.get("fallback"),
                "time_s": round(dt, 4)}
+        if "grid_losses" in res.log:  # grid="select": every candidate's objective and the one kept
+            row["grid"], row["grid_losses"] = res.log["grid"], res.log["grid_losses"]
         self.report.modules.append(row)
         if self.log:
             self.log.write(json.dumps(row) + "\n")
@@ -339,7 +345,8 @@ class _Run:
             loss = f"{row['loss']:>10.4g}" if row["loss"] == row["loss"] else f"{'-':>10}"  # RTN: no H, no loss
             damp = f"{row['damp']:.3g}" if row["damp"] == row["damp"] else "-"
             tqdm.write(f"  layer {'-' if li is None else li:>3}  {name:<18} loss {loss}  damp {damp}"
-                       f"{'  FALLBACK ' + str(row['fallback']) if row['fallback'] else ''}  {dt:6.2f}s")
+                       f"{'  FALLBACK ' + str(row['fallback']) if row['fallback'] else ''}  {dt:6.2f}s"
+                       f"{'  grid ' + row['grid'] if 'grid' in row else ''}")
         return res
 
     def close(self):

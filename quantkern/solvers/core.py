@@ -79,10 +79,10 @@ class Prepared:
         return grid.group_params(T, self.spec, self.processing_groups(), kind=kind, weight=weight)
 
 
-def run_block_solve(target, U, P, gidx_p, scales, zeros, spec, dynamic, log, backend=None):
+def run_block_solve(target, U, P, gidx_p, scales, zeros, spec, dynamic, log, backend=None, blocksize=BLOCKSIZE):
     t0 = time.perf_counter()
     codes, scales, zeros, loss = solver_ops.gptq_block_solve(
-        target, U, P, gidx_p.to(torch.int32), scales, zeros, spec.bits, spec.sym, dynamic, BLOCKSIZE, backend=backend
+        target, U, P, gidx_p.to(torch.int32), scales, zeros, spec.bits, spec.sym, dynamic, blocksize, backend=backend
     )
     log["kernel_time_s"] = log.get("kernel_time_s", 0.0) + time.perf_counter() - t0
     return codes, scales, zeros, loss

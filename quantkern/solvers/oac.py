@@ -98,10 +98,13 @@ def _solve_row_blocks(W, H, F, spec, log, core, h_mix, D, alpha, core_params):
         params["perm"] = torch.argsort(torch.diagonal(Hm), descending=True, stable=True)
     elif spec.act_order:
         raise ValueError("oac: row blocks with core='gptq' need act_order=False (one g_idx for all blocks)")
-    parts = []
+    parts, logs = [], []
     for j, (r0, r1) in enumerate(row_chunks(m, k)):
-        sub_log = log if j == 0 else {}
-        parts.append(_solve(W[r0:r1], blend(H, F[j], h_mix), spec, sub_log, core, h_mix, D, alpha, params))
+        logs.append(log if j == 0 else {})
+        parts.append(_solve(W[r0:r1], blend(H, F[j], h_mix), spec, logs[-1], core, h_mix, D, alpha, params))
+    if "grid" in log:  # grid select/guard: each row block chose its own grid; report all of them
+        log["grid"] = "/".join(lg["grid"] for lg in logs)
+        log["grid_losses"] = {g: sum(lg["grid_losses"][g] for lg in logs) for g in logs[0]["grid_losses"]}
     g_idx = parts[0].g_idx
     if any(not torch.equal(p.g_idx, g_idx) for p in parts):
         raise RuntimeError("oac: row blocks ended with different g_idx")  # cannot happen with a shared order

@@ -7,6 +7,7 @@ arguments must raise TypeError (so typos in solve(...) are caught). Other helper
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 METHODS: dict[str, Callable] = {}
@@ -26,3 +27,20 @@ def get_method(name: str) -> Callable:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
     return METHODS[name]
+
+
+class MethodOptionError(ValueError):
+    """A keyword the method does not take."""
+
+
+def check_options(name: str, params: dict) -> None:
+    """Raise ValueError naming any key of params that method `name` does not take (checked up front, so
+    a typo fails before calibration rather than at the first layer). Methods that forward **params to
+    another solver are checked when they run."""
+    sig = inspect.signature(get_method(name)).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in sig.values()):
+        return
+    options = [k for k in sig if k not in ("W", "H", "spec", "log")]
+    unknown = sorted(set(params) - set(options))
+    if unknown:
+        raise MethodOptionError(f"method {name!r} has no option(s) {unknown}; its options: {options}")

@@ -33,24 +33,26 @@ from .gptaq import check_alpha, check_D
 from .hessian import HessianError, blend, check_hessian, inverse_cholesky, mask_dead
 from .kron_ldlq import kron_ldlq, objective, unit_upper_factor
 from .registry import get_method, register_method
-from .snrq import permuted_mismatch_product, shifted_target
+from .snrq import GRIDS as SNRQ_GRIDS, SELECT_CANDIDATES, SELECT_RULES, _decode, candidate_grids, choose_grid, \
+    permuted_mismatch_product, shifted_target
 
 
-def output_factor(H_out: torch.Tensor, damp: float, log: dict) -> torch.Tensor:
-    """B (unit upper, [m, m]) of the damped output Hessian; identity (logged) if it has no signal."""
+def output_factor(H_out: torch.Tensor, damp: float, log: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B unit upper [m, m], H_O damped) of the output Hessian; identity (logged) if it has no signal."""
     m = H_out.shape[0]
     Hm, dead = mask_dead(H_out)
     olog: dict = {}
     try:
-        U, _, _ = inverse_cholesky(Hm, damp, log=olog)
+        U, Hd, _ = inverse_cholesky(Hm, damp, log=olog)
     except HessianError as exc:
         log["out_fallback"] = f"identity ({exc})"
-        return torch.eye(m, device=H_out.device)
+        eye = torch.eye(m, device=H_out.device)
+        return eye, eye
     log["out_damp"] = olog.get("damp")
     log["out_retries"] = olog.get("retries")
     log["out_fallback"] = olog.get("fallback")
     log["out_dead_rows"] = int(dead.sum())
-    return unit_upper_factor(U)
+    return unit_upper_factor(U), Hd
 
 
 GRIDS = ("gptq", "rtn", "snrq")
@@ -70,8 +72,8 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
         raise ValueError(f"yaqa: grid_from must be one of {GRIDS}, got {grid_from!r}")
     if grid_from != "snrq" and (D is not None or alpha != 0.25 or grid != "minmax"):
         raise ValueError("yaqa: D / alpha / grid belong to grid_from='snrq'")
-    if grid not in gridmath.GRID_KINDS:
-        raise ValueError(f"yaqa: grid must be one of {gridmath.GRID_KINDS}, got {grid!r}")
+    if grid not in SNRQ_GRIDS:
+        raise ValueError(f"yaqa: grid must be one of {SNRQ_GRIDS}, got {grid!r}")
     if out_damp is not None and not (float(out_damp) >= 0):
         raise ValueError(f"yaqa: out_damp must be >= 0, got {out_damp!r}")
     if H_fisher is not None:
@@ -87,8 +89,15 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
         if float(h_mix) != 0.0:
             Dm = (1.0 - float(h_mix)) * Dm
         a = check_alpha(alpha)
-        target, gidx_p, scales, zeros = shifted_target(prep, permuted_mismatch_product(prep, check_D(Dm, n)), a, grid)
-        g_idx = prep.export_g_idx(gidx_p)
+        target, gidx_p, _, _ = shifted_target(prep, permuted_mismatch_product(prep, check_D(Dm, n)), a, None)
+        kinds = SELECT_CANDIDATES if grid in SELECT_RULES else (grid,)
+        cands = candidate_grids(prep, target, gidx_p, kinds, log, backend)
+        if grid == "guard":  # screen with SNRQ's greedy objective (cheap); round twice only on a cliff
+            screen = {k: float(_decode(prep, target, gidx_p, sc, zr, gr, 1, 0, {}, backend)[1].sum())
+                      for k, (sc, zr, gr) in cands.items()}
+            log["grid_screen"] = screen
+            cands = {k: cands[k] for k in dict.fromkeys(("minmax", choose_grid(screen, "guard")))}
+        grids = {k: v[:2] for k, v in cands.items()}
     else:
         if grid_from == "gptq":
             base = get_method("gptq")(W, H, spec, {}, backend=backend)
@@ -97,19 +106,33 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
         else:
             _, scales, zeros, g_idx = gridmath.rtn(W, spec)
         gidx_p = g_idx if prep.perm is None else g_idx[prep.perm]
+        grids = {grid_from: (scales, zeros)}
     gi = gidx_p.long()
-    S = scales[gi].t().contiguous()
-    Z = zeros[gi].t().contiguous()
     A = unit_upper_factor(prep.U)
     Ho = H_out.float()
     rperm = torch.argsort(torch.diagonal(Ho), descending=True, stable=True) if out_order else None
+    Tr = target
     if rperm is not None:  # rows with the most output curvature decided first (act-order for rows)
-        Ho, target, S, Z = Ho[rperm][:, rperm], target[rperm], S[rperm], Z[rperm]
-    B = output_factor(Ho, spec.damp if out_damp is None else float(out_damp), log)
-    codes_p = kron_ldlq(target, A, B, S, Z, spec.maxq, tile=tile)
+        Ho, Tr = Ho[rperm][:, rperm], target[rperm]
+    B, Hod = output_factor(Ho, spec.damp if out_damp is None else float(out_damp), log)
+    rule = grid if grid_from == "snrq" and grid in SELECT_RULES else None
+    losses, solved = {}, {}
+    for kind, (scales, zeros) in grids.items():
+        S = scales[gi].t().contiguous()
+        Z = zeros[gi].t().contiguous()
+        if rperm is not None:
+            S, Z = S[rperm], Z[rperm]
+        codes_r = kron_ldlq(Tr, A, B, S, Z, spec.maxq, tile=tile)
+        solved[kind] = (codes_r, scales, zeros)
+        if rule:  # the objective the rounding minimises (damped factors), in its own order
+            losses[kind] = objective(Tr - gridmath.dequantize(codes_r, S, Z), prep.Hd, Hod)
+    kind = choose_grid(losses, rule) if rule else next(iter(grids))
+    codes_p, scales, zeros = solved[kind]
+    if rule:
+        log["grid_losses"], log["grid"] = losses, kind
     if rperm is not None:
-        inv = torch.argsort(rperm)
-        codes_p, target = codes_p[inv], target[inv]
+        codes_p = codes_p[torch.argsort(rperm)]
+    g_idx = prep.export_g_idx(gidx_p)
     codes = prep.unpermute_cols(codes_p).to(torch.uint8)
     deq = gridmath.dequantize_groups(codes, scales, zeros, g_idx)
     Hd = prep.Hd if prep.perm is None else prep.Hd[prep.invperm][:, prep.invperm]
@@ -122,5 +145,7 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
               "out_damp": out_damp, "out_order": bool(out_order)}
     if grid_from == "snrq":
         params.update(alpha=alpha, grid_kind=grid)
+        if rule:
+            params["grid_chosen"] = kind
     return SolveResult(codes, scales.float().contiguous(), zeros.float().contiguous(), g_idx.to(torch.int32), deq,
                        loss, log, spec, "yaqa", params, prep.perm)
