@@ -18,6 +18,7 @@ CASES = [  # m, n, group_size, blocksize, bits, sym
     (17, 129, 128, 128, 4, True),  # ragged last block and group
     (64, 96, 20, 128, 2, True),
     (9, 41, 7, 16, 8, False),
+    (130, 75, 16, 32, 4, False),   # full 64-row tiles + a ragged one; a last block of 11 columns (8 + 3)
 ]
 
 

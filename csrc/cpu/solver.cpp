@@ -89,53 +89,50 @@ static inline __attribute__((always_inline)) void update_avx2(float* w1, const f
   }
 }
 
-// lo/hi (kRT floats, already holding column i) = min/max with the tile columns j in [jb, je) of
-// base (column j at base + j * ld). min_ps(x, lo) = x < lo ? x : lo and max_ps(x, hi) =
-// x > hi ? x : hi are exactly std::min(lo, x) / std::max(hi, x) (NaN and signed zeros included).
-__attribute__((target("avx512f"))) static void minmax_avx512(const float* base, int64_t ld, int64_t jb, int64_t je,
-                                                          float* lo, float* hi) {
-  constexpr int V = kRT / 16;
-  __m512 l[V], h[V];
-  for (int k = 0; k < V; ++k) {
-    l[k] = _mm512_loadu_ps(lo + 16 * k);
-    h[k] = _mm512_loadu_ps(hi + 16 * k);
+// *lo / *hi = min / max of row[0 .. len) (len >= 1), for a group's parameters. The order of the
+// comparisons is free: grid_params only looks at min(lo, 0) and max(hi, 0).
+__attribute__((target("avx512f"))) static void minmax_row_avx512(const float* row, int64_t len, float* lo,
+                                                              float* hi) {
+  const __m512 first = _mm512_set1_ps(row[0]);
+  __m512 l = first, h = first;
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    const __m512 x = _mm512_loadu_ps(row + j);
+    l = _mm512_min_ps(x, l);
+    h = _mm512_max_ps(x, h);
   }
-  for (int64_t j = jb; j < je; ++j) {
-    const float* x = base + j * ld;
-    for (int k = 0; k < V; ++k) {
-      const __m512 xv = _mm512_loadu_ps(x + 16 * k);
-      l[k] = _mm512_min_ps(xv, l[k]);
-      h[k] = _mm512_max_ps(xv, h[k]);
-    }
+  if (j < len) {
+    const __m512 x = _mm512_mask_loadu_ps(first, static_cast<__mmask16>((1u << (len - j)) - 1u), row + j);
+    l = _mm512_min_ps(x, l);
+    h = _mm512_max_ps(x, h);
   }
-  for (int k = 0; k < V; ++k) {
-    _mm512_storeu_ps(lo + 16 * k, l[k]);
-    _mm512_storeu_ps(hi + 16 * k, h[k]);
-  }
+  *lo = _mm512_reduce_min_ps(l);
+  *hi = _mm512_reduce_max_ps(h);
 }
 
-static inline __attribute__((always_inline)) void minmax_avx2(const float* base, int64_t ld, int64_t jb, int64_t je,
-                                                              float* lo, float* hi) {
-  constexpr int V = kRT / 8;
-  __m256 l[V], h[V];
-  for (int k = 0; k < V; ++k) {
-    l[k] = _mm256_loadu_ps(lo + 8 * k);
-    h[k] = _mm256_loadu_ps(hi + 8 * k);
+static inline void minmax_row_avx2(const float* row, int64_t len, float* lo, float* hi) {
+  __m256 l = _mm256_set1_ps(row[0]), h = l;
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256 x = _mm256_loadu_ps(row + j);
+    l = _mm256_min_ps(x, l);
+    h = _mm256_max_ps(x, h);
   }
-  for (int64_t j = jb; j < je; ++j) {
-    const float* x = base + j * ld;
-    for (int k = 0; k < V; ++k) {
-      const __m256 xv = _mm256_loadu_ps(x + 8 * k);
-      l[k] = _mm256_min_ps(xv, l[k]);
-      h[k] = _mm256_max_ps(xv, h[k]);
-    }
+  alignas(32) float lv[8], hv[8];
+  _mm256_store_ps(lv, l);
+  _mm256_store_ps(hv, h);
+  float a = lv[0], b = hv[0];
+  for (int k = 1; k < 8; ++k) {
+    a = std::min(a, lv[k]);
+    b = std::max(b, hv[k]);
   }
-  for (int k = 0; k < V; ++k) {
-    _mm256_storeu_ps(lo + 8 * k, l[k]);
-    _mm256_storeu_ps(hi + 8 * k, h[k]);
+  for (; j < len; ++j) {
+    a = std::min(a, row[j]);
+    b = std::max(b, row[j]);
   }
+  *lo = a;
+  *hi = b;
 }
-
 
 constexpr int kSB = 16;  // columns per sub-block of the two-level in-block update
 
@@ -232,22 +229,64 @@ static inline __attribute__((always_inline)) void lazy_avx2(float* cols, const f
   }
 }
 
-// Everything one row tile needs for one block. The chunk's working copy is TRANSPOSED, wt [n, ld]
-// (ld = rows of the chunk), so a tile column is kRT contiguous floats; errors/q go to errT/qT
-// [B, ld] and codes to codesT [n, ld] (transposed back once per chunk).
+// 8x8 float transpose: dst[c * ldd + r] = src[r * lds + c] for r, c < 8 (AVX2, used by both ISAs:
+// the tile loads are a small part of the block's work).
+static inline __attribute__((always_inline)) void transpose8x8(const float* src, int64_t lds, float* dst,
+                                                               int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + k * lds);
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+    r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+    r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_ps(dst + k * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+    _mm256_storeu_ps(dst + (k + 4) * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+  }
+}
+
+// 8x8 byte transpose for the codes: dst[c * ldd + r] = src[r * lds + c] for r, c < 8 (SSE2 unpacks).
+static inline __attribute__((always_inline)) void transpose8x8_bytes(const uint8_t* src, int64_t lds, uint8_t* dst,
+                                                                     int64_t ldd) {
+  __m128i a[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k * lds));
+  const __m128i t0 = _mm_unpacklo_epi8(a[0], a[1]), t1 = _mm_unpacklo_epi8(a[2], a[3]);
+  const __m128i t2 = _mm_unpacklo_epi8(a[4], a[5]), t3 = _mm_unpacklo_epi8(a[6], a[7]);
+  const __m128i u0 = _mm_unpacklo_epi16(t0, t1), u1 = _mm_unpackhi_epi16(t0, t1);
+  const __m128i u2 = _mm_unpacklo_epi16(t2, t3), u3 = _mm_unpackhi_epi16(t2, t3);
+  const __m128i v[4] = {_mm_unpacklo_epi32(u0, u2), _mm_unpackhi_epi32(u0, u2), _mm_unpacklo_epi32(u1, u3),
+                        _mm_unpackhi_epi32(u1, u3)};
+  for (int k = 0; k < 4; ++k) {  // v[k] holds output rows 2k and 2k + 1
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (2 * k) * ldd), v[k]);
+    _mm_storeh_pd(reinterpret_cast<double*>(dst + (2 * k + 1) * ldd), _mm_castsi128_pd(v[k]));
+  }
+}
+
+// Everything one row tile needs for one block. The chunk's working copy stays ROW-MAJOR ([mc, n],
+// row stride n) so neither W nor the codes are ever transposed as a whole: each tile transposes
+// its kRT x B slice into the block buffer ([column][row], kRT floats per column) on load, and its
+// codes back on store, in 8x8 register transposes. Errors / q go to errT / qT [B, mc] for the tail
+// GEMM (which takes errT transposed).
 struct TileArgs {
-  const float* wt;
+  const float* src;     // block-start values of the chunk's rows (W for the first block, then Wc), stride n
   const float* u;
   const float* p;
   float* sc;
   float* zr;
-  uint8_t* codesT;
+  uint8_t* codes;       // the chunk's rows of the row-major codes, stride n
   double* ls;
   float* errT;
   float* qT;
+  uint8_t* cbuf;        // the tile's codes of the block, [column][row] like the block buffer
   const int32_t* g;
   const int32_t* run_end;
-  int64_t n, m, ld, c0;
+  int64_t n, m, mc, c0;
   int bits;
   bool sym, dynamic_groups;
   float maxq;
@@ -257,19 +296,15 @@ struct TileArgs {
 template <bool HasP, bool Avx512>
 static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, int64_t r0, int64_t nr, int64_t i1,
                                                              int64_t i2, vrow* w1v) {
-  const int64_t n = a.n, m = a.m, ld = a.ld, nb = i2 - i1, rl0 = r0 - a.c0;
-  (void)n;
+  const int64_t n = a.n, m = a.m, mc = a.mc, nb = i2 - i1, rl0 = r0 - a.c0;
   float* w1 = reinterpret_cast<float*>(w1v);
+  const float* tsrc = a.src + rl0 * n;  // the tile's first row
   alignas(64) float w[kRT], s[kRT], z[kRT], c[kRT], q[kRT], e[kRT];
-  for (int64_t j = 0; j < nb; ++j) {
-    const float* src = a.wt + (i1 + j) * ld + rl0;
-    float* dst = w1 + j * kRT;
-    if (nr == kRT) {
-      for (int r = 0; r < kRT; ++r) dst[r] = src[r];
-    } else {
-      for (int r = 0; r < kRT; ++r) dst[r] = r < nr ? src[r] : 0.f;
-    }
-  }
+  const int64_t nb8 = nr == kRT ? nb & ~int64_t{7} : 0;  // columns loaded/stored by 8x8 transposes
+  for (int64_t j = 0; j < nb8; j += 8)
+    for (int r = 0; r < kRT; r += 8) transpose8x8(tsrc + r * n + i1 + j, n, w1 + j * kRT + r, kRT);
+  for (int64_t j = nb8; j < nb; ++j)
+    for (int r = 0; r < kRT; ++r) w1[j * kRT + r] = r < nr ? tsrc[r * n + i1 + j] : 0.f;
   double lsum[kRT] = {};
   for (int r = 0; r < nr; ++r) lsum[r] = a.ls[r0 + r];
   // Two-level lazy update: columns are decided in sub-blocks of kSB; inside a sub-block the
@@ -278,53 +313,83 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
   // receives its updates one at a time in ascending i with the reference's two roundings, so the
   // result is bit-identical to the plain rank-1 order.
   alignas(64) float ev[kSB * kRT], wv[kSB * kRT];
+  int32_t gcur = -1;
+  // Software prefetch, spread over the block's columns: the next tile's block of W (its rows are n
+  // floats apart, which the hardware prefetcher follows poorly) and this tile's codes lines (stored
+  // at the end), row by row, lpr lines per row.
+  const int64_t lpr_w = (nb * 4 + 63) / 64, lpr_c = (nb + 63) / 64;
+  const int64_t nr_next = std::min<int64_t>(kRT, mc - rl0 - kRT);  // <= 0: last tile of the chunk
+  const int64_t nl_w = nr_next > 0 ? nr_next * lpr_w : 0, nl_c = nr * lpr_c;
+  const int64_t step_w = (nl_w + nb - 1) / nb, step_c = (nl_c + nb - 1) / nb;
+  const char* pf_w = reinterpret_cast<const char*>(tsrc + kRT * n + i1);
+  char* pf_c = reinterpret_cast<char*>(a.codes + rl0 * n + i1);
+  int64_t kw = 0, kc = 0, lw = 0, lc = 0;  // lines issued; line within the current row
   for (int64_t sb = i1; sb < i2; sb += kSB) {
     const int64_t se = std::min(sb + kSB, i2);
     for (int64_t i = sb; i < se; ++i) {
+      for (int64_t t = 0; t < step_w && kw < nl_w; ++t, ++kw) {  // (counters, not kw / lpr: no divisions)
+        __builtin_prefetch(pf_w + lw * 64, 0, 2);
+        if (++lw == lpr_w) {
+          lw = 0;
+          pf_w += n * 4;
+        }
+      }
+      for (int64_t t = 0; t < step_c && kc < nl_c; ++t, ++kc) {
+        __builtin_prefetch(pf_c + lc * 64, 1, 3);
+        if (++lc == lpr_c) {
+          lc = 0;
+          pf_c += n;
+        }
+      }
       const int32_t g = a.g[i];
-      if (a.dynamic_groups && a.run_end[i] >= 0) {  // block-start values (wt), see solver.h
-        const int64_t e_end = a.run_end[i];
-        alignas(64) float lo[kRT], hi[kRT];
-        const float* row = a.wt + i * ld + rl0;
-        for (int r = 0; r < kRT; ++r) lo[r] = hi[r] = r < nr ? row[r] : 0.f;
-        if (nr == kRT) {  // whole tile columns as vectors (GCC leaves the std::min/max loop scalar)
+      if (a.dynamic_groups && a.run_end[i] >= 0) {  // block-start values (src), see solver.h
+        const int64_t len = a.run_end[i] - i;
+        for (int r = 0; r < nr; ++r) {
+          const float* row = tsrc + r * n + i;
+          float lo, hi;
           if constexpr (Avx512) {
-            minmax_avx512(a.wt + rl0, ld, i + 1, e_end, lo, hi);
+            minmax_row_avx512(row, len, &lo, &hi);
           } else {
-            minmax_avx2(a.wt + rl0, ld, i + 1, e_end, lo, hi);
+            minmax_row_avx2(row, len, &lo, &hi);
+          }
+          qk::grid_params(lo, hi, a.bits, a.sym, &a.sc[g * m + r0 + r], &a.zr[g * m + r0 + r]);
+        }
+      }
+      if (g != gcur) {  // a new group: its params for the tile's rows
+        gcur = g;
+        const float* sg = a.sc + g * m + r0;
+        const float* zg = a.zr + g * m + r0;
+        if (nr == kRT) {
+          for (int r = 0; r < kRT; ++r) {
+            s[r] = sg[r];
+            z[r] = zg[r];
           }
         } else {
-          for (int64_t j = i + 1; j < e_end; ++j) {
-            row = a.wt + j * ld + rl0;
-            for (int r = 0; r < nr; ++r) {
-              lo[r] = std::min(lo[r], row[r]);
-              hi[r] = std::max(hi[r], row[r]);
-            }
+          for (int r = 0; r < kRT; ++r) {
+            s[r] = r < nr ? sg[r] : 1.f;
+            z[r] = r < nr ? zg[r] : 0.f;
           }
         }
-        for (int r = 0; r < nr; ++r) qk::grid_params(lo[r], hi[r], a.bits, a.sym, &a.sc[g * m + r0 + r], &a.zr[g * m + r0 + r]);
-      }
-      for (int r = 0; r < kRT; ++r) {
-        s[r] = r < nr ? a.sc[g * m + r0 + r] : 1.f;
-        z[r] = r < nr ? a.zr[g * m + r0 + r] : 0.f;
       }
       const float d = a.u[i * a.n + i];
       const float* col = &w1[(i - i1) * kRT];
+      uint8_t* cb = a.cbuf + (i - i1) * kRT;
       for (int r = 0; r < kRT; ++r) {
         w[r] = col[r];
         c[r] = qk::quant_code(w[r], s[r], z[r], a.maxq);
         q[r] = qk::dequant(c[r], s[r], z[r]);
         e[r] = (w[r] - q[r]) / d;
+        cb[r] = static_cast<uint8_t>(c[r]);  // integer-valued, in [0, maxq]
       }
       for (int r = 0; r < kRT; ++r) lsum[r] += static_cast<double>(e[r]) * static_cast<double>(e[r]);
-      uint8_t* cdst = a.codesT + i * ld + rl0;
-      float* edst = a.errT + (i - i1) * ld + rl0;
-      for (int r = 0; r < nr; ++r) {
-        cdst[r] = static_cast<uint8_t>(c[r]);
-        edst[r] = e[r];
+      float* edst = a.errT + (i - i1) * mc + rl0;
+      if (nr == kRT) {
+        for (int r = 0; r < kRT; ++r) edst[r] = e[r];
+      } else {
+        for (int r = 0; r < nr; ++r) edst[r] = e[r];
       }
       if (HasP) {
-        float* qdst = a.qT + (i - i1) * ld + rl0;
+        float* qdst = a.qT + (i - i1) * mc + rl0;
         for (int r = 0; r < nr; ++r) qdst[r] = q[r];
       }
       std::memcpy(&ev[(i - sb) * kRT], e, sizeof(e));
@@ -346,6 +411,11 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
     }
   }
   for (int r = 0; r < nr; ++r) a.ls[r0 + r] = lsum[r];
+  uint8_t* tcodes = a.codes + rl0 * n + i1;
+  for (int64_t j = 0; j < nb8; j += 8)
+    for (int r = 0; r < kRT; r += 8) transpose8x8_bytes(a.cbuf + j * kRT + r, kRT, tcodes + r * n + j, n);
+  for (int64_t j = nb8; j < nb; ++j)
+    for (int r = 0; r < nr; ++r) tcodes[r * n + j] = a.cbuf[j * kRT + r];
 }
 
 using TileFn = void (*)(const TileArgs&, int64_t, int64_t, int64_t, int64_t, vrow*);
@@ -441,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
   if (has_p)
     TORCH_CHECK(P_in->dim() == 2 && P_in->size(0) == n && P_in->size(1) == n && P_in->scalar_type() == at::kFloat,
                 op, ": P must be fp32 [n, n] or None, got ", P_in->sizes());
-  const at::Tensor U = U_in.contiguous(), gidx = gidx_in.contiguous();
+  const at::Tensor W = W_in.contiguous(), U = U_in.contiguous(), gidx = gidx_in.contiguous();  // row stride n below
   const at::Tensor P = has_p ? P_in->contiguous() : at::Tensor();
   at::Tensor scales = scales_in.clone(at::MemoryFormat::Contiguous);
   at::Tensor zeros = zeros_in.clone(at::MemoryFormat::Contiguous);
@@ -467,23 +537,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
                          : (avx512 ? tile_block_avx512<false> : tile_block_avx2<false>);
   parallel_chunks((m + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t c0 = chunk * rows, c1 = std::min(m, c0 + rows), mc = c1 - c0;
-    at::Tensor WT = W_in.slice(0, c0, c1).t().contiguous();  // [n, mc]
+    const at::Tensor Wchunk = W.slice(0, c0, c1);                      // [mc, n], row stride n
+    at::Tensor Wc = n > B ? at::empty({mc, n}, W_in.options()) : Wchunk;  // working copy, columns >= B used
     at::Tensor ErrT = at::empty({B, mc}, W_in.options());
     at::Tensor QT = has_p ? at::empty({B, mc}, W_in.options()) : at::Tensor();
-    at::Tensor codesT = at::empty({n, mc}, W_in.options().dtype(at::kByte));
-    // the tile block, aligned by hand (std::vector does not promise over-aligned storage)
-    std::vector<char> w1buf(static_cast<size_t>(B) * sizeof(vrow) + 128);
+    // the tile block and the tile's codes, aligned by hand (std::vector does not promise over-aligned storage)
+    std::vector<char> w1buf(static_cast<size_t>(B) * (sizeof(vrow) + kRT) + 128);
     vrow* w1v = reinterpret_cast<vrow*>((reinterpret_cast<uintptr_t>(w1buf.data()) + 127) & ~uintptr_t(127));
-    TileArgs ta{WT.data_ptr<float>(), u, p, sc, zr, codesT.data_ptr<uint8_t>(), ls, ErrT.data_ptr<float>(),
-                has_p ? QT.data_ptr<float>() : nullptr, gr.g.data(), gr.run_end.data(), n, m, mc, c0,
-                static_cast<int>(bits), sym, dynamic_groups, maxq};
+    TileArgs ta{Wchunk.data_ptr<float>(), u, p, sc, zr, codes.data_ptr<uint8_t>() + c0 * n, ls,
+                ErrT.data_ptr<float>(), has_p ? QT.data_ptr<float>() : nullptr, reinterpret_cast<uint8_t*>(w1v + B),
+                gr.g.data(), gr.run_end.data(), n, m, mc, c0, static_cast<int>(bits), sym, dynamic_groups, maxq};
     for (int64_t i1 = 0; i1 < n; i1 += B) {
       const int64_t i2 = std::min(i1 + B, n);
       for (int64_t r0 = c0; r0 < c1; r0 += kRT) tile_fn(ta, r0, std::min<int64_t>(kRT, c1 - r0), i1, i2, w1v);
-      if (i2 < n) tail_update(WT, U, ErrT, i1, i2, n, -1.0);
-      if (i2 < n && has_p) tail_update(WT, P, QT, i1, i2, n, 1.0);
+      if (i2 < n) {
+        at::Tensor tail = Wc.slice(1, i2, n);
+        if (i1 == 0) {  // the first block read W itself; the working copy starts here (plain row memcpys)
+          const float* wsrc = Wchunk.data_ptr<float>();
+          float* wdst = Wc.data_ptr<float>();
+          for (int64_t r = 0; r < mc; ++r) std::memcpy(wdst + r * n + i2, wsrc + r * n + i2, (n - i2) * sizeof(float));
+          ta.src = wdst;
+        }
+        tail.addmm_(ErrT.slice(0, 0, i2 - i1).t(), U.slice(0, i1, i2).slice(1, i2, n), 1.0, -1.0);
+        if (has_p) tail.addmm_(QT.slice(0, 0, i2 - i1).t(), P.slice(0, i1, i2).slice(1, i2, n), 1.0, 1.0);
+      }
     }
-    codes.slice(0, c0, c1).copy_(codesT.t());
   });
   return {codes, scales, zeros, loss};
 }
