@@ -192,8 +192,13 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
       if (xq.size() < static_cast<size_t>(B * 3 * chunks * 64)) xq.resize(B * 3 * chunks * 64);
       int8_t* xqp = xq.data();
       std::vector<float> dx(B * runs), xsq(B * G);
-      for (int64_t b = 0; b < B; ++b)
-        qg::quantize_x_amx(xnp + b * Kpad, R, xqp + b * 3 * chunks * 64, dx.data() + b * runs, xsq.data() + b * G);
+      // passes of <= kMaxAmxBatch tokens; within a pass the digits are chunk-major (see gemv_amx)
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t b0 = b / qg::kMaxAmxBatch * qg::kMaxAmxBatch;
+        const int64_t nb = std::min<int64_t>(qg::kMaxAmxBatch, B - b0);
+        qg::quantize_x_amx(xnp + b * Kpad, R, xqp + b0 * 3 * chunks * 64 + (b - b0) * 3 * 64, nb * 3 * 64,
+                           dx.data() + b * runs, xsq.data() + b * G);
+      }
       for (int64_t b0 = 0; b0 < B; b0 += qg::kMaxAmxBatch) {
         const int nb = static_cast<int>(std::min<int64_t>(qg::kMaxAmxBatch, B - b0));
         dynamic_for(Mt, grain, [&](int64_t t0, int64_t t1) {

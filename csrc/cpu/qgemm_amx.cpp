@@ -153,7 +153,7 @@ void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq,
   const int64_t tstride = L.KB * BITS * kTileRows;  // int32 words per row tile
   const int32_t* wt0 = L.qw + tile0 * tstride;
   const uint16_t* sc0 = L.sc + tile0 * L.G * 2 * kTileRows;
-  const int64_t lda = R.chunks * 64;  // bytes between digit planes (A tile rows)
+  const int64_t ldc = 3 * B * 64;  // bytes per chunk of A: [token][digit plane][64 channels], rows 64 apart
   // B tiles in a ring: chunk c + kUnpackAhead is unpacked while chunk c multiplies. The stores only
   // reach L1 after they retire, behind the (long) tile multiplies before them, and a tile load waits
   // for them: unpacking one chunk ahead left each chunk's multiplies waiting for the last chunk's.
@@ -186,8 +186,8 @@ void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq,
   for (int64_t c = 0; c < kUnpackAhead && c < nch; ++c) unpack(c);
   for (int64_t c = 0; c < nch; ++c) {
     if (c + kUnpackAhead < nch) unpack(c + kUnpackAhead);
-    if (c & 1) multiply_chunk<NT, 1>(xq + c * 64, lda, bbuf[c % (kUnpackAhead + 1)]);
-    else multiply_chunk<NT, 0>(xq + c * 64, lda, bbuf[c % (kUnpackAhead + 1)]);
+    if (c & 1) multiply_chunk<NT, 1>(xq + c * ldc, 64, bbuf[c % (kUnpackAhead + 1)]);
+    else multiply_chunk<NT, 0>(xq + c * ldc, 64, bbuf[c % (kUnpackAhead + 1)]);
     if (R.chunk_kb[c] + 2 < R.run_kb[R.chunk_run[c] + 1]) continue;  // not the run's last chunk
     store_c<0>(cbuf[0]);
     if constexpr (NT > 1) store_c<1>(cbuf[1]);
@@ -252,7 +252,7 @@ bool amx_available() {
   return ok && !(off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0);
 }
 
-void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, float* d, float* xsq_group) {
+void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, int64_t ldc, float* d, float* xsq_group) {
   // byte o of a k-block's 32 takes native position src[o] = 8 * (o % 4) + o / 4 (see the header comment)
   alignas(64) int32_t src[32];
   for (int o = 0; o < 32; ++o) src[o] = 8 * (o % 4) + o / 4;
@@ -260,7 +260,6 @@ void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, float* d, float
   const __m512 sign = _mm512_set1_ps(-0.0f);
   const float top = 127.0f * 16384.0f;  // x = d * (a * 2^14 + b * 2^7 + c), |a| <= 127, b, c in [-64, 63]
   const __m512i h = _mm512_set1_epi32(64), m7 = _mm512_set1_epi32(127);
-  const int64_t lda = R.chunks * 64;
   int64_t chunk = 0;
   for (int64_t g = 0; g < R.G; ++g) {
     double gsum = 0.0;
@@ -293,13 +292,13 @@ void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, float* d, float
             lo = _mm512_srai_epi32(_mm512_sub_epi32(lo, dl), 7);
             hi = _mm512_srai_epi32(_mm512_sub_epi32(hi, dh), 7);
           }
-          int8_t* ql = q + l * lda + c * 64 + half * 32;
+          int8_t* ql = q + c * ldc + l * 64 + half * 32;
           _mm_storeu_si128(reinterpret_cast<__m128i*>(ql), _mm512_cvtsepi32_epi8(dl));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(ql + 16), _mm512_cvtsepi32_epi8(dh));
         }
       }
       if ((k1 - k0) % 2)  // the lone k-block's partner half of the chunk reads digit 0
-        for (int l = 0; l < 3; ++l) std::memset(q + l * lda + (chunk + (k1 - k0) / 2) * 64 + 32, 0, 32);
+        for (int l = 0; l < 3; ++l) std::memset(q + (chunk + (k1 - k0) / 2) * ldc + l * 64 + 32, 0, 32);
       chunk += (k1 - k0 + 1) / 2;
       gsum += static_cast<double>(d[r]) * static_cast<double>(_mm512_reduce_add_epi32(isum));
     }

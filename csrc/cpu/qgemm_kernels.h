@@ -110,10 +110,11 @@ struct AmxRuns {
   const int32_t* chunk_run;  // [chunks]: the run of each chunk
 };
 bool amx_available();
-// one token: x [Kpad] native order -> q (3 planes of R.chunks * 64 bytes, top digit first), d [runs],
-// xsq [G] per-group sums of the represented x
-void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, float* d, float* xsq);
-// B <= kMaxAmxBatch tokens: xq token b plane l at xq + (3 * b + l) * R.chunks * 64; dx [B][runs]; xsq [B][G]
+// one token: x [Kpad] native order -> digits, chunk c plane l (top digit first) at q + c * ldc + l * 64;
+// d [runs] steps; xsq [G] per-group sums of the represented x
+void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, int64_t ldc, float* d, float* xsq);
+// B <= kMaxAmxBatch tokens: A digits chunk-major, token b plane l of chunk c at xq + ((c * B + b) * 3 + l) * 64
+// (one A tile = 3B consecutive 64-byte rows); dx [B][runs]; xsq [B][G]
 void gemv_amx(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, const float* dx, const float* xsq,
               const float* bias, float* out, int64_t ldo, int64_t t0, int64_t t1);
 
