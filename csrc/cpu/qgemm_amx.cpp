@@ -44,9 +44,9 @@ struct TileConfig {
 // Weight prefetch distance per row-tile stream, in int32 words (2 KiB; 1, 4 and 8 KiB and an extra
 // L2 prefetch 16 KiB ahead measured the same or worse within the noise on the test VM).
 constexpr int64_t kPrefetchAmx = 512;
-constexpr int kUnpackAhead = 2;
-constexpr int kScaleAhead = 4;  // groups whose scale lines are prefetched ahead, per row tile (+7 points at
-                                // 2 bits on 14336x4096: each tile's scales are a short stream of their own)  // chunks unpacked ahead of the one multiplying (see gemv_amx_group)
+constexpr int kUnpackAhead = 2;  // chunks unpacked ahead of the one multiplying (see gemv_amx_group)
+constexpr int kScaleAhead = 4;   // groups whose scale lines are prefetched ahead, per row tile (+7 points at
+                                 // 2 bits on 14336x4096: each tile's scales are a short stream of their own)
 
 bool detect_amx() {
 #if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
