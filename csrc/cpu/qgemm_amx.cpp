@@ -16,6 +16,9 @@
 // t of a k-block takes bit t of every byte, so byte j of a row's dword is position 8j + t; the A tile's
 // k index 4t + j must therefore hold x at native position 8j + t (the digit writer transposes each
 // k-block's 4 x 8 positions).
+// GCC 12 flags the deliberately undefined upper lanes inside <avx512fintrin.h> (_mm512_undefined_*) a few
+// hundred times per build: a false positive in the compiler's own header.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,gfni,amx-tile,amx-int8")
 #include <immintrin.h>
 
@@ -29,6 +32,7 @@
 #include <unistd.h>
 #endif
 
+#include "qgemm_avx512_common.h"
 #include "qgemm_kernels.h"
 
 namespace qk::cpu::qgemm {
@@ -45,8 +49,6 @@ struct TileConfig {
 // L2 prefetch 16 KiB ahead measured the same or worse within the noise on the test VM).
 constexpr int64_t kPrefetchAmx = 512;
 constexpr int kUnpackAhead = 2;  // chunks unpacked ahead of the one multiplying (see gemv_amx_group)
-constexpr int kScaleAhead = 4;   // groups whose scale lines are prefetched ahead, per row tile (+7 points at
-                                 // 2 bits on 14336x4096: each tile's scales are a short stream of their own)
 
 bool detect_amx() {
 #if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
@@ -60,20 +62,6 @@ bool detect_amx() {
 #else
   return false;
 #endif
-}
-
-// y[b] (+ bias) -> out rows of one tile; rows >= m (padding) are not written.
-inline void store_rows(const Layout& L, int64_t tile, int B, const __m512* y, const float* bias, float* out,
-                       int64_t ldo) {
-  const int64_t r0 = tile * kTileRows;
-  const int64_t valid = L.m - r0 < kTileRows ? L.m - r0 : kTileRows;
-  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-  const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + r0) : _mm512_setzero_ps();
-  for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + b * ldo + r0, mask, _mm512_add_ps(y[b], bv));
-}
-
-inline __m512 load_half(const uint16_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // GF(2) affine matrices (out bit i = parity(row i & byte); row i is byte 7 - i of the qword).
@@ -216,7 +204,7 @@ void gemv_amx_group(const Layout& L, const AmxRuns& R, int B, const int8_t* xq,
     ++g;
     while (g < L.G && R.group_run[g + 1] == r) ++g;  // empty groups
   }
-  for (int t = 0; t < NT; ++t) store_rows(L, tile0 + t, B, y[t], bias, out, ldo);
+  for (int t = 0; t < NT; ++t) store_tile(L, tile0 + t, B, y[t], bias, out, ldo);
 }
 
 template <int BITS>

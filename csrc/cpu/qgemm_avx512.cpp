@@ -1,38 +1,23 @@
 // AVX-512 qgemm kernels (chosen at run time). No ATen here: see qgemm_kernels.h.
 // Codes become floats through vpermps with a 16-entry table: it reads only the low 4 bits of each
 // lane, so a right shift alone extracts a code (no mask, no int->float convert).
+// GCC 12 flags the deliberately undefined upper lanes inside <avx512fintrin.h> (_mm512_undefined_*) a few
+// hundred times per build: a false positive in the compiler's own header.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
 #include <immintrin.h>
 
+#include "qgemm_avx512_common.h"
 #include "qgemm_kernels.h"
 
 namespace qk::cpu::qgemm {
 namespace {
-
-// y[b] (+ bias) -> out rows of one tile; rows >= m (padding) are not written.
-inline void store_tile(const Layout& L, int64_t tile, int B, const __m512* y, const float* bias, float* out,
-                       int64_t ldo) {
-  const int64_t r0 = tile * kTileRows;
-  const int64_t valid = L.m - r0 < kTileRows ? L.m - r0 : kTileRows;
-  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-  const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + r0) : _mm512_setzero_ps();
-  for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + b * ldo + r0, mask, _mm512_add_ps(y[b], bv));
-}
-
-// 16 fp16 values (scales, zero points) as floats
-inline __m512 load_half(const uint16_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 // Software prefetch distances in int32 words (measured on the 2-core test VM, 4096x14336 and 14336x4096,
 // batch 1, weights streamed from DRAM): the single-stream GEMVs are fastest at 2 KiB ahead (4 KiB was
 // 10-15% slower, 0.5 KiB 5-10% slower); the LUT GEMV runs 4 tile streams at once, 1 KiB ahead each.
 constexpr int64_t kPrefetch = 512;
 constexpr int64_t kPrefetchLut = 256;
-// Groups whose scale lines (one 64-byte line per tile and group, a short stream of its own per tile)
-// are prefetched ahead: on 14336x4096 (32 groups per tile) this took the AMX GEMV from 63% to 70% of
-// the read reference at 2 bits.
-constexpr int kScaleAhead = 4;
 
 template <int BITS>
 inline __m512 code_table() {
