@@ -247,7 +247,6 @@ void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, int64_t ldc, fl
   const __m512i i_lo = _mm512_load_si512(src), i_hi = _mm512_load_si512(src + 16);
   const __m512 sign = _mm512_set1_ps(-0.0f);
   const float top = 127.0f * 16384.0f;  // x = d * (a * 2^14 + b * 2^7 + c), |a| <= 127, b, c in [-64, 63]
-  const __m512i h = _mm512_set1_epi32(64), m7 = _mm512_set1_epi32(127);
   int64_t chunk = 0;
   for (int64_t g = 0; g < R.G; ++g) {
     double gsum = 0.0;
@@ -273,13 +272,7 @@ void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, int64_t ldc, fl
         // reorder to tile order first (digits are per element, so either order works)
         __m512i lo = _mm512_permutex2var_epi32(qa, i_lo, qb), hi = _mm512_permutex2var_epi32(qa, i_hi, qb);
         for (int l = 2; l >= 0; --l) {  // lowest digit first: balanced base-128 digits
-          __m512i dl = lo, dh = hi;
-          if (l > 0) {
-            dl = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(lo, h), m7), h);
-            dh = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(hi, h), m7), h);
-            lo = _mm512_srai_epi32(_mm512_sub_epi32(lo, dl), 7);
-            hi = _mm512_srai_epi32(_mm512_sub_epi32(hi, dh), 7);
-          }
+          const __m512i dl = l > 0 ? pop_digit(lo) : lo, dh = l > 0 ? pop_digit(hi) : hi;
           int8_t* ql = q + c * ldc + l * 64 + half * 32;
           _mm_storeu_si128(reinterpret_cast<__m128i*>(ql), _mm512_cvtsepi32_epi8(dl));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(ql + 16), _mm512_cvtsepi32_epi8(dh));

@@ -316,7 +316,6 @@ void quantize_x_avx512(const float* x, int64_t KB, int limbs, int8_t* q, int64_t
   const __m512 sign = _mm512_set1_ps(-0.0f);
   // limbs = 3: x = d * (a * 2^14 + b * 2^7 + c), |x| <= amax = d * 127 * 2^14, b and c in [-64, 63]
   const float top = limbs == 1 ? 127.0f : 127.0f * 16384.0f;
-  const __m512i h = _mm512_set1_epi32(64), m7 = _mm512_set1_epi32(127);
   for (int64_t kb = 0; kb < KB; ++kb) {
     const __m512 a = _mm512_loadu_ps(x + kb * 32), b = _mm512_loadu_ps(x + kb * 32 + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
@@ -328,13 +327,7 @@ void quantize_x_avx512(const float* x, int64_t KB, int limbs, int8_t* q, int64_t
     d[kb] = finite ? amax / top : __builtin_nanf("");
     isum[kb] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
     for (int l = limbs - 1; l >= 0; --l) {  // lowest digit first: balanced base-128 digits
-      __m512i da = qa, db = qb;
-      if (l > 0) {
-        da = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(qa, h), m7), h);
-        db = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(qb, h), m7), h);
-        qa = _mm512_srai_epi32(_mm512_sub_epi32(qa, da), 7);
-        qb = _mm512_srai_epi32(_mm512_sub_epi32(qb, db), 7);
-      }
+      const __m512i da = l > 0 ? pop_digit(qa) : qa, db = l > 0 ? pop_digit(qb) : qb;
       int8_t* ql = q + l * ldq + kb * 32;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(ql), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(da, i_lo, db)));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(ql + 16),

@@ -29,5 +29,14 @@ inline __m512 load_half(const uint16_t* p) {
 // the read reference at 2 bits (the LUT GEMV from 59% to 63-66%).
 constexpr int kScaleAhead = 4;
 
+// x as balanced base-128 digits (the int8 x of the VNNI and AMX paths): returns v's lowest digit, in
+// [-64, 63], and leaves (v - digit) / 128 in v.
+inline __m512i pop_digit(__m512i& v) {
+  const __m512i half = _mm512_set1_epi32(64), low7 = _mm512_set1_epi32(127);
+  const __m512i d = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, half), low7), half);
+  v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 7);
+  return d;
+}
+
 }  // namespace
 }  // namespace qk::cpu::qgemm
