@@ -113,25 +113,28 @@ def make_cases(m: int, n: int, names=None) -> list[Case]:
     cases.append(Case("torch_int4", "torch int4 (_weight_int4pack_mm_for_cpu, bf16 x)", m * n // 2 + G * m * 4,
                       int4_build, lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], GROUP, w[1]),
                       torch.bfloat16))
+
+    def packed_bytes(bits):  # qweight + fp16 scales + qzeros of one layer
+        return bitstream.packed_rows(n, bits) * m * 4 + G * m * 2 + G * bitstream.packed_rows(m, bits) * 4
+
+    def packed_build(bits):
+        return lambda g: Q.prepare(random_gptq(m, n, bits, g), bits, "cpu")
+
     for bits in QK_BITS:
-        nbytes = bitstream.packed_rows(n, bits) * m * 4 + G * m * 2 + G * bitstream.packed_rows(m, bits) * 4
-        cases.append(Case(f"qk{bits}", f"quantkern {bits}-bit g{GROUP} (fp32 x)", nbytes,
-                          lambda g, b=bits: Q.prepare(random_gptq(m, n, b, g), b, "cpu"),
+        cases.append(Case(f"qk{bits}", f"quantkern {bits}-bit g{GROUP} (fp32 x)", packed_bytes(bits), packed_build(bits),
                           lambda x, p, b=bits: Q.qgemm(x, None, b, prepared=p), torch.float32))
     # the same 2/3-bit weights on the AVX-512 paths that were the default before the AMX GEMV (LUT GEMV
     # <= 2 tokens, FMA GEMV <= 8, panels above): AMX against them, side by side. Same as qk{bits} where
     # the CPU has no AMX.
     cpu = Q.get_backend("cpu")
     for bits in (3, 2):
-        nbytes = bitstream.packed_rows(n, bits) * m * 4 + G * m * 2 + G * bitstream.packed_rows(m, bits) * 4
-        cases.append(Case(f"qk{bits}_avx512", f"quantkern {bits}-bit g{GROUP}, AVX-512 LUT/FMA GEMV (no AMX)", nbytes,
-                          lambda g, b=bits: Q.prepare(random_gptq(m, n, b, g), b, "cpu"),
+        cases.append(Case(f"qk{bits}_avx512", f"quantkern {bits}-bit g{GROUP}, AVX-512 LUT/FMA GEMV (no AMX)",
+                          packed_bytes(bits), packed_build(bits),
                           lambda x, p: cpu.run(x, p.layout, None, 3 if x.shape[0] <= 2 else (1 if x.shape[0] <= 8 else 0)),
                           torch.float32, shares=f"qk{bits}"))
     # opt-in int8-activation 4-bit decode path (approximate: QUANTKERN_CPU_INT8_ACT=1); exact path above 8 tokens
-    nbytes4 = bitstream.packed_rows(n, 4) * m * 4 + G * m * 2 + G * bitstream.packed_rows(m, 4) * 4
-    cases.append(Case("qk4_int8x", "quantkern 4-bit, int8 activations (opt-in, approximate)", nbytes4,
-                      lambda g: Q.prepare(random_gptq(m, n, 4, g), 4, "cpu"),
+    cases.append(Case("qk4_int8x", "quantkern 4-bit, int8 activations (opt-in, approximate)", packed_bytes(4),
+                      packed_build(4),
                       lambda x, p: cpu.run(x, p.layout, None, 4 if x.shape[0] <= 8 else 0), torch.float32))
     return [c for c in cases if names is None or c.name in names]
 

@@ -125,7 +125,7 @@ def spec_from_args(args):
 
 def method_from_args(args) -> tuple[str, dict]:
     """(driver method, its kwargs): the --recipe's (if any), then --alpha/--alpha-mode/--k/--option on top."""
-    method, kw = recipe(args.recipe) if getattr(args, "recipe", None) else (args.method, {})
+    method, kw = recipe(args.recipe) if args.recipe else (args.method, {})
     return method, {**kw, **method_kwargs_from_args(args)}
 
 

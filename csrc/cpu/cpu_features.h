@@ -32,6 +32,9 @@ inline const Isa& isa() {
 
 // AVX-512 kernels need F + BW + VL; QUANTKERN_NO_AVX512=1 forces the AVX2 path (for tests).
 bool use_avx512();
+// An opt-out switch such as QUANTKERN_NO_AVX512: set to anything but "" or "0". Read at each call, so
+// tests can flip it between calls.
+bool env_switch_on(const char* name);
 
 inline std::vector<std::string> isa_names() {
   const Isa& s = isa();

@@ -13,6 +13,11 @@
 #include "cpu_features.h"
 #include "qgemm_kernels.h"
 
+// (here, not in qgemm_amx.cpp: that file's AVX-512/AMX target must not compile cpu_features.h's inlines)
+bool qk::cpu::qgemm::amx_available() {
+  return amx_detected() && !qk::cpu::env_switch_on("QUANTKERN_NO_AMX");
+}
+
 namespace {
 
 namespace qg = qk::cpu::qgemm;

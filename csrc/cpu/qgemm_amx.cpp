@@ -23,7 +23,6 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 
 #if defined(__linux__)
@@ -234,10 +233,9 @@ void gemv_amx_bits(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, c
 
 }  // namespace
 
-bool amx_available() {
+bool amx_detected() {
   static const bool ok = detect_amx();
-  const char* off = std::getenv("QUANTKERN_NO_AMX");
-  return ok && !(off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0);
+  return ok;
 }
 
 void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, int64_t ldc, float* d, float* xsq_group) {

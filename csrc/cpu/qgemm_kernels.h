@@ -109,7 +109,8 @@ struct AmxRuns {
   const int32_t* chunk_kb;   // [chunks]: first k-block of each chunk (2 k-blocks, or 1 at a run's odd end)
   const int32_t* chunk_run;  // [chunks]: the run of each chunk
 };
-bool amx_available();
+bool amx_detected();   // the hardware + OS part, probed once (qgemm_amx.cpp)
+bool amx_available();  // amx_detected() and QUANTKERN_NO_AMX unset (qgemm.cpp)
 // one token: x [Kpad] native order -> digits, chunk c plane l (top digit first) at q + c * ldc + l * 64;
 // d [runs] steps; xsq [G] per-group sums of the represented x
 void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, int64_t ldc, float* d, float* xsq);

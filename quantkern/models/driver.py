@@ -335,7 +335,7 @@ class _Run:
                "loss": float(res.loss), "damp": float(res.log.get("damp", float("nan"))),
                "retries": int(res.log.get("retries", 0) or 0), "fallback": res.log.get("fallback"),
                "time_s": round(dt, 4)}
-        if "grid_losses" in res.log:  # grid="select": every candidate's objective and the one kept
+        if "grid_losses" in res.log:  # grid="select" / "guard": every candidate's objective and the one kept
             row["grid"], row["grid_losses"] = res.log["grid"], res.log["grid_losses"]
         self.report.modules.append(row)
         if self.log:

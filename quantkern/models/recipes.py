@@ -1,5 +1,6 @@
 """Named recipes: a driver method plus the options quantkern found best on SmolLM2 (benchmarks/bench_e2e.py,
-docs/methods_beyond_proxy.md). `quantkern quantize --recipe NAME` and `quantize_model(..., **recipe_kwargs(NAME))`.
+docs/methods_beyond_proxy.md). `quantkern quantize --recipe NAME`, or in Python
+`method, kw = recipe(NAME); quantize_model(model, tok, spec, method=method, **kw)`.
 
 The plain method names (`--method oac`, `--method yaqa`) keep the papers' recipes; these are OUR variants:
     oac-snrq    OAC's per-token Fisher (4 row blocks) blended 1:3 with the activation Hessian, SNRQ's core.
@@ -12,11 +13,10 @@ The plain method names (`--method oac`, `--method yaqa`) keep the papers' recipe
 """
 from __future__ import annotations
 
-# name -> (driver method, method kwargs)
 _OAC = {"core": "snrq", "fisher": "token", "row_groups": 4, "h_mix": 0.25, "labels": "data"}
 _YAQA = {"grid_from": "snrq", "h_mix": 0.0, "fisher": "sequence", "out_damp": 1.0, "labels": "data",
          "grad_kind": "both"}
-RECIPES: dict[str, tuple[str, dict]] = {
+RECIPES: dict[str, tuple[str, dict]] = {  # name -> (driver method, method kwargs)
     "oac-snrq": ("oac", _OAC),
     "yaqa-snrq": ("yaqa", _YAQA),
     "snrq-guard": ("snrq", {"alpha": 0.25, "grid": "guard"}),
