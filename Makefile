@@ -12,7 +12,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
 export MAX_JOBS ?= 2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv build test test-triton demo bench cuda-check cuda-build clean
+.PHONY: venv build test test-triton test-interop peers demo bench cuda-check cuda-build clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,23 @@ test: build
 
 test-triton: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
+
+# the peers that read quantkern's checkpoints, in their own environment (never dependencies of quantkern):
+# GPTQModel 7.6.0 is the newest that accepts torch 2.13 (pure Python on CPU); transformers needs optimum
+# to load GPTQ checkpoints
+PEERS_VENV ?= .venv-peers
+PEERS_PINS ?= torch==$(TORCH_VERSION) gptqmodel==7.6.0 optimum==2.3.0 transformers==5.25.0 safetensors
+$(PEERS_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q $(PEERS_PINS)
+	touch $@
+
+peers: $(PEERS_VENV)/.installed
+
+# quantkern's checkpoints loaded by transformers and GPTQModel, logits compared (tests/interop)
+test-interop: build peers
+	QUANTKERN_PEERS_PYTHON=$(abspath $(PEERS_VENV))/bin/python $(PY) -m pytest -q -m interop tests/interop
 
 demo: build
 	$(PY) -m quantkern demo

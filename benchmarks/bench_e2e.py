@@ -39,7 +39,7 @@ import quantkern  # noqa: E402
 from quantkern.calibration.data import calibration_samples, evaluation_tokens  # noqa: E402
 from quantkern.eval.perplexity import perplexity  # noqa: E402
 from quantkern.eval.speed import decode_tokens_per_s  # noqa: E402
-from quantkern.models.driver import LM_HEAD_AUTO_SPEC  # noqa: E402
+from quantkern.models.head import LM_HEAD_AUTO_SPEC  # noqa: E402
 from quantkern.models.recipes import RECIPES  # noqa: E402
 from quantkern.models.zoo import load_fp  # noqa: E402
 

@@ -184,7 +184,22 @@ def cmd_quantize(args) -> int:
     log.unlink(missing_ok=True)
     print(f"saved {out}  ({len(report.modules)} linears, {report.total_s:.0f} s: forward {report.forward_s:.0f} s, "
           f"solve {report.solve_s:.0f} s)")
+    _print_readers(out, warn_only=args.quiet)
     return 0
+
+
+def _print_readers(path, warn_only=False) -> None:
+    """Which engines load the checkpoint; a reader that would misload it is always named (on stderr)."""
+    from .models.checkpoint import read_quantize_config
+    from .models.readers import reader_support
+
+    table = reader_support(read_quantize_config(path))
+    if not warn_only:
+        print("loads in: " + ", ".join(f"{k} {'yes' if v.ok else 'NO' if v.ok is False else 'untested'}"
+                                       for k, v in table.items()))
+    for reader, v in table.items():
+        if v.ok is False:
+            print(f"warning: {reader}: {v}", file=sys.stderr)
 
 
 def cmd_eval(args) -> int:
@@ -226,13 +241,16 @@ def cmd_generate(args) -> int:
 
 
 def inspect_checkpoint(path) -> dict:
-    from .models.checkpoint import checkpoint_size, read_quantize_config, spec_from_config
+    from .models.checkpoint import (ZERO_POINT_CONVENTIONS, checkpoint_size, checkpoint_tensor_names,
+                                    read_quantize_config, spec_from_config)
+    from .models.readers import reader_support
     from .ops import registry
 
     qc = read_quantize_config(path)
     spec = spec_from_config(qc)
     meta = qc.get("meta", {})
     here = registry.backends()
+    tensors = checkpoint_tensor_names(path)
     gemm_ops = [op for op in registry._IMPLS if "gemm" in op]
     quantkern_backends = {}
     for b, st in here.items():
@@ -240,29 +258,29 @@ def inspect_checkpoint(path) -> dict:
         quantkern_backends[b] = ("yes" if st["available"] and has else "no") + f" ({st['reason']})" + (
             "" if has else " [no qgemm kernel registered]")
     dynamic = qc.get("dynamic") or {}
-    needs = " (reader must honour `dynamic`: GPTQModel does)" if dynamic else ""
-    external = {
-        "transformers/GPTQModel (gptq v1 reader)": ("yes" + needs) if spec.bits in (2, 3, 4, 8) else "no",
-        "vLLM gptq": ("yes" + needs) if spec.bits in (2, 3, 4, 8) else "no",
-        "Marlin/ExLlama kernels": "yes" if spec.bits in (4, 8) and spec.sym else "no (needs 4/8-bit symmetric)",
-    }
+    fmt = qc.get("checkpoint_format", "gptq")
     return {
         "path": str(path), "bits": spec.bits, "group_size": spec.group_size, "act_order (desc_act)": spec.act_order,
         "sym": spec.sym, "static_groups": spec.static_groups,
-        "zero_point_convention": meta.get("zero_point_convention", "v1 (stored zero-1), assumed"),
+        "checkpoint_format": fmt, "zero_point_convention": ZERO_POINT_CONVENTIONS.get(fmt, "?"),
         "method": meta.get("method"), "alpha": meta.get("alpha"), "K": meta.get("K"),
         "quantizer": f"{meta.get('quantizer', '?')} {meta.get('quantizer_version', '')}".strip(),
-        "quantized_modules": len(meta.get("quantized_modules", [])),
+        "quantized_modules": sum(1 for k in tensors if k.endswith(".qweight")),  # what the files hold
         "lm_head": _lm_head_line(qc, spec),
         "per-module overrides (dynamic)": {k: ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in dynamic.items()},
         "fallbacks": sum(1 for v in meta.get("modules", {}).values() if v.get("fallback")),
-        "size_bytes": checkpoint_size(path), "quantkern_backends_here": quantkern_backends, "other_runtimes": external,
+        "size_bytes": checkpoint_size(path), "quantkern_backends_here": quantkern_backends,
+        "loads_in (tests/interop)": {k: str(v) for k, v in reader_support(qc).items()},
     }
 
 
 def _lm_head_line(qc, spec) -> str:
     from .models.checkpoint import module_spec
 
+    at_load = qc.get("meta", {}).get("lm_head_at_load")
+    if at_load:
+        return (f"float in the files; quantkern rounds it to {at_load['bits']}-bit "
+                f"{at_load.get('method', 'rtn').upper()}, group {at_load['group_size']} at load")
     if not qc.get("lm_head"):
         return "float (not quantized)"
     head = module_spec(spec, qc, "lm_head")

@@ -7,6 +7,7 @@ import torch
 from driver_tiny import tiny_llama, tiny_tokens
 
 import quantkern
+from quantkern.formats import gptq
 from quantkern.models import checkpoint as ckpt
 from quantkern.nn import QuantLinear
 from quantkern.spec import QuantSpec
@@ -113,7 +114,74 @@ def test_unquantized_model_refused(tmp_path):
 
 
 def test_spec_from_config_rejects_other_formats():
-    with pytest.raises(ckpt.CheckpointError, match="gptq v1"):
+    with pytest.raises(ckpt.CheckpointError, match="quant_method='awq'.*reads gptq and gptq_v2"):
         ckpt.spec_from_config({"quant_method": "awq", "bits": 4, "group_size": 128})
-    with pytest.raises(ckpt.CheckpointError, match="gptq v1"):
-        ckpt.spec_from_config({"quant_method": "gptq", "checkpoint_format": "gptq_v2", "bits": 4, "group_size": 128})
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint_format='marlin'"):
+        ckpt.spec_from_config({"quant_method": "gptq", "checkpoint_format": "marlin", "bits": 4, "group_size": 128})
+    spec = ckpt.spec_from_config({"quant_method": "gptq", "checkpoint_format": "gptq_v2", "bits": 4, "group_size": 64,
+                                  "sym": False})
+    assert (spec.bits, spec.group_size, spec.sym) == (4, 64, False)
+
+
+@pytest.mark.parametrize("bits,act_order", [(4, False), (3, True)])
+def test_asymmetric_checkpoint_is_gptq_v2_and_exact(tmp_path, bits, act_order):
+    """Asymmetric checkpoints are written as gptq_v2 (GPTQModel refuses asymmetric v1 from other writers);
+    the stored zeros are the true zero points and the reload is exact."""
+    from safetensors.torch import load_file
+
+    from quantkern.formats import bitstream
+
+    model, _ = quantkern.quantize_model(tiny_llama(), None, QuantSpec(bits=bits, group_size=32, sym=False,
+                                                                      act_order=act_order),
+                                        method="gptq", calib=tiny_tokens(), progress=False)
+    out = quantkern.save_quantized(model, tmp_path / "ck")
+    qc = ckpt.read_quantize_config(out)
+    assert qc["checkpoint_format"] == "gptq_v2" and qc["meta"]["zero_point_convention"] == "v2 (stored zero)"
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    sd = load_file(str(out / "model.safetensors"))
+    q = model.model.layers[1].mlp.down_proj
+    _, _, zeros, _ = gptq.unpack({t: getattr(q, t) for t in gptq.TENSOR_NAMES}, bits)
+    stored = bitstream.unpack_dim0(sd["model.layers.1.mlp.down_proj.qzeros"].t().contiguous(), bits, q.out_features)
+    assert torch.equal(stored.t().to(torch.int32), zeros) and not torch.equal(
+        sd["model.layers.1.mlp.down_proj.qzeros"], q.qzeros)  # v2 on disk, v1 in memory
+    loaded = quantkern.load(out)
+    for t in gptq.TENSOR_NAMES:
+        assert torch.equal(getattr(loaded.model.layers[1].mlp.down_proj, t), getattr(q, t)), t
+    ids = tiny_tokens(2, 16, seed=3)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
+
+
+def test_foreign_v2_zero_point_zero_refused(tmp_path):
+    """A GPTQModel v2 checkpoint may hold a zero point of 0, which quantkern's v1 kernels cannot: a clear
+    error naming the module, not wrong weights."""
+    from safetensors.torch import load_file, save_file
+
+    from quantkern.formats import bitstream
+
+    model, _ = quantkern.quantize_model(tiny_llama(), None, QuantSpec(bits=4, group_size=32, sym=False),
+                                        method="rtn", progress=False, lm_head=None)
+    out = quantkern.save_quantized(model, tmp_path / "ck")
+    sd = load_file(str(out / "model.safetensors"))
+    key = "model.layers.0.self_attn.o_proj.qzeros"
+    z = bitstream.unpack_dim0(sd[key].t().contiguous(), 4, 64)
+    z[3, 0] = 0
+    sd[key] = bitstream.pack_dim0(z, 4).t().contiguous()
+    save_file(sd, str(out / "model.safetensors"))
+    with pytest.raises(ckpt.CheckpointError, match=r"o_proj: a zero point of 0 cannot be stored as 'gptq'.*>= 1"):
+        quantkern.load(out, check=False)
+
+
+def test_inspect_counts_modules_in_the_files(quantized, tmp_path):
+    """inspect counts what the files hold, also for a checkpoint without quantkern's meta (another writer)."""
+    from quantkern import cli
+
+    model, _ = quantized
+    out = quantkern.save_quantized(model, tmp_path / "ck")
+    for name in ("quantize_config.json", "config.json"):
+        cfg = json.loads((out / name).read_text())
+        qc = cfg if name == "quantize_config.json" else cfg["quantization_config"]
+        qc["meta"] = {"quantizer": ["gptqmodel:7.6.0"]}
+        (out / name).write_text(json.dumps(cfg))
+    info = cli.inspect_checkpoint(out)
+    assert info["quantized_modules"] == 14 and info["lm_head"] == "float (not quantized)"
+    assert info["loads_in (tests/interop)"]["GPTQModel"].startswith("yes")

@@ -83,10 +83,11 @@ def test_quantize_inspect_eval_generate(tmp_path, capsys):
     assert cli.main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["bits"], info["group_size"], info["act_order (desc_act)"], info["method"]) == (4, 32, True, "gptq")
-    assert info["zero_point_convention"] == "v1 (stored zero-1)" and info["quantized_modules"] == 15
-    assert info["lm_head"] == "8-bit, group 128, sym"  # the default head, on its own grid via `dynamic`
-    assert info["per-module overrides (dynamic)"] == {
-        r"+:^lm_head$": "bits=8, group_size=128, sym=True, desc_act=False"}
+    assert info["zero_point_convention"] == "v1 (stored zero-1)" and info["checkpoint_format"] == "gptq"
+    assert info["quantized_modules"] == 14  # counted in the files: the default head is stored in float
+    assert info["lm_head"] == "float in the files; quantkern rounds it to 8-bit RTN, group 128 at load"
+    assert info["per-module overrides (dynamic)"] == {}
+    assert info["loads_in (tests/interop)"]["transformers"].startswith("yes")
     assert info["size_bytes"]["packed_linears"] > 0
     assert cli.main(["eval", "--model", str(out), "--text", str(tmp_path / "eval.txt"), "--seqlen", "64",
                      "--max-tokens", "256"]) == 0

@@ -1,6 +1,7 @@
 """Decode-speed features: QuantLinear's lean path, fused q/k/v + gate/up groups, quantized lm_head
 (quantize -> save -> load -> same logits; statistics from the final norm). Tiny random Llama, offline."""
 import copy
+import json
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import quantkern
 from quantkern import grid
 from quantkern.formats import gptq
 from quantkern.models import checkpoint as ckpt
+from quantkern.models.head import LM_HEAD_AUTO_SPEC
 from quantkern.nn import FusedGroup, QuantLinear, fuse_quant_groups, unfuse_quant_groups
 from quantkern.nn.fused import concat_outputs
 from quantkern.spec import QuantSpec
@@ -228,28 +230,55 @@ def test_default_lm_head_is_8bit_rtn(default_head):
     assert all(r["module"] != "lm_head" for r in report.modules[:-1])
 
 
-def test_default_lm_head_saved_as_dynamic_override(default_head, tmp_path):
+def test_default_lm_head_stored_float_and_rounded_at_load(default_head, tmp_path):
+    """The rounded head goes to disk as the float (still tied) embedding, so every GPTQ reader loads a real
+    head; quantkern rounds it again at load to the very same codes."""
+    from safetensors.torch import load_file
+
     _, model, _ = default_head
+    assert model.lm_head.float_source[0] is model.get_input_embeddings().weight  # no copy held
     out = quantkern.save_quantized(model, tmp_path / "ck")
     qc = ckpt.read_quantize_config(out)
-    assert (qc["bits"], qc["group_size"], qc["lm_head"]) == (4, 32, True)
-    assert qc["desc_act"] is False  # the head's g128 g_idx is natural on its own grid, not on the body's g32
-    assert qc["dynamic"] == {r"+:^lm_head$": {"bits": 8, "group_size": 128, "sym": True, "desc_act": False}}
+    assert (qc["bits"], qc["group_size"], qc["lm_head"], qc["checkpoint_format"]) == (4, 32, False, "gptq")
+    assert "dynamic" not in qc and "lm_head" not in qc["meta"]["quantized_modules"]
+    assert qc["meta"]["lm_head_at_load"] == {"method": "rtn", **LM_HEAD_AUTO_SPEC.to_dict()}
+    sd = load_file(str(out / "model.safetensors"))
+    assert not any(k.startswith("lm_head.") for k in sd)  # tied: stored once, as the embedding
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     loaded = quantkern.load(out)
-    assert loaded.lm_head.spec.bits == 8 and loaded.model.layers[0].mlp.down_proj.spec.bits == 4
+    assert isinstance(loaded.lm_head, QuantLinear) and loaded.lm_head.spec == LM_HEAD_AUTO_SPEC
+    assert loaded.model.layers[0].mlp.down_proj.spec.bits == 4
+    for t in gptq.TENSOR_NAMES:
+        assert torch.equal(getattr(loaded.lm_head, t), getattr(model.lm_head, t)), t
     ids = tiny_tokens(2, 16, seed=6)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
+    again = quantkern.save_quantized(loaded, tmp_path / "again")  # a loaded model saves the same files
+    assert load_file(str(again / "model.safetensors")).keys() == sd.keys()
+
+
+def test_rounded_head_of_an_untied_model_stored_float(tmp_path):
+    from safetensors.torch import load_file
+
+    fp = tiny_llama(tie=False)
+    model, _ = quantkern.quantize_model(copy.deepcopy(fp), None, QuantSpec(bits=3, group_size=32), method="rtn",
+                                        progress=False, lm_head=4)
+    out = quantkern.save_quantized(model, tmp_path / "ck")
+    sd = load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(sd["lm_head.weight"], fp.lm_head.weight.detach(), rtol=0, atol=0)
+    assert "lm_head.qweight" not in sd
+    loaded = quantkern.load(out)
+    assert loaded.lm_head.spec.bits == 4 and isinstance(loaded.lm_head, QuantLinear)
+    ids = tiny_tokens(2, 16, seed=7)
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
 
 
-def test_dynamic_override_that_contradicts_the_tensors_is_refused(default_head, tmp_path):
-    import json
-
-    _, model, _ = default_head
+def test_dynamic_override_that_contradicts_the_tensors_is_refused(head_quantized, tmp_path):
+    _, model, _ = head_quantized
     out = quantkern.save_quantized(model, tmp_path / "ck")
     for name in ("quantize_config.json", "config.json"):
         cfg = json.loads((out / name).read_text())
         qc = cfg if name == "quantize_config.json" else cfg["quantization_config"]
-        qc["dynamic"] = {r"+:^lm_head$": {"bits": 4}}  # the stored head is 8-bit
+        qc["dynamic"] = {r"+:^lm_head$": {"bits": 8}}  # the stored head is 4-bit
         (out / name).write_text(json.dumps(cfg))
     with pytest.raises(ckpt.CheckpointError, match="lm_head's packed tensors do not match"):
         quantkern.load(out, check=False)
@@ -273,7 +302,7 @@ def test_module_spec_rules():
 
 
 def test_resolve_lm_head_choices():
-    from quantkern.models.driver import LM_HEAD_AUTO_SPEC, resolve_lm_head
+    from quantkern.models.head import resolve_lm_head
 
     body = QuantSpec(bits=3, group_size=32)
     model = tiny_llama()

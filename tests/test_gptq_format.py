@@ -183,3 +183,35 @@ def test_packed_rows_match_gptq_shapes(bits, n, rows):
     assert bitstream.packed_rows(n, bits) == rows
     codes = torch.randint(0, 1 << bits, (n, 3))
     assert gptq._pack_ops.pack_dim0(codes, bits).shape == (rows, 3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("m", [5, 32, 77])
+def test_qzeros_v1_v2_conversion(bits, m, rng):
+    """gptq_v2 stores the zero point itself: converting v1 -> v2 adds one to every stored zero (words
+    straddled at 3 bits included), v2 -> v1 takes it back, and a zero no format can hold is refused."""
+    maxq, G, n = (1 << bits) - 1, 3, 40
+    zeros = torch.randint(1, maxq + 1, (G, m), generator=rng)
+    codes = torch.randint(0, maxq + 1, (m, n), generator=rng)
+    scales = torch.rand(G, m, generator=rng) + 0.1
+    g_idx = torch.arange(n) % G
+    v1 = gptq.pack(codes, scales, zeros, g_idx, bits)
+    v2 = gptq.convert_qzeros(v1, bits, "gptq", "gptq_v2")
+    stored = bitstream.unpack_dim0(v2["qzeros"].t().contiguous(), bits, m).t()
+    assert torch.equal(stored.long(), zeros)  # v2: the zero itself
+    assert all(torch.equal(v2[k], v1[k]) for k in ("qweight", "scales", "g_idx"))
+    assert torch.equal(gptq.convert_qzeros(v2, bits, "gptq_v2", "gptq")["qzeros"], v1["qzeros"])
+    assert gptq.convert_qzeros(v1, bits, "gptq", "gptq") is v1
+    # a zero of 0 is fine in v2 and refused on the way to v1, naming the zero and the format
+    z0 = zeros.clone()
+    z0[1, m // 2] = 0
+    v2_zero = {**v2, "qzeros": bitstream.pack_dim0(z0.t().contiguous(), bits).t().contiguous()}
+    with pytest.raises(ValueError, match=r"zero point of 0 cannot be stored as 'gptq'"):
+        gptq.convert_qzeros(v2_zero, bits, "gptq_v2", "gptq")
+    # v1 can hold maxq + 1 (stored maxq), v2 cannot
+    z_hi = torch.full((G, m), maxq + 1)
+    v1_hi = {**v1, "qzeros": bitstream.pack_dim0((z_hi - 1).t().contiguous(), bits).t().contiguous()}
+    with pytest.raises(ValueError, match=rf"zero point of {maxq + 1} cannot be stored as 'gptq_v2'"):
+        gptq.convert_qzeros(v1_hi, bits, "gptq", "gptq_v2")
+    with pytest.raises(ValueError, match="unknown GPTQ checkpoint_format 'gptq_v3'"):
+        gptq.convert_qzeros(v1, bits, "gptq", "gptq_v3")

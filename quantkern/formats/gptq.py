@@ -1,7 +1,8 @@
-"""The GPTQ v1 on-disk layout (GPTQ-for-LLaMa / AutoGPTQ / GPTQModel "gptq" checkpoint format).
+"""The GPTQ on-disk layout (GPTQ-for-LLaMa / AutoGPTQ / GPTQModel "gptq" checkpoint format, v1).
 
     qweight int32 [ceil(n/32)*bits, m]  codes packed along the input dim (see bitstream.py)
     qzeros  int32 [G, ceil(m/32)*bits]  (zero - 1) packed along the output dim, same bit stream rule
+                                        (GPTQModel's "gptq_v2" stores the zero itself: see CHECKPOINT_FORMATS)
     scales  fp16  [G, m]
     g_idx   int32 [n]                   group of each input channel (original channel order)
 
@@ -17,6 +18,11 @@ from ..ops import pack as _pack_ops
 from . import bitstream
 
 TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
+
+# checkpoint_format -> what is subtracted from the zero point before it is stored. v1 ("gptq") cannot hold a
+# zero point of 0, and GPTQModel trusts an asymmetric v1 checkpoint only from its own writer; v2 has neither
+# problem. Everything in memory (QuantLinear, the kernels) is v1: the v2 offset is applied at save and load.
+CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 0}
 
 
 def _check_bits(bits) -> int:
@@ -116,3 +122,22 @@ def dequantize(t: dict, bits: int) -> torch.Tensor:
 
     codes, scales, zeros, g_idx = unpack(t, bits)
     return dequantize_groups(codes, scales.float(), zeros.float(), g_idx)
+
+
+def convert_qzeros(t: dict, bits: int, src: str, dst: str) -> dict:
+    """The same tensors with qzeros re-stored from checkpoint_format `src` to `dst` (e.g. "gptq" -> "gptq_v2").
+    Raises ValueError when a zero point cannot be stored in `dst` (0 in v1)."""
+    for f in (src, dst):
+        if f not in CHECKPOINT_FORMATS:
+            raise ValueError(f"unknown GPTQ checkpoint_format {f!r}; known: {sorted(CHECKPOINT_FORMATS)}")
+    delta = CHECKPOINT_FORMATS[src] - CHECKPOINT_FORMATS[dst]
+    if delta == 0:
+        return t
+    m, _, _ = check_tensors(t, bits)
+    stored = _pack_ops.unpack_dim0(t["qzeros"].t().contiguous(), bits, m).to(torch.int64) + delta
+    bad = (stored < 0) | (stored > (1 << bits) - 1)
+    if bad.any():
+        zero = int(stored[bad][0]) + CHECKPOINT_FORMATS[dst]
+        raise ValueError(f"a zero point of {zero} cannot be stored as {dst!r} at {bits} bits (it stores "
+                         f"zero - {CHECKPOINT_FORMATS[dst]} in [0, {(1 << bits) - 1}])")
+    return {**t, "qzeros": _pack_ops.pack_dim0(stored, bits).t().contiguous()}

@@ -2,10 +2,15 @@
 
 Directory layout:
     model.safetensors        <module>.qweight/.qzeros/.scales/.g_idx(/.bias) for quantized linears, every
-                             other tensor of the model as is (tied copies stored once)
+                             other tensor of the model as is (tied copies stored once); a head rounded
+                             to nearest is stored in float and rounded again at load (models/head.py)
     quantize_config.json     GPTQ keys + a `meta` object (quantizer, method, alpha, K, zero-point
-                             convention, per-module damp/fallback log); mirrored into config.json
-                             as `quantization_config`
+                             convention, the head's load-time grid, per-module damp/fallback log);
+                             mirrored into config.json as `quantization_config`
+
+checkpoint_format is "gptq" (v1: qzeros store zero - 1) when every packed module is symmetric, the form
+every GPTQ reader knows; "gptq_v2" (qzeros store the zero) as soon as one is asymmetric, because GPTQModel
+refuses asymmetric v1 checkpoints from any writer but itself (transformers reads v2 through GPTQModel too).
     config.json, generation_config.json, tokenizer files
     quantkern_manifest.json  sha256 + size of every other file, checked by `load`
 
@@ -31,10 +36,11 @@ from .. import __version__
 from ..formats import gptq
 from ..spec import QuantSpec
 from ..nn import QuantLinear
+from .head import round_head, rounded_at_load
 
 MANIFEST = "quantkern_manifest.json"
 WEIGHTS = "model.safetensors"
-ZERO_POINT_CONVENTION = "v1 (stored zero-1)"
+ZERO_POINT_CONVENTIONS = {"gptq": "v1 (stored zero-1)", "gptq_v2": "v2 (stored zero)"}
 
 
 class CheckpointError(RuntimeError):
@@ -55,6 +61,15 @@ def quant_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def packed_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    """The QuantLinear modules a checkpoint stores packed (all but a head rounded again at load)."""
+    return {n: m for n, m in quant_modules(model).items() if not rounded_at_load(m)}
+
+
+def checkpoint_format_for(modules) -> str:
+    return "gptq" if all(m.spec.sym for m in modules) else "gptq_v2"
+
+
 def _natural_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
     n = g_idx.numel()
     nat = torch.zeros(n, dtype=torch.int32) if group_size == -1 else (torch.arange(n) // group_size).to(torch.int32)
@@ -67,9 +82,10 @@ def quantize_config(model: nn.Module) -> dict:
     if not info:
         raise CheckpointError("model carries no quantkern_info: quantize it with quantkern.quantize_model first")
     spec = QuantSpec(**info["spec"])
-    qmods = quant_modules(model)
+    qmods = packed_modules(model)
     if not qmods:
         raise CheckpointError("model has no QuantLinear modules to save")
+    fmt = checkpoint_format_for(qmods.values())
     # each module's grid as stored; desc_act is what its g_idx says, not what was asked (SNRQ always permutes)
     body = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym}
     grids = {name: {"bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym,
@@ -82,16 +98,19 @@ def quantize_config(model: nn.Module) -> dict:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out = {
         "bits": spec.bits, "group_size": spec.group_size, "desc_act": desc_act, "sym": spec.sym,
-        "lm_head": isinstance(head, QuantLinear),  # GPTQModel's key: the output projection is quantized too
+        # GPTQModel's key: the output projection is stored packed too
+        "lm_head": isinstance(head, QuantLinear) and not rounded_at_load(head),
         "static_groups": spec.static_groups, "damp_percent": spec.damp, "true_sequential": spec.true_sequential,
-        "quant_method": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
+        "quant_method": "gptq", "checkpoint_format": fmt, "pack_dtype": "int32",
         "meta": {
             "quantizer": "quantkern", "quantizer_version": __version__,
             "method": method.pop("method", None), "alpha": method.pop("alpha", None), "K": method.pop("K", None),
-            "method_options": method, "zero_point_convention": ZERO_POINT_CONVENTION,
+            "method_options": method, "zero_point_convention": ZERO_POINT_CONVENTIONS[fmt],
             "quantized_modules": sorted(qmods), "modules": info.get("modules", {}),
         },
     }
+    if rounded_at_load(head):  # stored in float; quantkern rounds it to this grid at load
+        out["meta"]["lm_head_at_load"] = {"method": "rtn", **head.spec.to_dict()}
     if dynamic:  # GPTQModel's per-module overrides: regex on the module name -> its own bits/group/sym/desc_act
         out["dynamic"] = dynamic
     return out
@@ -124,10 +143,28 @@ def module_spec(spec: QuantSpec, qcfg: dict, name: str) -> QuantSpec | None:
     return spec
 
 
-def _state_dict_dedup(model: nn.Module) -> tuple[dict, dict]:
+def _checkpoint_tensors(model: nn.Module, fmt: str) -> dict:
+    """The model's state dict as the checkpoint stores it: packed qzeros in `fmt`'s zero convention, and a
+    head rounded at load as its float source (the embedding's own Parameter when tied)."""
+    sd = model.state_dict()
+    for name, m in quant_modules(model).items():
+        if rounded_at_load(m):
+            for t in (*gptq.TENSOR_NAMES, "bias"):
+                sd.pop(f"{name}.{t}", None)
+            weight, bias = m.float_source
+            sd[f"{name}.weight"] = weight.detach()
+            if bias is not None:
+                sd[f"{name}.bias"] = bias.detach()
+        else:
+            t = gptq.convert_qzeros({t: sd[f"{name}.{t}"] for t in gptq.TENSOR_NAMES}, m.spec.bits, "gptq", fmt)
+            sd[f"{name}.qzeros"] = t["qzeros"]
+    return sd
+
+
+def _state_dict_dedup(state_dict: dict) -> tuple[dict, dict]:
     """State dict with each shared tensor stored once; aliases maps dropped key -> kept key."""
     out, aliases, seen = {}, {}, {}
-    for k, v in model.state_dict().items():
+    for k, v in state_dict.items():
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype) if v.numel() else None
         if key is not None and key in seen:
             aliases[k] = seen[key]
@@ -176,7 +213,7 @@ def save_quantized(model: nn.Module, path, tokenizer=None, log_path=None) -> Pat
     """Write `model` (from quantize_model) as a GPTQ v1 directory at `path`, atomically."""
     path = Path(path)
     qcfg = quantize_config(model)
-    tensors, aliases = _state_dict_dedup(model)
+    tensors, aliases = _state_dict_dedup(_checkpoint_tensors(model, qcfg["checkpoint_format"]))
     qcfg["meta"]["tied"] = aliases
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -220,9 +257,10 @@ def verify(path) -> dict:
 
 
 def spec_from_config(qcfg: dict) -> QuantSpec:
-    if qcfg.get("quant_method") != "gptq" or qcfg.get("checkpoint_format", "gptq") != "gptq":
+    fmt = qcfg.get("checkpoint_format", "gptq")
+    if qcfg.get("quant_method") != "gptq" or fmt not in gptq.CHECKPOINT_FORMATS:
         raise CheckpointError(f"unsupported quantization: quant_method={qcfg.get('quant_method')!r}, "
-                              f"checkpoint_format={qcfg.get('checkpoint_format')!r} (need gptq v1)")
+                              f"checkpoint_format={fmt!r} (quantkern reads {' and '.join(gptq.CHECKPOINT_FORMATS)})")
     return QuantSpec(bits=int(qcfg["bits"]), group_size=int(qcfg["group_size"]), sym=bool(qcfg.get("sym", True)),
                      act_order=bool(qcfg.get("desc_act", False)), static_groups=bool(qcfg.get("static_groups", False)),
                      damp=float(qcfg.get("damp_percent", 0.01)), true_sequential=bool(qcfg.get("true_sequential", True)))
@@ -260,6 +298,7 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
             warnings.warn(f"{path}: no {MANIFEST}; loading without integrity checks", stacklevel=2)
     qcfg = read_quantize_config(path)
     spec = spec_from_config(qcfg)
+    fmt = qcfg.get("checkpoint_format", "gptq")
     cfg = AutoConfig.from_pretrained(path)
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")  # the model is built plain, then given QuantLinear modules
@@ -292,10 +331,15 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
             raise CheckpointError(f"{path}: {name} is {old.out_features}x{old.in_features} in the config, "
                                   f"{m}x{n} in the weights")
         try:
-            gptq.check_tensors({t: sd[f"{name}.{t}"] for t in gptq.TENSOR_NAMES}, mspec.bits, m, n)
+            packed = {t: sd[f"{name}.{t}"] for t in gptq.TENSOR_NAMES}
+            gptq.check_tensors(packed, mspec.bits, m, n)
         except ValueError as e:
             raise CheckpointError(f"{path}: {name}'s packed tensors do not match its quantize_config "
                                   f"({mspec.bits}-bit, group {mspec.group_size}): {e}") from e
+        try:  # in memory everything is v1 (the kernels' convention)
+            sd[f"{name}.qzeros"] = gptq.convert_qzeros(packed, mspec.bits, fmt, "gptq")["qzeros"]
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {name}: {e}; quantkern's kernels need zero points >= 1") from e
         q = QuantLinear(n, m, mspec, bias=(name + ".bias") in sd)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
@@ -310,6 +354,13 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
         for k, src in aliases.items():  # anything tie_weights did not re-tie gets its stored copy
             if live[k].data_ptr() != live[src].data_ptr():
                 live[k].data.copy_(sd[src])
+    head_at_load = qcfg.get("meta", {}).get("lm_head_at_load")
+    if head_at_load:
+        try:
+            head_spec = QuantSpec(**{k: v for k, v in head_at_load.items() if k != "method"})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: meta.lm_head_at_load {head_at_load}: {e}") from e
+        round_head(model, head_spec)
     model.quantkern_info = {"spec": spec.to_dict(), "method": {"method": qcfg.get("meta", {}).get("method")},
                             "modules": qcfg.get("meta", {}).get("modules", {}), "quantize_config": qcfg}
     model = model.to(device).eval()
@@ -318,6 +369,17 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
 
         fuse_quant_groups(model)
     return model
+
+
+def checkpoint_tensor_names(path) -> list[str]:
+    """Every tensor name in the checkpoint's safetensors files (headers only: nothing is loaded)."""
+    from safetensors import safe_open
+
+    names = []
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            names.extend(sf.keys())
+    return names
 
 
 def checkpoint_size(path) -> dict:

@@ -35,6 +35,7 @@ from ..nn import QuantLinear
 from ..solvers import solve
 from ..solvers.registry import METHODS as SOLVER_METHODS, check_options
 from .arch import find_blocks, linear_groups
+from .head import LM_HEAD_AUTO_SPEC, resolve_lm_head, round_head, set_module, untie_lm_head  # noqa: F401
 
 
 class _StopForward(Exception):
@@ -224,11 +225,6 @@ def _resolve_layers(layers, nblocks: int) -> list[int]:
     return out
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | None = None, method: str = "gptq",
                    calib="shakespeare", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
                    layers: int | Iterable[int] | None = None, log_path=None, progress: bool = True,
@@ -246,8 +242,9 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
         True / "same": the body's spec and method (GPTQModel's lm_head=True); its calibration input is the
             final norm's output on the quantized (and, for GPTAQ/SNRQ, the full-precision) stream.
         an int (bits) or a QuantSpec: that grid, rounded with RTN (no calibration).
-        A tied lm_head is untied first: the input embedding keeps its float table. A head whose spec
-        differs from the body's is saved with a GPTQModel `dynamic` override in quantize_config.json.
+        A rounded head is saved in float (tied where the model ties it) and rounded again at load, so every
+        GPTQ reader loads it (quantkern.models.head). A "same" head is untied first (the input embedding
+        keeps its float table) and saved packed: GPTQModel and quantkern load it, transformers does not.
     quantize_lm_head: the older spelling of lm_head=True (True) / lm_head=None (False).
     fuse: run linears that read the same input (q/k/v, gate/up) as one kernel call (quantkern.nn.fused).
     method_kwargs go to the method (e.g. alpha=0.25, K=4, alpha="sample").
@@ -271,10 +268,11 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
     if lm_head == "auto" and len(chosen) < len(blocks):
         lm_head = None  # a partial run (debugging, experiments) changes only the blocks it was asked to
     head_mode, head_spec = resolve_lm_head(lm_head, spec, model)
-    head_name = untie_lm_head(model) if head_mode != "fp" else None
+    # a solved head needs its own weight (the solver writes into it); a rounded one keeps the float (tied) one
+    head_name = untie_lm_head(model) if head_mode == "same" else None
     calibrated_head = head_mode == "same"
     report = QuantReport(method, spec.to_dict(), plugin.meta(), samples.shape[0], samples.shape[1], chosen)
-    if chosen or head_name:
+    if chosen or head_mode != "fp":
         run = _Run(plugin, report, log_path, progress)
         try:
             with torch.enable_grad():
@@ -293,7 +291,10 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
                     if calibrated_head:
                         _quantize_lm_head(model, head_name, run, None, None)
                 if head_mode == "rtn":
-                    _quantize_lm_head_rtn(model, head_name, run, head_spec)
+                    with run.slv:
+                        t0 = time.perf_counter()
+                        name, res = round_head(model, head_spec)
+                    run.record(None, name, model.get_submodule(name), res, time.perf_counter() - t0)
         finally:
             run.close()
         report.forward_s, report.solve_s = run.fwd.t, run.slv.t
@@ -323,14 +324,19 @@ class _Run:
     def solve(self, li, name, lin, collector, solver=None):
         """Solve one linear (with the method's plug-in, or `solver(weight)`), put the dequantized weight in
         place, and log the row."""
-        from tqdm.auto import tqdm
-
         with self.slv:
             t0 = time.perf_counter()
             w = lin.weight.data.float()
             res = solver(w) if solver is not None else self.plugin.solve(name, w, collector)
             dt = time.perf_counter() - t0
         lin.weight.data.copy_(res.dequantized.to(lin.weight.dtype))
+        self.record(li, name, lin, res, dt)
+        return res
+
+    def record(self, li, name, lin, res, dt):
+        """The module's row: in the report, the JSONL log and (with progress) the terminal."""
+        from tqdm.auto import tqdm
+
         row = {"layer": li, "module": name, "out": lin.out_features, "in": lin.in_features,
                "loss": float(res.loss), "damp": float(res.log.get("damp", float("nan"))),
                "retries": int(res.log.get("retries", 0) or 0), "fallback": res.log.get("fallback"),
@@ -347,7 +353,6 @@ class _Run:
             tqdm.write(f"  layer {'-' if li is None else li:>3}  {name:<18} loss {loss}  damp {damp}"
                        f"{'  FALLBACK ' + str(row['fallback']) if row['fallback'] else ''}  {dt:6.2f}s"
                        f"{'  grid ' + row['grid'] if 'grid' in row else ''}")
-        return res
 
     def close(self):
         if self.log:
@@ -356,7 +361,7 @@ class _Run:
 
 def _swap_in_quantized(block, results):
     for name, res in results.items():
-        _set_module(block, name, QuantLinear.from_linear(block.get_submodule(name), res))
+        set_module(block, name, QuantLinear.from_linear(block.get_submodule(name), res))
 
 
 def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
@@ -404,62 +409,6 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
     return inps, fp_inps
 
 
-def _output_linear(model) -> tuple[str, nn.Linear]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"lm_head: {type(model).__name__} has no nn.Linear output projection "
-                         f"(get_output_embeddings() is {type(head).__name__})")
-    name = next(n for n, m in model.named_modules() if m is head)
-    return name, head
-
-
-def untie_lm_head(model) -> str:
-    """Give the output projection its own weight (a copy) and mark the config untied, so that quantizing it
-    leaves the input embedding's float table alone and save/load keep the two apart. Returns its name."""
-    name, head = _output_linear(model)
-    new = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
-                    device=head.weight.device, dtype=head.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(head.weight)
-        if head.bias is not None:
-            new.bias.copy_(head.bias)
-    _set_module(model, name, new)
-    for cfg in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
-                if c is not None}.values():
-        cfg.tie_word_embeddings = False
-    if hasattr(model, "all_tied_weights_keys"):
-        model.all_tied_weights_keys = {}
-    return name
-
-
-LM_HEAD_AUTO_SPEC = QuantSpec(bits=8, group_size=128, sym=True)
-
-
-def resolve_lm_head(lm_head, spec: QuantSpec, model=None) -> tuple[str, QuantSpec | None]:
-    """quantize_model's `lm_head` argument -> (mode, head spec): mode "fp" (keep float), "same" (the body's
-    spec and method, calibrated) or "rtn" (the returned spec, rounded to nearest)."""
-    if lm_head is None or lm_head is False or lm_head == "fp":
-        return "fp", None
-    if lm_head is True or lm_head == "same":
-        return "same", spec
-    if lm_head == "auto":
-        head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
-        return ("rtn", LM_HEAD_AUTO_SPEC) if isinstance(head, nn.Linear) else ("fp", None)
-    if isinstance(lm_head, QuantSpec):
-        return "rtn", lm_head
-    if isinstance(lm_head, int):
-        return "rtn", QuantSpec(bits=lm_head, group_size=128, sym=True)  # QuantSpec checks the bits
-    raise ValueError(f"lm_head must be 'auto', 'fp'/None/False, 'same'/True, a bit width or a QuantSpec; "
-                     f"got {lm_head!r}")
-
-
-def _quantize_lm_head_rtn(model, name, run, head_spec):
-    """The output projection on its own grid, rounded to nearest: no statistics, no forward passes."""
-    head = model.get_submodule(name)
-    res = run.solve(None, name, head, None, solver=lambda w: solve(w, None, head_spec, method="rtn"))
-    _set_module(model, name, QuantLinear.from_linear(head, res))
-
-
 def _quantize_lm_head(model, name, run, inps, fp_inps):
     """Statistics of lm_head from the final norm's output on both streams, then solve and swap in."""
     from .arch import find_final_norm
@@ -474,7 +423,7 @@ def _quantize_lm_head(model, name, run, inps, fp_inps):
                 for i, x in enumerate(inps):
                     plugin.add(collector, norm(x), None if fp_inps is None else norm(fp_inps[i]))
     res = run.solve(None, name, head, collector)
-    _set_module(model, name, QuantLinear.from_linear(head, res))
+    set_module(model, name, QuantLinear.from_linear(head, res))
 
 
 def _collect(block, first, inps, kw, plugin, collector, fp_inputs):
