@@ -54,7 +54,6 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
     ppl_q = perplexity(loaded, docs, DEMO["eval_seqlen"], progress=True, desc="ppl quantized")
     size_q = checkpoint_size(output)
     size_fp = checkpoint_size(default_model_dir())
-    head_q = _quant_head_bytes(loaded)
     ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     tps_fp = decode_tokens_per_s(fp, ids, DEMO["decode_tokens"])
     tps_q = decode_tokens_per_s(loaded, ids, DEMO["decode_tokens"])
@@ -66,8 +65,8 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
         ("perplexity (held out)", f"{ppl_fp['ppl']:.2f}", f"{ppl_q['ppl']:.2f}"),
         ("checkpoint size", _mib(size_fp["total"]), _mib(size_q["total"])),
         ("  of which decoder linears", _mib(size_fp["total"] - _embed_bytes(fp)),
-         _mib(size_q["packed_linears"] - head_q)),
-        ("  lm_head", "tied to the embedding", f"{_mib(head_q)} ({_head_desc(loaded)})" if head_q else "tied, float"),
+         _mib(size_q["packed_linears"])),
+        ("  lm_head", "tied to the embedding", _head_desc(loaded)),
         ("decode tokens/s (batch 1)", f"{tps_fp:.1f}", f"{tps_q:.1f} ({tps_q / tps_fp:.2f}x)"),
         ("quantization time", "-", f"{report.total_s:.0f} s (forward {report.forward_s:.0f} s, solve {report.solve_s:.0f} s)"),
     ]
@@ -83,19 +82,14 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
     return {"ppl_fp": ppl_fp["ppl"], "ppl_q": ppl_q["ppl"], "tps_fp": tps_fp, "tps_q": tps_q, "size_q": size_q}
 
 
-def _quant_head_bytes(model) -> int:
-    from quantkern.formats import gptq
-    from quantkern.nn import QuantLinear
+def _head_desc(model) -> str:
+    from quantkern.models.head import rounded_at_load
 
     head = model.get_output_embeddings()
-    if not isinstance(head, QuantLinear):
-        return 0
-    return sum(getattr(head, k).numel() * getattr(head, k).element_size() for k in gptq.TENSOR_NAMES)
-
-
-def _head_desc(model) -> str:
-    s = model.get_output_embeddings().spec
-    return f"{s.bits}-bit RTN g{s.group_size}; the embedding keeps its fp32 table"
+    if not rounded_at_load(head):
+        return "float" if not hasattr(head, "spec") else f"{head.spec.bits}-bit, packed"
+    s = head.spec
+    return f"tied in the file; {s.bits}-bit RTN g{s.group_size} once loaded (rounded at load)"
 
 
 def _embed_bytes(model):
