@@ -122,3 +122,21 @@ def test_unknown_method_option_fails_before_calibration(tmp_path, capsys):
         rc = cli.main(["quantize", "--model", str(tmp_path / "no-such-model"), *extra, "--output", str(out)])
         err = capsys.readouterr().err
         assert rc == 2 and f"no option(s) ['{bad}']" in err and not out.exists()
+
+
+def test_quantize_names_readers_that_would_misload(tmp_path, capsys):
+    """A packed head (--lm-head same) is misloaded by transformers: quantize says so on stderr, even with
+    --quiet, and inspect's table agrees; the default head draws no warning."""
+    src = tiny_model_dir(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(TEXT)
+    common = ["quantize", "--model", str(src), "--method", "rtn", "--bits", "4", "--group-size", "32",
+              "--calib", str(tmp_path / "calib.txt")]
+    assert cli.main([*common, "--output", str(tmp_path / "same"), "--lm-head", "same", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: transformers: NO (MISLOADS: ignores the packed lm_head" in err
+    assert cli.main(["inspect", str(tmp_path / "same"), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)["loads_in (tests/interop)"]
+    assert table["transformers"].startswith("NO") and table["GPTQModel"].startswith("yes")
+    assert cli.main([*common, "--output", str(tmp_path / "auto")]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err and "loads in: quantkern yes, GPTQModel yes, transformers yes, vLLM untested" in out

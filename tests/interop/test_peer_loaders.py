@@ -38,6 +38,7 @@ CASES = {
     "asym4": (True, QuantSpec(bits=4, group_size=64, sym=False), "auto"),
     "asym3-act-order": (False, QuantSpec(bits=3, group_size=128, sym=False, act_order=True), "auto"),
     "sym8": (True, QuantSpec(bits=8, group_size=128), "fp"),
+    "sym2-act-order": (False, QuantSpec(bits=2, group_size=32, act_order=True), "auto"),
 }
 # (loader, case) -> why the peer must NOT reproduce quantkern's logits; everything else must
 MISLOADS = {("transformers", "head-same"): "transformers' GPTQ path ignores lm_head/dynamic: random head"}
