@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-lm-head", dest="lm_head", action="store_const", const="same",
                    help="same as --lm-head same")
     q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
+    q.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="split the weights into safetensors shards of at most SIZE (e.g. 2GB, 500MB) with "
+                        "transformers' index file (default %(default)s)")
     q.add_argument("--quiet", action="store_true")
 
     e = sub.add_parser("eval", help="perplexity on held-out text")
@@ -180,7 +183,7 @@ def cmd_quantize(args) -> int:
     _, report = quantize_model(model, tok, spec, method=method, calib=args.calib or "shakespeare",
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
                                log_path=log, progress=not args.quiet, lm_head=args.lm_head, **method_kwargs)
-    save_quantized(model, out, tokenizer=tok, log_path=log)
+    save_quantized(model, out, tokenizer=tok, log_path=log, max_shard_size=args.max_shard_size)
     log.unlink(missing_ok=True)
     print(f"saved {out}  ({len(report.modules)} linears, {report.total_s:.0f} s: forward {report.forward_s:.0f} s, "
           f"solve {report.solve_s:.0f} s)")
@@ -243,6 +246,7 @@ def cmd_generate(args) -> int:
 def inspect_checkpoint(path) -> dict:
     from .models.checkpoint import (ZERO_POINT_CONVENTIONS, checkpoint_size, checkpoint_tensor_names,
                                     read_quantize_config, spec_from_config)
+    from .formats.gptq_config import checkpoint_format
     from .models.readers import reader_support
     from .ops import registry
 
@@ -258,7 +262,7 @@ def inspect_checkpoint(path) -> dict:
         quantkern_backends[b] = ("yes" if st["available"] and has else "no") + f" ({st['reason']})" + (
             "" if has else " [no qgemm kernel registered]")
     dynamic = qc.get("dynamic") or {}
-    fmt = qc.get("checkpoint_format", "gptq")
+    fmt = checkpoint_format(qc)
     return {
         "path": str(path), "bits": spec.bits, "group_size": spec.group_size, "act_order (desc_act)": spec.act_order,
         "sym": spec.sym, "static_groups": spec.static_groups,

@@ -1,5 +1,6 @@
 """Checkpoint format: GPTQ keys and config, manifest, atomic save, corruption refused (tiny random Llama)."""
 import json
+import re
 
 import pytest
 import torch
@@ -113,14 +114,41 @@ def test_unquantized_model_refused(tmp_path):
         quantkern.save_quantized(tiny_llama(), tmp_path / "x")
 
 
-def test_spec_from_config_rejects_other_formats():
-    with pytest.raises(ckpt.CheckpointError, match="quant_method='awq'.*reads gptq and gptq_v2"):
-        ckpt.spec_from_config({"quant_method": "awq", "bits": 4, "group_size": 128})
-    with pytest.raises(ckpt.CheckpointError, match="checkpoint_format='marlin'"):
-        ckpt.spec_from_config({"quant_method": "gptq", "checkpoint_format": "marlin", "bits": 4, "group_size": 128})
-    spec = ckpt.spec_from_config({"quant_method": "gptq", "checkpoint_format": "gptq_v2", "bits": 4, "group_size": 64,
-                                  "sym": False})
-    assert (spec.bits, spec.group_size, spec.sym) == (4, 64, False)
+GPTQ_BASE = {"bits": 4, "group_size": 128}
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"quant_method": "awq"}, "quant_method='awq'"),
+    ({"method": "awq"}, "method='awq'"),
+    ({"checkpoint_format": "marlin"}, "checkpoint_format='marlin'"),
+    ({"format": "gptq_p"}, "format='gptq_p'"),
+    ({"is_marlin_format": True}, "is_marlin_format=true"),
+    ({"pack_dtype": "int16"}, "pack_dtype='int16'"),
+    ({"bits": 5}, "bits=5"),
+    ({"bits": "4"}, "bits='4'"),
+    ({"group_size": 0}, "group_size=0"),
+    ({"group_size": None}, "group_size=None"),
+])
+def test_config_quantkern_cannot_read_is_refused_by_field(extra, field):
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(field)):
+        ckpt.spec_from_config({**GPTQ_BASE, **extra})
+
+
+@pytest.mark.parametrize("qcfg,fmt", [
+    ({}, "gptq"),  # old AutoGPTQ: no quant_method, no checkpoint_format
+    ({"quant_method": "gptq", "checkpoint_format": "gptq"}, "gptq"),  # AutoGPTQ / transformers
+    ({"method": "gptq", "format": "gptq_v2", "pack_dtype": "int32"}, "gptq_v2"),  # GPTQModel's own keys
+    ({"quant_method": "gptq", "checkpoint_format": "gptq_v2", "sym": False, "desc_act": True}, "gptq_v2"),
+    ({"quant_method": "gptq", "pack_dtype": "torch.int32", "is_marlin_format": False}, "gptq"),
+])
+def test_config_variants_in_use_are_read(qcfg, fmt):
+    from quantkern.formats.gptq_config import checkpoint_format
+
+    qcfg = {**GPTQ_BASE, **qcfg}
+    assert checkpoint_format(qcfg) == fmt
+    spec = ckpt.spec_from_config(qcfg)
+    assert (spec.bits, spec.group_size, spec.sym, spec.act_order) == (4, 128, qcfg.get("sym", True),
+                                                                      qcfg.get("desc_act", False))
 
 
 @pytest.mark.parametrize("bits,act_order", [(4, False), (3, True)])
@@ -185,3 +213,21 @@ def test_inspect_counts_modules_in_the_files(quantized, tmp_path):
     info = cli.inspect_checkpoint(out)
     assert info["quantized_modules"] == 14 and info["lm_head"] == "float (not quantized)"
     assert info["loads_in (tests/interop)"]["GPTQModel"].startswith("yes")
+
+
+def test_sharded_checkpoint_roundtrip_and_missing_shard(quantized, tmp_path):
+    """Shards with transformers' index: every tensor in exactly one shard, a reload equal to the model, and a
+    missing shard refused by name (with and without the manifest check)."""
+    model, _ = quantized
+    out = quantkern.save_quantized(model, tmp_path / "ck", max_shard_size=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and not (out / "model.safetensors").exists()
+    assert sorted(ckpt.checkpoint_tensor_names(out)) == sorted(index["weight_map"])
+    ids = tiny_tokens(2, 16, seed=4)
+    torch.testing.assert_close(_logits(quantkern.load(out), ids), _logits(model, ids), rtol=0, atol=0)
+    (out / shards[1]).unlink()
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"shard {shards[1]} named in")):
+        quantkern.load(out, check=False)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{shards[1]} listed in the manifest is missing")):
+        quantkern.load(out)

@@ -33,13 +33,15 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..formats import gptq
+from ..formats import gptq, gptq_config
 from ..spec import QuantSpec
 from ..nn import QuantLinear
 from .head import round_head, rounded_at_load
 
 MANIFEST = "quantkern_manifest.json"
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # transformers' name for a sharded checkpoint's tensor -> file map
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 ZERO_POINT_CONVENTIONS = {"gptq": "v1 (stored zero-1)", "gptq_v2": "v2 (stored zero)"}
 
 
@@ -179,10 +181,18 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _write_weights(tmp: Path, tensors: dict, metadata: dict) -> None:
+def _write_weights(tmp: Path, tensors: dict, metadata: dict, max_shard_size) -> None:
+    """One model.safetensors, or shards of at most max_shard_size with transformers' index file (the split
+    is huggingface_hub's, so every HF-style reader finds the tensors)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({k: tensors[k] for k in names}, str(tmp / filename), metadata=metadata)
+    if split.is_sharded:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json(tmp / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename})
 
 
 def _write_manifest(tmp: Path) -> None:
@@ -209,8 +219,10 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- save / load
 
-def save_quantized(model: nn.Module, path, tokenizer=None, log_path=None) -> Path:
-    """Write `model` (from quantize_model) as a GPTQ v1 directory at `path`, atomically."""
+def save_quantized(model: nn.Module, path, tokenizer=None, log_path=None,
+                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write `model` (from quantize_model) as a GPTQ directory at `path`, atomically; weights in shards of at
+    most `max_shard_size` (bytes or "5GB") with model.safetensors.index.json when they do not fit in one."""
     path = Path(path)
     qcfg = quantize_config(model)
     tensors, aliases = _state_dict_dedup(_checkpoint_tensors(model, qcfg["checkpoint_format"]))
@@ -218,7 +230,7 @@ def save_quantized(model: nn.Module, path, tokenizer=None, log_path=None) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        _write_weights(tmp, tensors, {"format": "pt", "quantizer": "quantkern"})
+        _write_weights(tmp, tensors, {"format": "pt", "quantizer": "quantkern"}, max_shard_size)
         _write_json(tmp / "quantize_config.json", qcfg)
         cfg = model.config.to_dict()
         cfg["quantization_config"] = {k: v for k, v in qcfg.items()}
@@ -257,13 +269,11 @@ def verify(path) -> dict:
 
 
 def spec_from_config(qcfg: dict) -> QuantSpec:
-    fmt = qcfg.get("checkpoint_format", "gptq")
-    if qcfg.get("quant_method") != "gptq" or fmt not in gptq.CHECKPOINT_FORMATS:
-        raise CheckpointError(f"unsupported quantization: quant_method={qcfg.get('quant_method')!r}, "
-                              f"checkpoint_format={fmt!r} (quantkern reads {' and '.join(gptq.CHECKPOINT_FORMATS)})")
-    return QuantSpec(bits=int(qcfg["bits"]), group_size=int(qcfg["group_size"]), sym=bool(qcfg.get("sym", True)),
-                     act_order=bool(qcfg.get("desc_act", False)), static_groups=bool(qcfg.get("static_groups", False)),
-                     damp=float(qcfg.get("damp_percent", 0.01)), true_sequential=bool(qcfg.get("true_sequential", True)))
+    """The checkpoint-wide spec; CheckpointError naming the field for anything quantkern cannot read."""
+    try:
+        return gptq_config.spec_from_config(qcfg)
+    except gptq_config.GPTQConfigError as e:
+        raise CheckpointError(f"unsupported quantization: {e}") from e
 
 
 def read_quantize_config(path) -> dict:
@@ -298,13 +308,11 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
             warnings.warn(f"{path}: no {MANIFEST}; loading without integrity checks", stacklevel=2)
     qcfg = read_quantize_config(path)
     spec = spec_from_config(qcfg)
-    fmt = qcfg.get("checkpoint_format", "gptq")
+    fmt = gptq_config.checkpoint_format(qcfg)
     cfg = AutoConfig.from_pretrained(path)
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")  # the model is built plain, then given QuantLinear modules
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no .safetensors weights")
+    files = weight_files(path)
     try:
         sd = {}
         for f in files:
@@ -371,12 +379,32 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
     return model
 
 
+def weight_files(path) -> list[Path]:
+    """The checkpoint's safetensors files: those its index names (each must exist), else every one there."""
+    path = Path(path)
+    index = path / WEIGHTS_INDEX
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: shard {missing[0]} named in {WEIGHTS_INDEX} is missing"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors weights")
+    return files
+
+
 def checkpoint_tensor_names(path) -> list[str]:
     """Every tensor name in the checkpoint's safetensors files (headers only: nothing is loaded)."""
     from safetensors import safe_open
 
     names = []
-    for f in sorted(Path(path).glob("*.safetensors")):
+    for f in weight_files(path):
         with safe_open(str(f), "pt") as sf:
             names.extend(sf.keys())
     return names
