@@ -198,8 +198,7 @@ def _print_readers(path, warn_only=False) -> None:
 
     table = reader_support(read_quantize_config(path))
     if not warn_only:
-        print("loads in: " + ", ".join(f"{k} {'yes' if v.ok else 'NO' if v.ok is False else 'untested'}"
-                                       for k, v in table.items()))
+        print("loads in: " + ", ".join(f"{k} {str(v).split(' (')[0]}" for k, v in table.items()))
     for reader, v in table.items():
         if v.ok is False:
             print(f"warning: {reader}: {v}", file=sys.stderr)
