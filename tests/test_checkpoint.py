@@ -96,8 +96,8 @@ def test_interrupted_save_keeps_old(quantized, tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     real = ckpt._write_weights
 
-    def half_then_fail(tmp, tensors, metadata):
-        real(tmp, tensors, metadata)
+    def half_then_fail(tmp, tensors, metadata, max_shard_size):
+        real(tmp, tensors, metadata, max_shard_size)
         (tmp / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt("simulated crash mid-write")
 
@@ -195,7 +195,7 @@ def test_foreign_v2_zero_point_zero_refused(tmp_path):
     z[3, 0] = 0
     sd[key] = bitstream.pack_dim0(z, 4).t().contiguous()
     save_file(sd, str(out / "model.safetensors"))
-    with pytest.raises(ckpt.CheckpointError, match=r"o_proj: a zero point of 0 cannot be stored as 'gptq'.*>= 1"):
+    with pytest.raises(ckpt.CheckpointError, match=r"o_proj: a zero point of 0 cannot be stored as 'gptq'"):
         quantkern.load(out, check=False)
 
 

@@ -215,3 +215,18 @@ def test_qzeros_v1_v2_conversion(bits, m, rng):
         gptq.convert_qzeros(v1_hi, bits, "gptq", "gptq_v2")
     with pytest.raises(ValueError, match="unknown GPTQ checkpoint_format 'gptq_v3'"):
         gptq.convert_qzeros(v1, bits, "gptq", "gptq_v3")
+
+
+def test_v1_asym_wrapped_zero_is_refused(rng):
+    """A v1 asymmetric checkpoint whose stored zero is maxq came from a zero point of 0 (0 - 1 wrapped):
+    refused, not read as maxq + 1; legal v1 zeros pass."""
+    bits, m, G, n = 4, 40, 2, 64
+    zeros = torch.randint(1, 16, (G, m), generator=rng)
+    t = gptq.pack(torch.randint(0, 16, (m, n), generator=rng), torch.rand(G, m, generator=rng) + 0.1, zeros,
+                  torch.arange(n) // 32, bits)
+    gptq.check_v1_asym_zeros(t, bits)
+    stored = zeros - 1
+    stored[1, 7] = 15
+    t["qzeros"] = bitstream.pack_dim0(stored.t().contiguous(), bits).t().contiguous()
+    with pytest.raises(ValueError, match="zero point of 0 wrapped around"):
+        gptq.check_v1_asym_zeros(t, bits)

@@ -141,3 +141,25 @@ def convert_qzeros(t: dict, bits: int, src: str, dst: str) -> dict:
         raise ValueError(f"a zero point of {zero} cannot be stored as {dst!r} at {bits} bits (it stores "
                          f"zero - {CHECKPOINT_FORMATS[dst]} in [0, {(1 << bits) - 1}])")
     return {**t, "qzeros": _pack_ops.pack_dim0(stored, bits).t().contiguous()}
+
+
+def check_v1_asym_zeros(t: dict, bits: int) -> None:
+    """An asymmetric v1 checkpoint storing maxq holds a zero point of 0 wrapped around (0 - 1), not maxq + 1,
+    which no min/max grid produces: writers that subtract 1 word-wise (GPTQModel's v2 -> v1) then also
+    borrow from the neighbouring zero. Raise ValueError rather than read either one wrong."""
+    m, _, _ = check_tensors(t, bits)
+    stored = _pack_ops.unpack_dim0(t["qzeros"].t().contiguous(), bits, m)
+    if (stored == (1 << bits) - 1).any():
+        raise ValueError(f"a zero point of 0 wrapped around in an asymmetric v1 checkpoint (stored {(1 << bits) - 1}); "
+                         "v1 cannot hold it, and quantkern's kernels need zero points >= 1")
+
+
+def check_sym_zeros(t: dict, bits: int) -> None:
+    """v1 tensors of a symmetric grid hold the zero point 2^(bits-1) everywhere; anything else means the
+    config lies (sym, or a v1/v2 checkpoint_format off by one), so raise ValueError naming it."""
+    m, _, _ = check_tensors(t, bits)
+    zeros = _pack_ops.unpack_dim0(t["qzeros"].t().contiguous(), bits, m).to(torch.int64) + 1
+    bad = zeros != (1 << (bits - 1))
+    if bad.any():
+        raise ValueError(f"the config says sym=true but a zero point is {int(zeros[bad][0])}, not {1 << (bits - 1)}: "
+                         "a wrong sym or checkpoint_format (v1 stores zero - 1, gptq_v2 the zero itself)")

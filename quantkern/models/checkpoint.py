@@ -334,25 +334,35 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
         missing_t = [t for t in gptq.TENSOR_NAMES if f"{name}.{t}" not in sd]
         if missing_t:
             raise CheckpointError(f"{path}: {name} lacks {missing_t}")
-        n, m = sd[name + ".g_idx"].shape[0], sd[name + ".scales"].shape[1]
-        if isinstance(old, nn.Linear) and (old.in_features, old.out_features) != (n, m):
-            raise CheckpointError(f"{path}: {name} is {old.out_features}x{old.in_features} in the config, "
-                                  f"{m}x{n} in the weights")
+        packed = {t: sd[f"{name}.{t}"] for t in gptq.TENSOR_NAMES}
         try:
-            packed = {t: sd[f"{name}.{t}"] for t in gptq.TENSOR_NAMES}
-            gptq.check_tensors(packed, mspec.bits, m, n)
+            m, n, G = gptq.check_tensors(packed, mspec.bits)
         except ValueError as e:
             raise CheckpointError(f"{path}: {name}'s packed tensors do not match its quantize_config "
                                   f"({mspec.bits}-bit, group {mspec.group_size}): {e}") from e
+        if isinstance(old, nn.Linear) and (old.in_features, old.out_features) != (n, m):
+            raise CheckpointError(f"{path}: {name} is {old.out_features}x{old.in_features} in the config, "
+                                  f"{m}x{n} in the weights")
+        if G != mspec.num_groups(n):
+            raise CheckpointError(f"{path}: {name}'s scales hold {G} groups, but group_size {mspec.group_size} "
+                                  f"over {n} inputs means {mspec.num_groups(n)}: config and tensors disagree")
         try:  # in memory everything is v1 (the kernels' convention)
-            sd[f"{name}.qzeros"] = gptq.convert_qzeros(packed, mspec.bits, fmt, "gptq")["qzeros"]
+            if fmt == "gptq" and not mspec.sym:
+                gptq.check_v1_asym_zeros(packed, mspec.bits)
+            packed = gptq.convert_qzeros(packed, mspec.bits, fmt, "gptq")
+            if mspec.sym:
+                gptq.check_sym_zeros(packed, mspec.bits)
         except ValueError as e:
-            raise CheckpointError(f"{path}: {name}: {e}; quantkern's kernels need zero points >= 1") from e
+            raise CheckpointError(f"{path}: {name}: {e}") from e
+        sd[f"{name}.qzeros"] = packed["qzeros"]
         q = QuantLinear(n, m, mspec, bias=(name + ".bias") in sd)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     aliases = qcfg.get("meta", {}).get("tied", {})
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a float tensor of the wrong shape: torch names it
+        raise CheckpointError(f"{path}: weights do not match the model: {e}") from e
     missing = [k for k in missing if k not in aliases]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
