@@ -52,6 +52,17 @@ def parse_calib(text: str) -> tuple[int, int]:
     return int(n), int(t)
 
 
+def shrink_summary(rows) -> dict:
+    """Median and max shrinkage intensity per statistic (H, F, H_out) over the modules of a run."""
+    import statistics
+
+    out = {}
+    for stat in sorted({k for r in rows for k in r.get("shrink", {})}):
+        v = [r["shrink"][stat] for r in rows if stat in r.get("shrink", {})]
+        out[stat] = {"median": statistics.median(v), "max": max(v)}
+    return out
+
+
 def key(name, bits, calib, net) -> str:
     return f"{name}/w{bits}/{calib}{'' if net else '/no-net'}"
 
@@ -143,6 +154,7 @@ def main(argv=None):
                     "forward_s": round(rep.forward_s, 1), "modules": len(rep.modules), "checked": len(checked),
                     "kept_rtn": rep.safety_fallbacks,
                     "kept_rtn_modules": [f"{r['layer']}.{r['module']}" for r in checked if r["safety"]["kept"] == "rtn"],
+                    "shrink": shrink_summary(rep.modules),
                 }
                 print(k, json.dumps({f: results["runs"][k][f] for f in ("ppl", "quant_s", "kept_rtn", "checked")}),
                       flush=True)
