@@ -417,8 +417,10 @@ class _Run:
 
 def _ratio(net) -> str:
     ml, rl = net["method_loss"], net["rtn_loss"]
-    if ml == ml and rl > 0 and ml > 0:
-        return f"method {ml / rl:.3g}x RTN's loss"
+    if ml is None:
+        return "method result not finite"
+    if rl > 0 and ml > 0:
+        return f"method {ml / rl:.3f}x RTN's loss"
     return f"method loss {ml:.4g} vs RTN {rl:.4g}"
 
 

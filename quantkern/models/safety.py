@@ -38,13 +38,13 @@ def layer_loss(W, Q, He, D=None, alpha: float = 0.0) -> float:
 
 
 def check(W: torch.Tensor, res, H: torch.Tensor, ntokens: float, spec, D=None, alpha: float = 0.0):
-    """(result to keep, info dict). info: kept ("method" or "rtn"), method_loss, rtn_loss."""
+    """(result to keep, info dict). info: kept ("method" or "rtn"), method_loss (None if not finite), rtn_loss."""
     He = evaluation_hessian(H.float(), ntokens, spec.damp)
     finite = bool(torch.isfinite(res.dequantized).all())
     ml = layer_loss(W, res.dequantized, He, D, alpha) if finite else float("nan")
     rtn = solve(W, None, spec, method="rtn")
     rl = layer_loss(W, rtn.dequantized, He, D, alpha)
-    info = {"kept": "method", "method_loss": ml, "rtn_loss": rl}
+    info = {"kept": "method", "method_loss": ml if math.isfinite(ml) else None, "rtn_loss": rl}  # (JSON: no NaN)
     if alpha and D is not None:
         info["alpha"] = float(alpha)
     if math.isfinite(ml) and ml <= rl:
