@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "float, same = the body's method and bits (GPTQModel lm_head=True), BITS = RTN at that width")
     q.add_argument("--quantize-lm-head", dest="lm_head", action="store_const", const="same",
                    help="same as --lm-head same")
+    q.add_argument("--no-safety-net", dest="safety_net", action="store_false",
+                   help="keep every method result even where it is worse than RTN on the layer's statistics (research)")
+    q.add_argument("--no-shrink", dest="shrink", action="store_false",
+                   help="use the raw calibration statistics (no shrinkage towards the diagonal for few tokens)")
     q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
     q.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="split the weights into safetensors shards of at most SIZE (e.g. 2GB, 500MB) with "
@@ -182,11 +186,13 @@ def cmd_quantize(args) -> int:
     log.unlink(missing_ok=True)
     _, report = quantize_model(model, tok, spec, method=method, calib=args.calib or "shakespeare",
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
-                               log_path=log, progress=not args.quiet, lm_head=args.lm_head, **method_kwargs)
+                               log_path=log, progress=not args.quiet, lm_head=args.lm_head,
+                               safety_net=args.safety_net, shrink=args.shrink, **method_kwargs)
     save_quantized(model, out, tokenizer=tok, log_path=log, max_shard_size=args.max_shard_size)
     log.unlink(missing_ok=True)
+    net = f", safety net kept RTN for {report.safety_fallbacks}" if report.safety_net else ", safety net off"
     print(f"saved {out}  ({len(report.modules)} linears, {report.total_s:.0f} s: forward {report.forward_s:.0f} s, "
-          f"solve {report.solve_s:.0f} s)")
+          f"solve {report.solve_s:.0f} s{net})")
     _print_readers(out, warn_only=args.quiet)
     return 0
 

@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .shrinkage import effective_samples
+
 KINDS = ("oac", "yaqa", "both")
 
 
@@ -52,6 +54,8 @@ class GradStats:
     sum_tok_in: torch.Tensor | None = None  # sum_{s,t} |g_st|^2 x_st x_st^T [n, n]
     sum_tok_out: torch.Tensor | None = None  # sum_{s,t} g_st g_st^T [m, m]
     row_groups: int = 1
+    sum_w: float = 0.0  # sum_t w_t, w_t = |g_t|^2 |x_t|^2 (a token's weight in the Fisher's trace)
+    sum_w2: float = 0.0  # sum_t w_t^2: with sum_w, Kish's effective token count (n_eff)
 
     def __post_init__(self):
         if not (isinstance(self.row_groups, int) and 1 <= self.row_groups <= self.m):
@@ -87,7 +91,18 @@ class GradStats:
                 self.sum_tok_in[j].addmm_(xw.t(), xw)
         if self.sum_tok_out is not None:
             self.sum_tok_out.addmm_(gt.t(), gt)
+        w = gt.double().pow(2).sum(1) * xt.double().pow(2).sum(1)
+        self.sum_w += float(w.sum())
+        self.sum_w2 += float(w.pow(2).sum())
         self.nsamples += G.shape[0]
+
+    @property
+    def n_eff(self) -> float | None:
+        """Effective number of tokens behind the Fisher (Kish): a few tokens with huge gradients count as
+        few samples. None for statistics saved before it was tracked."""
+        if not getattr(self, "sum_w2", 0.0):
+            return None
+        return effective_samples(self.sum_w, self.sum_w2)
 
     def _avg(self, t):
         if self.nsamples == 0:

@@ -53,6 +53,7 @@ class HessianAccumulator:
         self.backend = backend
         self._sum = torch.zeros(n, n, device=device, dtype=dtype)
         self.nsamples = 0
+        self.ntokens = 0  # rows of X seen: how well H is estimated (calibration.shrinkage)
 
     def add_batch(self, x: torch.Tensor) -> None:
         xs = _as_sequences(x.detach(), self.n, "HessianAccumulator.add_batch")
@@ -60,6 +61,7 @@ class HessianAccumulator:
             return
         syrk_accumulate_(self._sum, xs.reshape(-1, self.n).to(self._sum.device), 1.0, self.backend)
         self.nsamples += xs.shape[0]
+        self.ntokens += xs.shape[0] * xs.shape[1]
 
     @property
     def H(self) -> torch.Tensor:
@@ -105,6 +107,7 @@ class AsymAccumulator(HessianAccumulator):
         syrk_accumulate_(self._sum, xq.reshape(-1, self.n), 1.0, self.backend)
         self._dsum.addmm_(dx.reshape(-1, self.n).t(), xq.reshape(-1, self.n))
         self.nsamples += S
+        self.ntokens += S * xq.shape[1]
 
     @property
     def D(self) -> torch.Tensor:

@@ -23,17 +23,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from ..calibration.data import calibration_samples
+from ..calibration.shrinkage import shrink_to_diagonal
 from ..spec import QuantSpec
 from ..calibration.stats import AsymAccumulator, HessianAccumulator
 from ..nn import QuantLinear
 from ..solvers import solve
 from ..solvers.registry import METHODS as SOLVER_METHODS, check_options
+from . import safety
 from .arch import find_blocks, linear_groups
 from .head import LM_HEAD_AUTO_SPEC, resolve_lm_head, round_head, set_module, untie_lm_head  # noqa: F401
 
@@ -48,14 +51,37 @@ class Method:
     """A quantization method as the driver sees it. Subclass and `register_method` to add one.
 
     needs_fp_inputs: the collector also receives X_f, the input the full-precision model sees.
+    shrink: statistics are shrunk towards their diagonal by how many tokens estimated them
+    (calibration.shrinkage; quantize_model(shrink=False) turns it off); `shrink_log` gets the rho of
+    each one the last solve used.
     """
 
     needs_fp_inputs = False
     needs_activations = True  # False: no calibration forwards at all (RTN)
     solver_method: str | None = None  # name passed to quantkern.solve (defaults to the registry name)
+    shrink = True
+    min_sequences = 0  # the preflight asks for at least this many calibration sequences
 
     def __init__(self, name: str, spec: QuantSpec, seed: int = 0, **kwargs):
         self.name, self.spec, self.seed, self.kwargs = name, spec, seed, kwargs
+        self.shrink_log: dict[str, float] = {}
+
+    def shrunk(self, key: str, H: torch.Tensor, nsamples: float | None) -> torch.Tensor:
+        """H shrunk towards its diagonal as `nsamples` samples warrant (unchanged with shrink off or no count)."""
+        if not self.shrink or nsamples is None:
+            return H
+        Hs, rho = shrink_to_diagonal(H, nsamples)
+        self.shrink_log[key] = rho
+        return Hs
+
+    def hessian(self, collector) -> torch.Tensor:
+        """The collector's activation Hessian, shrunk by its token count."""
+        return self.shrunk("H", collector.H, collector.ntokens)
+
+    def net_alpha(self, res) -> float:
+        """Weight of the fp-stream term in the safety net's layer loss: the alpha the solve aimed with."""
+        a = res.log.get("alpha")
+        return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else 0.0
 
     def prepare(self, model: nn.Module, samples: torch.Tensor) -> None:
         """Once, before the layer loop (gradients enabled). Default: nothing."""
@@ -67,7 +93,7 @@ class Method:
         collector.add_batch(x_q)
 
     def solve(self, name: str, weight: torch.Tensor, collector):
-        return solve(weight, collector.H, self.spec, method=self.solver_method or self.name, **self.kwargs)
+        return solve(weight, self.hessian(collector), self.spec, method=self.solver_method or self.name, **self.kwargs)
 
     def meta(self) -> dict:
         """What the checkpoint records about the method (JSON-serialisable)."""
@@ -122,7 +148,8 @@ class Asymmetric(Method):
         kw = dict(self.kwargs)
         if kw["alpha"] == "optimize" and name in self._alpha_lag:
             kw["alpha_prev"] = self._alpha_lag[name]
-        res = solve(weight, collector.H, self.spec, method=self.solver_method or self.name, D=collector.D, **kw)
+        res = solve(weight, self.hessian(collector), self.spec, method=self.solver_method or self.name, D=collector.D,
+                    **kw)
         if kw["alpha"] == "optimize":
             nxt = res.log.get("alpha_next", res.log.get("alpha"))
             if nxt is not None:
@@ -167,6 +194,8 @@ class QuantReport:
     forward_s: float = 0.0  # block forwards (incl. statistics collection in hooks)
     solve_s: float = 0.0
     total_s: float = 0.0
+    safety_net: bool = True
+    safety_fallbacks: int = 0  # modules whose method lost to RTN on their own statistics (RTN kept)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -228,7 +257,8 @@ def _resolve_layers(layers, nblocks: int) -> list[int]:
 def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | None = None, method: str = "gptq",
                    calib="shakespeare", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
                    layers: int | Iterable[int] | None = None, log_path=None, progress: bool = True,
-                   lm_head="auto", fuse: bool = True, quantize_lm_head: bool | None = None, **method_kwargs):
+                   lm_head="auto", fuse: bool = True, quantize_lm_head: bool | None = None, safety_net: bool = True,
+                   shrink: bool = True, **method_kwargs):
     """Quantize the decoder blocks of `model` in place; returns (model, QuantReport).
 
     calib: a built-in corpus name, paths, strings (need `tokenizer`) or a token tensor [N, T].
@@ -247,11 +277,17 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
         keeps its float table) and saved packed: GPTQModel and quantkern load it, transformers does not.
     quantize_lm_head: the older spelling of lm_head=True (True) / lm_head=None (False).
     fuse: run linears that read the same input (q/k/v, gate/up) as one kernel call (quantkern.nn.fused).
+    safety_net: after each solve, score the result and RTN's on the layer's own activation statistics
+        and keep RTN's codes where the method lost or is not finite (models/safety.py); logged per module
+        ("safety") and counted in report.safety_fallbacks. False (research) keeps every method result.
+    shrink: shrink H, the Fisher and the Kronecker factors towards their diagonals by how many tokens
+        estimated them (calibration.shrinkage); False uses the raw statistics.
     method_kwargs go to the method (e.g. alpha=0.25, K=4, alpha="sample").
     """
     t_start = time.perf_counter()
     spec = QuantSpec(**spec) if isinstance(spec, dict) else (spec or QuantSpec())
     plugin = make_method(method, spec, seed=seed, **method_kwargs)
+    plugin.shrink = bool(shrink)
     if not plugin.needs_activations:
         samples = torch.zeros(0, 0, dtype=torch.long)
     elif isinstance(calib, torch.Tensor) and calib.dim() == 2:
@@ -271,9 +307,15 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
     # a solved head needs its own weight (the solver writes into it); a rounded one keeps the float (tied) one
     head_name = untie_lm_head(model) if head_mode == "same" else None
     calibrated_head = head_mode == "same"
-    report = QuantReport(method, spec.to_dict(), plugin.meta(), samples.shape[0], samples.shape[1], chosen)
+    report = QuantReport(method, spec.to_dict(), plugin.meta(), samples.shape[0], samples.shape[1], chosen,
+                         safety_net=bool(safety_net))
+    if plugin.needs_activations and (chosen or calibrated_head):
+        advice = calibration_advice(plugin, _widest_input(blocks, chosen, model, head_name if calibrated_head else None),
+                                    samples.shape[0], samples.shape[1])
+        if advice:
+            warnings.warn(advice, UserWarning, stacklevel=2)
     if chosen or head_mode != "fp":
-        run = _Run(plugin, report, log_path, progress)
+        run = _Run(plugin, report, log_path, progress, safety_net)
         try:
             with torch.enable_grad():
                 plugin.prepare(model, samples)
@@ -300,11 +342,14 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
         report.forward_s, report.solve_s = run.fwd.t, run.slv.t
     report.method_meta = plugin.meta()  # after the run: plug-ins may add what they learned (timings, alphas)
     report.total_s = time.perf_counter() - t_start
+    _summarise_safety(report, progress)
     model.quantkern_info = {
         "spec": spec.to_dict(), "method": report.method_meta, "block_path": block_path,
         "lm_head": {"mode": head_mode, "spec": head_spec.to_dict() if head_spec is not None else None},
         "modules": {(r["module"] if r["layer"] is None else f"{block_path}.{r['layer']}.{r['module']}"):
-                    {k: r[k] for k in ("damp", "retries", "fallback", "loss")} for r in report.modules},
+                    {k: r[k] for k in ("damp", "retries", "fallback", "loss", "safety", "shrink") if k in r}
+                    for r in report.modules},
+        "safety_net": {"on": report.safety_net, "fallbacks": report.safety_fallbacks},
     }
     if fuse:
         from ..nn import fuse_quant_groups
@@ -316,24 +361,34 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
 class _Run:
     """Per-run state: timers, the JSONL log, progress rows, and the solve call with its bookkeeping."""
 
-    def __init__(self, plugin, report, log_path, progress):
-        self.plugin, self.report, self.progress = plugin, report, progress
+    def __init__(self, plugin, report, log_path, progress, safety_net=True):
+        self.plugin, self.report, self.progress, self.safety_net = plugin, report, progress, safety_net
         self.log = open(log_path, "a") if log_path else None
         self.fwd, self.slv = _Timer(), _Timer()
 
-    def solve(self, li, name, lin, collector, solver=None):
-        """Solve one linear (with the method's plug-in, or `solver(weight)`), put the dequantized weight in
-        place, and log the row."""
+    def solve(self, li, name, lin, collector, solver=None, net_stats=None):
+        """Solve one linear (with the method's plug-in, or `solver(weight)`), keep RTN's result instead where
+        the safety net says so, put the dequantized weight in place, and log the row. net_stats: the
+        activation statistics the net scores on (default: the collector, if it has H)."""
+        if net_stats is None and hasattr(collector, "H"):
+            net_stats = collector
+        check = self.safety_net and solver is None and net_stats is not None and net_stats.nsamples > 0
         with self.slv:
             t0 = time.perf_counter()
             w = lin.weight.data.float()
+            self.plugin.shrink_log = {}
             res = solver(w) if solver is not None else self.plugin.solve(name, w, collector)
+            net = None
+            if check:
+                a = self.plugin.net_alpha(res)
+                res, net = safety.check(w, res, net_stats.H, net_stats.ntokens, self.plugin.spec,
+                                        D=getattr(net_stats, "D", None) if a else None, alpha=a)
             dt = time.perf_counter() - t0
         lin.weight.data.copy_(res.dequantized.to(lin.weight.dtype))
-        self.record(li, name, lin, res, dt)
+        self.record(li, name, lin, res, dt, net, getattr(self.plugin, "shrink_log", None))
         return res
 
-    def record(self, li, name, lin, res, dt):
+    def record(self, li, name, lin, res, dt, net=None, shrink_log=None):
         """The module's row: in the report, the JSONL log and (with progress) the terminal."""
         from tqdm.auto import tqdm
 
@@ -343,6 +398,10 @@ class _Run:
                "time_s": round(dt, 4)}
         if "grid_losses" in res.log:  # grid="select" / "guard": every candidate's objective and the one kept
             row["grid"], row["grid_losses"] = res.log["grid"], res.log["grid_losses"]
+        if shrink_log:
+            row["shrink"] = {k: round(v, 6) for k, v in shrink_log.items()}
+        if net is not None:
+            row["safety"] = net
         self.report.modules.append(row)
         if self.log:
             self.log.write(json.dumps(row) + "\n")
@@ -350,13 +409,39 @@ class _Run:
         if self.progress:
             loss = f"{row['loss']:>10.4g}" if row["loss"] == row["loss"] else f"{'-':>10}"  # RTN: no H, no loss
             damp = f"{row['damp']:.3g}" if row["damp"] == row["damp"] else "-"
+            kept_rtn = net is not None and net["kept"] == "rtn"
             tqdm.write(f"  layer {'-' if li is None else li:>3}  {name:<18} loss {loss}  damp {damp}"
                        f"{'  FALLBACK ' + str(row['fallback']) if row['fallback'] else ''}  {dt:6.2f}s"
-                       f"{'  grid ' + row['grid'] if 'grid' in row else ''}")
+                       f"{'  grid ' + row['grid'] if 'grid' in row else ''}"
+                       f"{'  SAFETY: kept RTN (' + _ratio(net) + ')' if kept_rtn else ''}")
 
     def close(self):
         if self.log:
             self.log.close()
+
+
+def _ratio(net) -> str:
+    ml, rl = net["method_loss"], net["rtn_loss"]
+    if ml is None:
+        return "method result not finite"
+    if rl > 0 and ml > 0:
+        return f"method {ml / rl:.3f}x RTN's loss"
+    return f"method loss {ml:.4g} vs RTN {rl:.4g}"
+
+
+def _summarise_safety(report, progress) -> None:
+    rows = [r for r in report.modules if "safety" in r]
+    fell = [r for r in rows if r["safety"]["kept"] == "rtn"]
+    report.safety_fallbacks = len(fell)
+    if not report.safety_net:
+        return
+    if fell:
+        warnings.warn(f"quantkern safety net: {len(fell)} of {len(rows)} checked modules kept RTN ({report.method} "
+                      f"was worse on their own calibration statistics): "
+                      f"{', '.join(str(r['layer']) + '.' + r['module'] for r in fell[:6])}{' ...' if len(fell) > 6 else ''}",
+                      RuntimeWarning, stacklevel=3)
+    if progress and rows:
+        print(f"safety net: {len(fell)} of {len(rows)} modules kept RTN", flush=True)
 
 
 def _swap_in_quantized(block, results):
@@ -395,13 +480,15 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
         for gi, group in enumerate(groups):
             first = block.get_submodule(group[0])
             collector = plugin.collector(first.in_features)
-            if collector is not None:
+            # methods without an activation H (OAC, YAQA on the Fisher) get one for the safety net
+            net = HessianAccumulator(first.in_features) if run.safety_net and not hasattr(collector, "H") else None
+            if collector is not None or net is not None:
                 with fwd:
                     _collect(block, first, inps, kw, plugin, collector,
-                             None if fp_group_inputs is None else fp_group_inputs[gi])
+                             None if fp_group_inputs is None else fp_group_inputs[gi], net)
             for name in group:
-                results[name] = run.solve(li, name, block.get_submodule(name), collector)
-            del collector
+                results[name] = run.solve(li, name, block.get_submodule(name), collector, net_stats=net)
+            del collector, net
         with fwd:
             inps = [_block_out(block(x, **kw)) for x in inps]
         _swap_in_quantized(block, results)
@@ -426,12 +513,16 @@ def _quantize_lm_head(model, name, run, inps, fp_inps):
     set_module(model, name, QuantLinear.from_linear(head, res))
 
 
-def _collect(block, first, inps, kw, plugin, collector, fp_inputs):
-    """Run the quantized stream up to `first` (a hook stops the forward there) and feed the collector."""
+def _collect(block, first, inps, kw, plugin, collector, fp_inputs, net=None):
+    """Run the quantized stream up to `first` (a hook stops the forward there) and feed the collector
+    (and `net`, the safety net's own H accumulator, if any)."""
     sample = [0]
 
     def hook(mod, inp):
-        plugin.add(collector, inp[0].detach(), None if fp_inputs is None else fp_inputs[sample[0]])
+        if collector is not None:
+            plugin.add(collector, inp[0].detach(), None if fp_inputs is None else fp_inputs[sample[0]])
+        if net is not None:
+            net.add_batch(inp[0].detach())
         raise _StopForward
 
     h = first.register_forward_pre_hook(hook)
@@ -479,3 +570,33 @@ def _preflight(model, blocks, chosen, inps, kw, plugin, progress):
     if progress:
         print(msg, flush=True)
     return msg
+
+
+# Calibration tokens per input feature: below MIN_TOKENS_PER_INPUT the widest H is poorly estimated (its
+# rank is at most the token count; GPTQ's recipe has ~24 per feature: 128 x 2048 tokens for n <= 11008).
+MIN_TOKENS_PER_INPUT = 4
+RECOMMENDED_TOKENS_PER_INPUT = 8
+
+
+def _widest_input(blocks, chosen, model, head_name=None) -> int:
+    ns = [m.in_features for i in chosen for m in blocks[i].modules() if isinstance(m, nn.Linear)]
+    if head_name:
+        ns.append(model.get_submodule(head_name).in_features)
+    return max(ns, default=0)
+
+
+def calibration_advice(plugin, n_max: int, nsamples: int, seqlen: int) -> str | None:
+    """One line recommending more calibration data when nsamples x seqlen tokens are few for inputs n_max
+    wide (or for the method's own needs, `Method.min_sequences`); None when the amount is fine."""
+    tokens = nsamples * seqlen
+    need_seq = int(getattr(plugin, "min_sequences", 0) or 0)
+    if n_max <= 0 or (tokens >= MIN_TOKENS_PER_INPUT * n_max and nsamples >= need_seq):
+        return None
+    want = RECOMMENDED_TOKENS_PER_INPUT * n_max
+    rec_n = max(-(-want // max(seqlen, 1)), need_seq)
+    why = f"{tokens / n_max:.2g} tokens per input feature"
+    if nsamples < need_seq:
+        why += f", {plugin.name} wants >= {need_seq} sequences"
+    return (f"quantkern: calibration {nsamples} x {seqlen} = {tokens} tokens is little for inputs up to {n_max} wide "
+            f"({why}); recommended >= {max(want, rec_n * seqlen)} tokens, e.g. nsamples={rec_n} at seqlen={seqlen} "
+            f"(the safety net and shrinkage keep the result no worse than RTN meanwhile)")

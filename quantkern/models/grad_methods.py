@@ -72,6 +72,8 @@ class GradientMethod(Method):
         self.prepare_s = 0.0
         snrq_like = kwargs.get("core") == "snrq" or kwargs.get("grid_from") == "snrq"
         self.needs_fp_inputs = snrq_like and h_mix < 1.0  # D: the mismatch of the fp and quantized streams
+        # the sequence Fisher sums one outer product per sequence: fewer than ~32 is a noisy estimate
+        self.min_sequences = 32 if fisher == "sequence" and h_mix > 0 else 0
 
     def prepare(self, model: nn.Module, samples: torch.Tensor) -> None:
         t0 = time.perf_counter()
@@ -134,20 +136,27 @@ class GradientMethod(Method):
 
     def solve(self, name, weight, collector):
         st = self.stats_for(name, weight)
+        n_eff = st.n_eff  # Kish's effective token count of the gradients (calibration.shrinkage)
         F = st.input_side(self.fisher)
+        if self.h_mix > 0.0:
+            F = self.shrunk("F", F, n_eff)
         kw = dict(self.kwargs)
         if self.needs_fp_inputs:
             kw["D"] = collector.D
         if self.name == "oac":
             if self.h_mix == 1.0:
                 return solve(weight, F, self.spec, method="oac", **kw)
-            return solve(weight, collector.H, self.spec, method="oac", H_oac=F, h_mix=self.h_mix, **kw)
-        H_out = st.output_side(self.fisher)
+            return solve(weight, self.hessian(collector), self.spec, method="oac", H_oac=F, h_mix=self.h_mix, **kw)
+        H_out = self.shrunk("H_out", st.output_side(self.fisher), n_eff)
         if self.h_mix == 1.0:
             return solve(weight, F, self.spec, method="yaqa", H_out=H_out, **kw)
         if self.h_mix > 0.0:
             kw.update(H_fisher=F, h_mix=self.h_mix)
-        return solve(weight, collector.H, self.spec, method="yaqa", H_out=H_out, **kw)
+        return solve(weight, self.hessian(collector), self.spec, method="yaqa", H_out=H_out, **kw)
+
+    def net_alpha(self, res):
+        # the snrq core / grid aims at the fp stream with (1 - h_mix) alpha (oac.py, yaqa.py)
+        return super().net_alpha(res) * (1.0 - self.h_mix) if self.needs_fp_inputs else 0.0
 
     def meta(self):
         return {**super().meta(), "labels": self.labels, "grad_nsamples": self.grad_nsamples, "h_mix": self.h_mix,

@@ -89,6 +89,7 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
         if float(h_mix) != 0.0:
             Dm = (1.0 - float(h_mix)) * Dm
         a = check_alpha(alpha)
+        log["alpha"] = a  # (the driver's safety net scores against the same fp-stream target)
         target, gidx_p, _, _ = shifted_target(prep, permuted_mismatch_product(prep, check_D(Dm, n)), a, None)
         kinds = SELECT_CANDIDATES if grid in SELECT_RULES else (grid,)
         cands = candidate_grids(prep, target, gidx_p, kinds, log, backend)
