@@ -36,3 +36,9 @@ def test_transformers_and_gptqmodel_rules():
     assert own["GPTQModel"].ok  # GPTQModel trusts its own asymmetric v1
     assert reader_support({**BASE, "checkpoint_format": "gptq_v2", "sym": False})["GPTQModel"].ok
     assert all(v.ok is False for k, v in reader_support({**BASE, "bits": 5}).items() if k != "quantkern")
+
+
+def test_transformers_4bit_without_groups_on_cpu():
+    v = reader_support({**BASE, "group_size": -1})
+    assert v["transformers"].ok is False and "int4pack" in v["transformers"].why and v["GPTQModel"].ok
+    assert reader_support({**BASE, "bits": 8, "group_size": -1})["transformers"].ok

@@ -65,6 +65,9 @@ def reader_support(qcfg: dict) -> dict[str, Verdict]:
     elif _body_grids_differ(qcfg):
         out["transformers"] = Verdict(False, "MISLOADS: applies one grid to every block linear, ignoring "
                                              "`dynamic` overrides")
+    elif bits == 4 and qcfg.get("group_size") not in (32, 64, 128, 256):
+        out["transformers"] = Verdict(False, "refuses on CPU: its 4-bit kernel (torch int4pack) takes groups of "
+                                             "32-256 only; GPTQModel with backend=TORCH loads it")
     else:
         out["transformers"] = Verdict(True, "through optimum + GPTQModel's kernels")
 

@@ -25,7 +25,9 @@ def quantize_one(src, out, bits, group_size, desc_act, sym):
 
     g = torch.Generator().manual_seed(0)
     calib = [{"input_ids": torch.randint(0, 256, (64,), generator=g).tolist()} for _ in range(16)]
-    qc = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym)
+    # act_group_aware (its default) needs groups; off for one group per row
+    qc = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
+                        **({"act_group_aware": False} if group_size == -1 else {}))
     model = GPTQModel.load(str(src), qc, device="cpu")
     model.quantize(calib, batch_size=1)
     model.save(str(out))

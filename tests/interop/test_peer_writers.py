@@ -21,7 +21,9 @@ import quantkern  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
-TOL = 1e-2  # both sides fp16-exact up to the fp16 kernel's rounding; a zero off by one moves logits 0.1-1
+# GPTQModel's reference logits come from its fp16 kernel (activations in fp16 too): at 2 bits they sit
+# 1.06e-2 from quantkern's fp32 ones; a zero point off by one or an ignored g_idx moves logits by 0.1-1.2
+TOL = 2e-2
 # name -> (bits, group_size, desc_act, sym)
 CASES = {"w4-g32-act-order": (4, 32, True, True), "w3-g64": (3, 64, False, True),
          "w2-g128-act-order": (2, 128, True, True), "w8-g-1": (8, -1, False, True),
