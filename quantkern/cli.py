@@ -6,6 +6,7 @@
     quantkern inspect out/smol-snrq4
     quantkern bench --model out/smol-snrq4           # decode tokens/s, packed vs the fp32 model
     quantkern demo                                   # the whole story on SmolLM2, a few minutes
+    quantkern export --gguf smol.gguf out/smol-g32    # one GGUF for llama.cpp / Ollama, bit-exact
 
 `--model default` is the built-in SmolLM2-135M-Instruct (see quantkern.models.zoo).
 """
@@ -83,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in-memory RTN model's output projection (as for quantize; default 8-bit)")
     b.add_argument("--quantize-lm-head", dest="lm_head", action="store_const", const="same",
                    help="same as --lm-head same (4-bit lm_head: faster, costs perplexity, see README)")
+
+    x = sub.add_parser("export", help="write a checkpoint as one GGUF file (llama.cpp / Ollama / LM Studio), exactly")
+    x.add_argument("checkpoint")
+    x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="output file (written atomically)")
+    x.add_argument("--embed-type", default="auto", choices=("auto", "f32", "f16", "q8_0"),
+                   help="token embedding: auto = its own precision (exact), or f32 / f16 / q8_0")
+    x.add_argument("--head-type", default="auto", choices=("auto", "f32", "f16", "q8_0"),
+                   help="output head: auto = exact (its quantized grid, or tied to / like the embedding), or f32 / f16 / q8_0")
+    x.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                   help="llama.cpp pre-tokenizer name, for a tokenizer it does not recognise (e.g. llama-bpe, smollm)")
 
     d = sub.add_parser("demo", help="quantize SmolLM2 with SNRQ 4-bit g64 and report the story")
     d.add_argument("--nsamples", type=int, default=None)
@@ -307,6 +318,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export.gguf import ExportError, export_gguf
+
+    try:
+        r = export_gguf(args.checkpoint, args.gguf, embed_type=args.embed_type, head_type=args.head_type,
+                        tokenizer_pre=args.tokenizer_pre)
+    except ExportError as e:
+        print(f"quantkern export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {r['path']}  ({r['file_type']}; tensors {r['tensors']}; pre-tokenizer {r['tokenizer_pre']})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -317,7 +341,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect,
-            "bench": cmd_bench, "demo": cmd_demo}
+            "bench": cmd_bench, "demo": cmd_demo, "export": cmd_export}
 
 
 def main(argv=None) -> int:
