@@ -248,3 +248,32 @@ def test_cli_export(exported, capsys):
     assert out.exists() and "wrote" in capsys.readouterr().out
     assert main(["export", "--gguf", str(ck.parent / "x.gguf"), str(ck)]) == 2
     assert "--tokenizer-pre" in capsys.readouterr().err and not (ck.parent / "x.gguf").exists()
+
+
+def test_transformers_reads_the_gguf_back(exported):
+    """An independent reader: transformers' GGUF loader (its own names, dequantizer and q/k un-permutation)
+    rebuilds the model; its weights equal quantkern's dequantized weights and its logits match."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    ck, out, _, qtype = exported
+    if qtype == T.Q4_1:
+        pytest.skip("Q4_1 is within a bound, checked above")
+    cfg = AutoConfig.from_pretrained(out.parent, gguf_file=out.name)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads) == (2, 64, 2)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg)
+    sd = load_gguf_checkpoint(str(out), return_tensors=True, model_to_load=meta, torch_dtype=torch.float32)["tensors"]
+    ref = quantkern.load(ck, fuse=False)
+    for name, mod in ref.named_modules():
+        if isinstance(mod, QuantLinear):
+            assert torch.equal(torch.as_tensor(sd[name + ".weight"]).float(), mod.dequantized_weight()), name
+    hf = AutoModelForCausalLM.from_config(cfg).float().eval()
+    res = hf.load_state_dict({k: torch.as_tensor(v).float() for k, v in sd.items()}, strict=False)
+    assert set(res.missing_keys) <= {"lm_head.weight"} and not res.unexpected_keys
+    hf.tie_weights()
+    ids = tiny_tokens(2, 16, seed=7)
+    with torch.no_grad():
+        a = hf(input_ids=ids).logits
+        b = ref(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

@@ -166,6 +166,9 @@ def _write_atomic(writer: gguf.GGUFWriter, out: Path) -> None:
         for f in writer.fout or []:
             os.fsync(f.fileno())
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the export is an ordinary file
         os.replace(tmp, out)
     except BaseException:
         writer.close()
