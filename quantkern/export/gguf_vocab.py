@@ -86,6 +86,11 @@ class BpeVocab:
             self.types.append(kind)
         # merges, bos/eos/unk/pad ids, add_bos_token, chat template: gguf's own reader of the HF files
         self.special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+        if "bos" not in self.special.add_special_token:
+            # transformers 5 no longer saves add_bos_token; llama.cpp must prepend BOS exactly when the HF
+            # tokenizer does, so say what it does
+            ids = tok.encode("a")
+            self.special.add_special_token["bos"] = bool(ids) and ids[0] == tok.bos_token_id
 
     def add_to(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model("gpt2")
