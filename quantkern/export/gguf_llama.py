@@ -70,7 +70,8 @@ def extra_tensors(config) -> dict[str, torch.Tensor]:
     if rope.get("rope_type", rope.get("type")) != "llama3":
         return {}
     dim = head_dim(config)
-    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    # frequencies in f32 as the converter computes them (the factors it writes depend on their rounding)
+    freqs = (1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).double()
     factor, lo, hi = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
     old = float(rope["original_max_position_embeddings"])
     wavelen = 2 * math.pi / freqs

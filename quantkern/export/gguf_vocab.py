@@ -86,6 +86,8 @@ class BpeVocab:
             self.types.append(kind)
         # merges, bos/eos/unk/pad ids, add_bos_token, chat template: gguf's own reader of the HF files
         self.special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+        tc = model_dir / "tokenizer_config.json"
+        self.add_space_prefix = json.loads(tc.read_text()).get("add_prefix_space") if tc.exists() else None
         if "bos" not in self.special.add_special_token:
             # transformers 5 no longer saves add_bos_token; llama.cpp must prepend BOS exactly when the HF
             # tokenizer does, so say what it does
@@ -97,4 +99,6 @@ class BpeVocab:
         writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(self.tokens)
         writer.add_token_types(self.types)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
         self.special.add_to_gguf(writer, quiet=True)
