@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "float, same = the body's method and bits (GPTQModel lm_head=True), BITS = RTN at that width")
     q.add_argument("--quantize-lm-head", dest="lm_head", action="store_const", const="same",
                    help="same as --lm-head same")
+    q.add_argument("--gguf-type", choices=("Q4_0", "Q4_1", "Q8_0"), default=None,
+                   help="preset the grid to the one `quantkern export --gguf` writes exactly as this llama.cpp type: "
+                        "Q4_0 / Q8_0 = 4 / 8-bit symmetric, Q4_1 = 4-bit asymmetric, group 32 (docs/gguf.md)")
     q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
     q.add_argument("--quiet", action="store_true")
 
@@ -130,8 +133,17 @@ def method_option(text: str) -> tuple[str, object]:
 def spec_from_args(args):
     from .spec import QuantSpec
 
-    return QuantSpec(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order,
+    spec = QuantSpec(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order,
                      static_groups=args.static_groups, damp=args.damp)
+    if getattr(args, "gguf_type", None):
+        from .export.gguf_presets import apply_preset
+
+        p = build_parser().parse_args(["quantize", "--output", "o"])  # the defaults, to tell what was asked
+        try:
+            spec = apply_preset(spec, args.gguf_type, QuantSpec(bits=p.bits, group_size=p.group_size))
+        except ValueError as e:
+            raise SystemExit(f"quantkern quantize: {e}") from None
+    return spec
 
 
 def method_from_args(args) -> tuple[str, dict]:
@@ -183,6 +195,13 @@ def cmd_quantize(args) -> int:
     spec = spec_from_args(args)
     method, method_kwargs = method_from_args(args)
     make_method(method, spec, seed=args.seed, **method_kwargs)  # bad options fail here, before the model loads
+    if args.gguf_type:
+        from .export.gguf_presets import reorders_groups
+
+        why = reorders_groups(method, method_kwargs)
+        if why:
+            raise SystemExit(f"quantkern quantize: --gguf-type {args.gguf_type} needs groups in channel order, but "
+                             f"{why}; use --method gptq, gptaq, ldlq or rtn")
     model, tok = load_fp(args.model)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,6 +210,15 @@ def cmd_quantize(args) -> int:
     _, report = quantize_model(model, tok, spec, method=method, calib=args.calib or "shakespeare",
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
                                log_path=log, progress=not args.quiet, lm_head=args.lm_head, **method_kwargs)
+    if args.gguf_type:
+        from .export.gguf_presets import check_model
+
+        bad = check_model(model)
+        if bad:
+            print(f"warning: not every linear has an exact {args.gguf_type} twin; saved without the gguf_type tag: "
+                  + "; ".join(bad[:3]), file=sys.stderr)
+        else:
+            model.quantkern_info["gguf_type"] = args.gguf_type
     save_quantized(model, out, tokenizer=tok, log_path=log)
     log.unlink(missing_ok=True)
     print(f"saved {out}  ({len(report.modules)} linears, {report.total_s:.0f} s: forward {report.forward_s:.0f} s, "

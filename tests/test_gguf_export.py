@@ -301,3 +301,50 @@ def test_smollm2_vocab_matches_llama_cpp_converter(tmp_path):
     assert ours["tokenizer.ggml.pre"] == "smollm"
     for k in sorted(set(ref) - {"tokenizer.ggml.add_space_prefix"}):
         assert ours.get(k) == ref[k], k
+
+
+def _qargs(*extra):
+    from quantkern import cli
+
+    return cli.spec_from_args(cli.build_parser().parse_args(["quantize", "--output", "o", *extra]))
+
+
+def test_gguf_type_presets():
+    assert _qargs("--gguf-type", "Q4_0") == QuantSpec(bits=4, group_size=32, sym=True)
+    assert _qargs("--gguf-type", "Q4_1") == QuantSpec(bits=4, group_size=32, sym=False)
+    assert _qargs("--gguf-type", "Q8_0") == QuantSpec(bits=8, group_size=32, sym=True)
+    assert _qargs("--gguf-type", "Q4_0", "--group-size", "64").group_size == 64  # a multiple of 32 is exact too
+    spec = _qargs("--gguf-type", "Q4_0", "--act-order", "--static-groups")
+    assert spec.act_order and spec.static_groups and spec.group_size == 32
+    for bad, why in ((["--bits", "3"], "drop --bits 3"), (["--asym"], "drop --asym"),
+                     (["--group-size", "48"], "multiple of 32"), (["--act-order"], "--static-groups")):
+        with pytest.raises(SystemExit, match=why):
+            _qargs("--gguf-type", "Q4_0", *bad)
+    from quantkern.export.gguf_presets import reorders_groups
+
+    assert reorders_groups("snrq", {}) and reorders_groups("yaqa", {"grid_from": "snrq"})
+    assert reorders_groups("gptq", {}) is None and reorders_groups("yaqa", {}) is None
+
+
+def test_quantize_gguf_type_then_export(tmp_path, capsys):
+    import json
+
+    from driver_tiny import tiny_model_dir
+
+    from quantkern import cli
+
+    src = tiny_model_dir(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    common = ["--model", str(src), "--nsamples", "2", "--seqlen", "32", "--calib", str(tmp_path / "calib.txt"),
+              "--quiet"]
+    with pytest.raises(SystemExit, match="--method gptq"):
+        cli.main(["quantize", "--method", "snrq", "--gguf-type", "Q4_0", "--output", str(tmp_path / "x"), *common])
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "q"
+    assert cli.main(["quantize", "--method", "gptq", "--gguf-type", "Q4_1", "--output", str(out), *common]) == 0
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["meta"]["gguf_type"]) == (4, 32, False, "Q4_1")
+    assert cli.main(["export", "--gguf", str(tmp_path / "m.gguf"), str(out), "--tokenizer-pre", "default"]) == 0
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert {types[n] for n in types if n.startswith("blk.") and "norm" not in n} == {T.Q4_1}
+    assert types["output.weight"] == T.Q8_0

@@ -92,6 +92,8 @@ def quantize_config(model: nn.Module) -> dict:
             "quantized_modules": sorted(qmods), "modules": info.get("modules", {}),
         },
     }
+    if info.get("gguf_type"):  # quantize --gguf-type: every linear verified to have this exact llama.cpp twin
+        out["meta"]["gguf_type"] = info["gguf_type"]
     if dynamic:  # GPTQModel's per-module overrides: regex on the module name -> its own bits/group/sym/desc_act
         out["dynamic"] = dynamic
     return out
