@@ -38,9 +38,9 @@ class NotExact(ValueError):
         self.reason, self.fix = reason, fix
 
 
-FIX_Q4_0 = "quantize with --bits 4 --group-size 32 (symmetric, no --act-order) for Q4_0"
-FIX_ANY = (FIX_Q4_0 + ", --bits 4 --asym --group-size 32 for Q4_1, or --bits 8 --group-size 32 for Q8_0 "
-           "(any group size that is a multiple of 32 is exact too)")
+FIX_Q4_0 = "quantize with --gguf-type Q4_0 (--bits 4 --group-size 32, symmetric, no --act-order)"
+FIX_ANY = ("quantize with --gguf-type Q4_0, Q4_1 or Q8_0 (--bits 4 --group-size 32 symmetric, --bits 4 --asym, "
+           "or --bits 8; any group size that is a multiple of 32 is exact too)")
 
 
 def block_params(scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor):
@@ -74,7 +74,7 @@ def exact_type(bits: int, zero: torch.Tensor) -> T:
         if bool((zero == 128).all()):
             return T.Q8_0
         raise NotExact("an asymmetric 8-bit grid has no llama.cpp twin (Q8_0 is symmetric)",
-                       "quantize with --bits 8 --group-size 32 (no --asym) for Q8_0")
+                       "quantize with --bits 8 --group-size 32 (no --asym), i.e. --gguf-type Q8_0")
     raise NotExact(f"a {bits}-bit GPTQ grid has no llama.cpp twin (its 2/3-bit K-quants store 4/6-bit "
                    "quantized scales in 256-channel super-blocks)", FIX_ANY)
 

@@ -55,18 +55,25 @@ def module_grid(mod: QuantLinear):
     return gptq.unpack({k: getattr(mod, k) for k in gptq.TENSOR_NAMES}, mod.spec.bits)
 
 
-def exact_blocks(name: str, mod: QuantLinear, rows: torch.Tensor | None):
-    """(block bytes, ggml type) of a QuantLinear, its rows reordered by `rows`; NotExact names the fix."""
+def exact_blocks(mod: QuantLinear, rows: torch.Tensor | None):
+    """(block bytes, ggml type) of a QuantLinear, its rows reordered by `rows`; ggml_blocks.NotExact
+    (naming the setting that exports) when its grid has no exact twin."""
     codes, scales, zeros, g_idx = (t.detach().cpu() for t in module_grid(mod))
-    try:
-        d, zero = ggml_blocks.block_params(scales, zeros, g_idx)
-        qtype = ggml_blocks.exact_type(mod.spec.bits, zero)
-        if rows is not None:
-            codes, d, zero = codes[rows], d[rows], zero[rows]
-        return ggml_blocks.encode(codes, d, zero, qtype), qtype
-    except ggml_blocks.NotExact as e:
-        raise ExportError(f"{name} ({mod.spec.bits}-bit, group {mod.spec.group_size}, "
-                          f"{'sym' if mod.spec.sym else 'asym'}): {e.reason}; nothing written: {e.fix}") from e
+    d, zero = ggml_blocks.block_params(scales, zeros, g_idx)
+    qtype = ggml_blocks.exact_type(mod.spec.bits, zero)
+    if rows is not None:
+        codes, d, zero = codes[rows], d[rows], zero[rows]
+    return ggml_blocks.encode(codes, d, zero, qtype), qtype
+
+
+def _refusal(errors: dict) -> ExportError:
+    """One message for every module without an exact twin, grouped by reason, so one re-run fixes them all."""
+    lines = []
+    for (what, why, fix), names in errors.items():
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        lines.append(f"  {names[0]}{more} ({what}): {why}; {fix}")
+    n = sum(len(v) for v in errors.values())
+    return ExportError(f"no exact GGUF twin for {n} linear{'s' if n > 1 else ''}, nothing written:\n" + "\n".join(lines))
 
 
 def float_tensor(t: torch.Tensor, kind: str) -> tuple[np.ndarray, T | None, bool]:
@@ -104,7 +111,7 @@ def build_plan(model, embed_type: str = "auto", head_type: str = "auto") -> Plan
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     head_name = next(n for n, m in model.named_modules() if m is head)
     plan = Plan()
-    errors = []
+    errors: dict[tuple, list[str]] = {}
     tied = isinstance(head, torch.nn.Linear) and head.weight is embed.weight
     for key, t in model.state_dict(keep_vars=True).items():  # model order: embedding, blocks, norm, head
         mod_name, _, leaf = key.rpartition(".")
@@ -122,10 +129,13 @@ def build_plan(model, embed_type: str = "auto", head_type: str = "auto") -> Plan
                 _float_into(plan, gname, mod.dequantized_weight(), head_type)
                 continue
             try:
-                blocks, qtype = exact_blocks(mod_name, mod, rows)
+                blocks, qtype = exact_blocks(mod, rows)
                 plan.add(gname, blocks, qtype, exact=qtype != T.Q4_1)  # Q4_1: within q4_1_bound, not bit for bit
-            except ExportError as e:  # gather every offending module, so one re-run fixes them all
-                errors.append(str(e) + (" (or --head-type f32: the dequantized head, exact)" if mod is head else ""))
+            except ggml_blocks.NotExact as e:
+                s = mod.spec
+                fix = e.fix + (" (for the head: --lm-head auto or 8 when quantizing, or --head-type f32 here: its dequantized weight, exact)" if mod is head else "")
+                errors.setdefault((f"{s.bits}-bit, group {s.group_size}, {'sym' if s.sym else 'asym'}", e.reason, fix),
+                                  []).append(mod_name)
             continue
         if mod_name == head_name and tied and head_type == "auto":
             continue  # tied head: llama.cpp reads token_embd, as the converter leaves output.weight out
@@ -138,7 +148,7 @@ def build_plan(model, embed_type: str = "auto", head_type: str = "auto") -> Plan
             _float_into(plan, gname, t, head_type if mod_name == head_name else
                         embed_type if gname == "token_embd.weight" else "auto")
     if errors:
-        raise ExportError("no exact GGUF twin for " + ("\n  ".join([""] + errors) if len(errors) > 1 else errors[0]))
+        raise _refusal(errors)
     for gname, t in gguf_llama.extra_tensors(cfg).items():
         plan.add(gname, t.numpy())
     return plan

@@ -6,10 +6,10 @@ records the type only once every quantized linear is verified to have its exact 
 """
 from __future__ import annotations
 
-from ..formats import gptq
 from ..nn import QuantLinear
 from ..spec import QuantSpec
 from . import ggml_blocks
+from .gguf import module_grid
 
 PRESETS = {"Q4_0": (4, True), "Q4_1": (4, False), "Q8_0": (8, True)}  # type: (bits, sym)
 GROUP = ggml_blocks.QK
@@ -51,7 +51,7 @@ def check_model(model) -> list[str]:
     bad = []
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
-            _, scales, zeros, g_idx = gptq.unpack({k: getattr(mod, k) for k in gptq.TENSOR_NAMES}, mod.spec.bits)
+            _, scales, zeros, g_idx = module_grid(mod)
             try:
                 _, zero = ggml_blocks.block_params(scales.cpu(), zeros.cpu(), g_idx.cpu())
                 ggml_blocks.exact_type(mod.spec.bits, zero)
