@@ -6,6 +6,7 @@
     quantkern inspect out/smol-snrq4
     quantkern bench --model out/smol-snrq4           # decode tokens/s, packed vs the fp32 model
     quantkern demo                                   # the whole story on SmolLM2, a few minutes
+    quantkern export --gguf smol.gguf out/smol-g32    # one GGUF for llama.cpp / Ollama, bit-exact
 
 `--model default` is the built-in SmolLM2-135M-Instruct (see quantkern.models.zoo).
 """
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every method result even where it is worse than RTN on the layer's statistics (research)")
     q.add_argument("--no-shrink", dest="shrink", action="store_false",
                    help="use the raw calibration statistics (no shrinkage towards the diagonal for few tokens)")
+    q.add_argument("--gguf-type", choices=("Q4_0", "Q4_1", "Q8_0"), default=None,
+                   help="preset the grid to the one `quantkern export --gguf` writes exactly as this llama.cpp type: "
+                        "Q4_0 / Q8_0 = 4 / 8-bit symmetric, Q4_1 = 4-bit asymmetric, group 32 (docs/gguf.md)")
     q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
     q.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="split the weights into safetensors shards of at most SIZE (e.g. 2GB, 500MB) with "
@@ -90,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in-memory RTN model's output projection (as for quantize; default 8-bit)")
     b.add_argument("--quantize-lm-head", dest="lm_head", action="store_const", const="same",
                    help="same as --lm-head same (4-bit lm_head: faster, costs perplexity, see README)")
+
+    x = sub.add_parser("export", help="write a checkpoint as one GGUF file (llama.cpp / Ollama / LM Studio), exactly")
+    x.add_argument("checkpoint")
+    x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="output file (written atomically)")
+    x.add_argument("--embed-type", default="auto", choices=("auto", "f32", "f16", "q8_0"),
+                   help="token embedding: auto = its own precision (exact), or f32 / f16 / q8_0")
+    x.add_argument("--head-type", default="auto", choices=("auto", "f32", "f16", "q8_0"),
+                   help="output head: auto = exact (its quantized grid, or tied to / like the embedding), or f32 / f16 / q8_0")
+    x.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                   help="llama.cpp pre-tokenizer name, for a tokenizer it does not recognise (e.g. llama-bpe, smollm)")
 
     d = sub.add_parser("demo", help="quantize SmolLM2 with SNRQ 4-bit g64 and report the story")
     d.add_argument("--nsamples", type=int, default=None)
@@ -126,8 +140,17 @@ def method_option(text: str) -> tuple[str, object]:
 def spec_from_args(args):
     from .spec import QuantSpec
 
-    return QuantSpec(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order,
+    spec = QuantSpec(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order,
                      static_groups=args.static_groups, damp=args.damp)
+    if getattr(args, "gguf_type", None):
+        from .export.gguf_presets import apply_preset
+
+        p = build_parser().parse_args(["quantize", "--output", "o"])  # the defaults, to tell what was asked
+        try:
+            spec = apply_preset(spec, args.gguf_type, QuantSpec(bits=p.bits, group_size=p.group_size))
+        except ValueError as e:
+            raise SystemExit(f"quantkern quantize: {e}") from None
+    return spec
 
 
 def method_from_args(args) -> tuple[str, dict]:
@@ -179,6 +202,13 @@ def cmd_quantize(args) -> int:
     spec = spec_from_args(args)
     method, method_kwargs = method_from_args(args)
     make_method(method, spec, seed=args.seed, **method_kwargs)  # bad options fail here, before the model loads
+    if args.gguf_type:
+        from .export.gguf_presets import reorders_groups
+
+        why = reorders_groups(method, method_kwargs)
+        if why:
+            raise SystemExit(f"quantkern quantize: --gguf-type {args.gguf_type} needs groups in channel order, but "
+                             f"{why}; use --method gptq, gptaq, ldlq or rtn")
     model, tok = load_fp(args.model)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +218,15 @@ def cmd_quantize(args) -> int:
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
                                log_path=log, progress=not args.quiet, lm_head=args.lm_head,
                                safety_net=args.safety_net, shrink=args.shrink, **method_kwargs)
+    if args.gguf_type:
+        from .export.gguf_presets import check_model
+
+        bad = check_model(model)
+        if bad:
+            print(f"warning: not every linear has an exact {args.gguf_type} twin; saved without the gguf_type tag: "
+                  + "; ".join(bad[:3]), file=sys.stderr)
+        else:
+            model.quantkern_info["gguf_type"] = args.gguf_type
     save_quantized(model, out, tokenizer=tok, log_path=log, max_shard_size=args.max_shard_size)
     log.unlink(missing_ok=True)
     net = f", safety net kept RTN for {report.safety_fallbacks}" if report.safety_net else ", safety net off"
@@ -334,6 +373,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export.gguf import ExportError, export_gguf
+
+    try:
+        r = export_gguf(args.checkpoint, args.gguf, embed_type=args.embed_type, head_type=args.head_type,
+                        tokenizer_pre=args.tokenizer_pre)
+    except ExportError as e:
+        print(f"quantkern export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {r['path']}  ({r['file_type']}; tensors {r['tensors']}; pre-tokenizer {r['tokenizer_pre']})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -344,7 +396,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect,
-            "bench": cmd_bench, "demo": cmd_demo}
+            "bench": cmd_bench, "demo": cmd_demo, "export": cmd_export}
 
 
 def main(argv=None) -> int:

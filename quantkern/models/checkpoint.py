@@ -113,6 +113,8 @@ def quantize_config(model: nn.Module) -> dict:
     }
     if rounded_at_load(head):  # stored in float; quantkern rounds it to this grid at load
         out["meta"]["lm_head_at_load"] = {"method": "rtn", **head.spec.to_dict()}
+    if info.get("gguf_type"):  # quantize --gguf-type: every linear verified to have this exact llama.cpp twin
+        out["meta"]["gguf_type"] = info["gguf_type"]
     if dynamic:  # GPTQModel's per-module overrides: regex on the module name -> its own bits/group/sym/desc_act
         out["dynamic"] = dynamic
     return out
