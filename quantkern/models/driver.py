@@ -38,7 +38,7 @@ from ..solvers import solve
 from ..solvers.registry import METHODS as SOLVER_METHODS, check_options
 from . import safety
 from .arch import find_blocks, linear_groups
-from .head import LM_HEAD_AUTO_SPEC, resolve_lm_head, round_head, set_module, untie_lm_head  # noqa: F401
+from .head import resolve_lm_head, round_head, set_module, untie_lm_head
 
 
 class _StopForward(Exception):

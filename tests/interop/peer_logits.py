@@ -11,11 +11,10 @@ a refusal is a result the test reads, not a crash of the whole batch. Imports no
 from __future__ import annotations
 
 import sys
-import traceback
-import warnings
 from pathlib import Path
 
 import torch
+from peer_common import record_each
 
 
 def _transformers(path):
@@ -40,19 +39,7 @@ LOADERS = {"transformers": _transformers, "gptqmodel-torch": _gptqmodel("TORCH")
 
 def main(argv) -> int:
     loader, ids_path, out_dir, *ckpts = argv
-    ids = torch.load(ids_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    warnings.simplefilter("ignore")
-    for ck in ckpts:
-        try:
-            model = LOADERS[loader](ck)
-            with torch.no_grad():
-                logits = model(input_ids=ids).logits.float()
-            result = {"logits": logits}
-        except Exception as e:  # a refusal to load is the finding, recorded for the test
-            result = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"}
-        torch.save(result, out / f"{Path(ck).name}.pt")
+    record_each(ids_path, out_dir, [(Path(ck).name, lambda ck=ck: LOADERS[loader](ck)) for ck in ckpts])
     return 0
 
 

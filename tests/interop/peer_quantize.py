@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # on 2 cores its default pool refuses to start
 
 import torch  # noqa: E402
+from peer_common import record_each  # noqa: E402
 
 
 def quantize_one(src, out, bits, group_size, desc_act, sym):
@@ -36,19 +35,12 @@ def quantize_one(src, out, bits, group_size, desc_act, sym):
 
 def main(argv) -> int:
     src, ids_path, out_dir, *cases = argv
-    ids = torch.load(ids_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    warnings.simplefilter("ignore")
+    jobs = []
     for i in range(0, len(cases), 5):
         name, bits, group_size, desc_act, sym = cases[i:i + 5]
-        try:
-            model = quantize_one(src, out / name, int(bits), int(group_size), desc_act == "1", sym == "1")
-            with torch.no_grad():
-                result = {"logits": model(input_ids=ids).logits.float()}
-        except Exception as e:  # a refusal is a finding for the test to read
-            result = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"}
-        torch.save(result, out / f"{name}.pt")
+        jobs.append((name, lambda name=name, b=int(bits), g=int(group_size), act=desc_act == "1", s=sym == "1":
+                     quantize_one(src, Path(out_dir) / name, b, g, act, s)))
+    record_each(ids_path, out_dir, jobs)
     return 0
 
 
