@@ -48,6 +48,7 @@ CASES = {
     "w4-g-1": ("llama", True, QuantSpec(bits=4, group_size=-1), "auto"),
     "qwen2-biases": ("qwen2", False, QuantSpec(bits=4, group_size=64, act_order=True), "auto"),
     "qwen2-asym3": ("qwen2", True, QuantSpec(bits=3, group_size=32, sym=False), "fp"),
+    "sharded": ("llama", False, QuantSpec(bits=4, group_size=64), "auto"),  # saved in ~200 kB shards + index
 }
 # a copy of default-tied whose configs say gptq_v2 while its zeros are v1: every zero off by one
 OFF_BY_ONE = ("zero-off-by-one", "default-tied")
@@ -105,7 +106,9 @@ def checkpoints(tmp_path_factory):
     out = {}
     for name, case in CASES.items():
         model = quantize_case(*case)
-        path = quantkern.save_quantized(model, root / name, tokenizer=tiny_hf_tokenizer())
+        shard = {"max_shard_size": 200_000} if name == "sharded" else {}
+        path = quantkern.save_quantized(model, root / name, tokenizer=tiny_hf_tokenizer(), **shard)
+        assert (path / "model.safetensors.index.json").exists() == bool(shard)
         with torch.no_grad():
             out[name] = quantkern.load(path)(input_ids=ids).logits.float()
     bad, src = OFF_BY_ONE
