@@ -107,8 +107,8 @@ def test_interrupted_save_leaves_old_checkpoint(smol, saved, monkeypatch):
     before = {p.name: p.stat().st_size for p in path.iterdir()}
     real = ckpt._write_weights
 
-    def crash(tmp, tensors, metadata):
-        real(tmp, tensors, metadata)
+    def crash(tmp, tensors, metadata, max_shard_size):
+        real(tmp, tensors, metadata, max_shard_size)
         raise RuntimeError("simulated crash while writing")
 
     monkeypatch.setattr(ckpt, "_write_weights", crash)
