@@ -37,7 +37,8 @@ from ..nn import QuantLinear
 from ..solvers import solve
 from ..solvers.registry import METHODS as SOLVER_METHODS, check_options
 from . import safety
-from .arch import find_blocks, linear_groups
+from .arch import find_blocks, kept_float, linear_groups, quantizable_linears
+from .moe import expert_of, unfuse_experts
 from .head import LM_HEAD_AUTO_SPEC, resolve_lm_head, round_head, set_module, untie_lm_head  # noqa: F401
 
 
@@ -196,6 +197,7 @@ class QuantReport:
     total_s: float = 0.0
     safety_net: bool = True
     safety_fallbacks: int = 0  # modules whose method lost to RTN on their own statistics (RTN kept)
+    experts: dict = dataclasses.field(default_factory=dict)  # "layer.container.e" -> routed tokens, side pass
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -237,10 +239,39 @@ def _capture_first_block(model, block0, samples) -> tuple[list[torch.Tensor], di
                 pass
     finally:
         h.remove()
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    kwargs["use_cache"] = False
-    return inps, kwargs
+    return inps, _clean_kwargs(kwargs)
+
+
+def _clean_kwargs(kw: dict) -> dict:
+    kw = dict(kw)
+    kw.pop("past_key_values", None)
+    kw.pop("past_key_value", None)
+    kw["use_cache"] = False
+    return kw
+
+
+def _block_kwargs(model, blocks, sample) -> list[dict]:
+    """The keyword arguments each block is called with (one forward of `sample`): they differ per block where
+    layers differ (Gemma 2/3 sliding-window vs global layers: masks, Gemma 3's local rotary embeddings)."""
+    kws: list[dict | None] = [None] * len(blocks)
+
+    def hook(mod, args, kw, li):
+        kw = dict(kw)
+        kw.pop("hidden_states", None)
+        kws[li] = _clean_kwargs(kw)
+        if li == len(blocks) - 1:
+            raise _StopForward
+
+    handles = [b.register_forward_pre_hook(lambda m, a, k, li=li: hook(m, a, k, li), with_kwargs=True)
+               for li, b in enumerate(blocks)]
+    try:
+        model(input_ids=sample[None].to(next(model.parameters()).device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return kws
 
 
 def _resolve_layers(layers, nblocks: int) -> list[int]:
@@ -258,7 +289,7 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
                    calib="shakespeare", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
                    layers: int | Iterable[int] | None = None, log_path=None, progress: bool = True,
                    lm_head="auto", fuse: bool = True, quantize_lm_head: bool | None = None, safety_net: bool = True,
-                   shrink: bool = True, **method_kwargs):
+                   shrink: bool = True, moe_min_tokens: int | None = None, **method_kwargs):
     """Quantize the decoder blocks of `model` in place; returns (model, QuantReport).
 
     calib: a built-in corpus name, paths, strings (need `tokenizer`) or a token tensor [N, T].
@@ -282,6 +313,9 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
         ("safety") and counted in report.safety_fallbacks. False (research) keeps every method result.
     shrink: shrink H, the Fisher and the Kronecker factors towards their diagonals by how many tokens
         estimated them (calibration.shrinkage); False uses the raw statistics.
+    moe_min_tokens: an expert whose routed calibration tokens are fewer than this (default: the input size
+        of each of its linears) gets its statistics from every calibration token instead (a side pass
+        through that expert alone; the block's output still follows the router). Recorded per expert.
     method_kwargs go to the method (e.g. alpha=0.25, K=4, alpha="sample").
     """
     t_start = time.perf_counter()
@@ -297,6 +331,7 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
             raise ValueError("quantize_model needs a tokenizer to cut calibration text (or pass calib as a token tensor)")
         samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
     model.eval()
+    unfuse_experts(model)  # fused 3-D expert weights -> one nn.Linear per expert projection (models/moe.py)
     block_path, blocks = find_blocks(model)
     chosen = _resolve_layers(layers, len(blocks))
     if quantize_lm_head is not None:
@@ -316,6 +351,7 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
             warnings.warn(advice, UserWarning, stacklevel=2)
     if chosen or head_mode != "fp":
         run = _Run(plugin, report, log_path, progress, safety_net)
+        run.moe_min_tokens = moe_min_tokens
         try:
             with torch.enable_grad():
                 plugin.prepare(model, samples)
@@ -327,7 +363,7 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
                 else:
                     for li in chosen:
                         block = blocks[li]
-                        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+                        names = quantizable_linears(block)
                         results = {n: run.solve(li, n, block.get_submodule(n), None) for n in names}
                         _swap_in_quantized(block, results)
                     if calibrated_head:
@@ -350,7 +386,10 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
                     {k: r[k] for k in ("damp", "retries", "fallback", "loss", "safety", "shrink") if k in r}
                     for r in report.modules},
         "safety_net": {"on": report.safety_net, "fallbacks": report.safety_fallbacks},
+        "kept_float": {f"{block_path}.{li}.{n}": why for li in chosen for n, why in kept_float(blocks[li]).items()},
     }
+    if report.experts:
+        model.quantkern_info["experts"] = {f"{block_path}.{k}": v for k, v in report.experts.items()}
     if fuse:
         from ..nn import fuse_quant_groups
 
@@ -365,6 +404,7 @@ class _Run:
         self.plugin, self.report, self.progress, self.safety_net = plugin, report, progress, safety_net
         self.log = open(log_path, "a") if log_path else None
         self.fwd, self.slv = _Timer(), _Timer()
+        self.moe_min_tokens = None
 
     def solve(self, li, name, lin, collector, solver=None, net_stats=None):
         """Solve one linear (with the method's plug-in, or `solver(weight)`), keep RTN's result instead where
@@ -456,15 +496,16 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
 
     plugin, spec, fwd = run.plugin, run.plugin.spec, run.fwd
     t0 = time.perf_counter()
-    inps, kw = _capture_first_block(model, blocks[0], samples)
+    inps, _ = _capture_first_block(model, blocks[0], samples)
+    kws = _block_kwargs(model, blocks, samples[0])
     run.report.capture_s = time.perf_counter() - t0
     fp_inps = [x.clone() for x in inps] if plugin.needs_fp_inputs else None
-    _preflight(model, blocks, chosen, inps, kw, plugin, run.progress)
+    _preflight(model, blocks, chosen, inps, kws[0], plugin, run.progress)
 
     last = len(blocks) - 1 if through_all else chosen[-1]
     bar = tqdm(range(last + 1), desc=f"{plugin.name} {spec.bits}b g{spec.group_size}", disable=not run.progress)
     for li in bar:
-        block = blocks[li]
+        block, kw = blocks[li], kws[li]
         if li not in chosen:
             with fwd:
                 inps = [_block_out(block(x, **kw)) for x in inps]
@@ -482,7 +523,11 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
             collector = plugin.collector(first.in_features)
             # methods without an activation H (OAC, YAQA on the Fisher) get one for the safety net
             net = HessianAccumulator(first.in_features) if run.safety_net and not hasattr(collector, "H") else None
-            if collector is not None or net is not None:
+            if (collector is not None or net is not None) and expert_of(group[0]):
+                with fwd:
+                    collector, net = _collect_expert(block, group, inps, kw, plugin, collector, net,
+                                                     run.moe_min_tokens, run.report.experts, li)
+            elif collector is not None or net is not None:
                 with fwd:
                     _collect(block, first, inps, kw, plugin, collector,
                              None if fp_group_inputs is None else fp_group_inputs[gi], net)
@@ -537,11 +582,75 @@ def _collect(block, first, inps, kw, plugin, collector, fp_inputs, net=None):
         h.remove()
 
 
+def _collect_expert(block, group, inps, kw, plugin, collector, net, min_tokens, log, li):
+    """Statistics of one expert's group from the tokens the router sends it (the normal routed forward);
+    with fewer than `min_tokens` (default: the group's input size) routed tokens, from every calibration
+    token instead, by running the expert alone on all of them. Returns the (collector, net) to solve with.
+    Both streams' inputs are the quantized stream's (X_f = X_q: the fp stream routes other tokens to it)."""
+    container_path, e = expert_of(group[0])
+    container, first = block.get_submodule(container_path), block.get_submodule(group[0])
+    everything, routed = [], [0]
+
+    def feed(x, coll, nt):
+        x = x.reshape(1, -1, x.shape[-1])  # one sequence per calibration sample
+        if coll is not None:
+            plugin.add(coll, x, x)
+        if nt is not None:
+            nt.add_batch(x)
+
+    def on_container(mod, args):
+        everything.append(args[0].detach())
+
+    def on_first(mod, inp):
+        routed[0] += inp[0].reshape(-1, inp[0].shape[-1]).shape[0]
+        feed(inp[0].detach(), collector, net)
+
+    def stop(mod, args, out):
+        raise _StopForward
+
+    handles = [container.register_forward_pre_hook(on_container), first.register_forward_pre_hook(on_first),
+               container.register_forward_hook(stop)]
+    try:
+        for x in inps:
+            try:
+                block(x, **kw)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    need = first.in_features if min_tokens is None else int(min_tokens)
+    side = routed[0] < need
+    if side:
+        collector = plugin.collector(first.in_features) if collector is not None else None
+        net = type(net)(first.in_features) if net is not None else None
+
+        def on_first_all(mod, inp):
+            feed(inp[0].detach(), collector, net)
+            raise _StopForward
+
+        h = first.register_forward_pre_hook(on_first_all)
+        try:
+            for x in everything:
+                try:
+                    container[e](x)
+                except _StopForward:
+                    pass
+        finally:
+            h.remove()
+    row = log.setdefault(f"{li}.{container_path}.{e}", {"tokens": routed[0], "side_pass": False, "side_pass_linears": []})
+    if side:
+        row["side_pass"] = True
+        row["side_pass_linears"] += [n.rpartition(".")[2] for n in group]
+    return collector, net
+
+
 def _run_fp_stream(block, groups, fp_inps, kw):
     """Run the unquantized block on the fp stream; keep each group's input per sample."""
     cache = [[] for _ in groups]
+    # experts are skipped: the two streams route different tokens to them, so their inputs do not pair
     handles = [block.get_submodule(g[0]).register_forward_pre_hook(
-        lambda mod, inp, i=i: cache[i].append(inp[0].detach())) for i, g in enumerate(groups)]
+        lambda mod, inp, i=i: cache[i].append(inp[0].detach())) for i, g in enumerate(groups) if not expert_of(g[0])]
     try:
         outs = [_block_out(block(x, **kw)) for x in fp_inps]
     finally:
@@ -563,7 +672,7 @@ def _preflight(model, blocks, chosen, inps, kw, plugin, progress):
     nq = len(chosen)
     passes = nq * (1 + 2 + (1 if plugin.needs_fp_inputs else 0)) + (last + 1 - nq) * streams  # groups stop early: ~2
     est = passes * n * tb
-    nlin = sum(isinstance(m, nn.Linear) for i in chosen for m in blocks[i].modules())
+    nlin = sum(len(quantizable_linears(blocks[i])) for i in chosen)
     msg = (f"preflight: {len(blocks)} blocks, quantizing {nq} (up to block {last}), {n} x {inps[0].shape[-2]} tokens, "
            f"method {plugin.name}; activations ~{mem / 2**20:.0f} MiB; block forwards ~{est:.0f} s "
            f"({tb * 1e3:.0f} ms each) + solving {nlin} linears")
@@ -579,7 +688,7 @@ RECOMMENDED_TOKENS_PER_INPUT = 8
 
 
 def _widest_input(blocks, chosen, model, head_name=None) -> int:
-    ns = [m.in_features for i in chosen for m in blocks[i].modules() if isinstance(m, nn.Linear)]
+    ns = [blocks[i].get_submodule(n).in_features for i in chosen for n in quantizable_linears(blocks[i])]
     if head_name:
         ns.append(model.get_submodule(head_name).in_features)
     return max(ns, default=0)

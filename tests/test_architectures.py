@@ -1,0 +1,171 @@
+"""The architecture matrix: a tiny random model of each common architecture (transformers config, 2 blocks, no
+download) quantized with GPTQ and SNRQ at 4 bits g32, saved and loaded; checks coverage, logits, generate,
+true-sequential groups and the MoE statistics bookkeeping."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from arch_tiny import ARCHS, MOE_ARCHS, tiny_model
+
+import quantkern
+from quantkern.calibration.stats import HessianAccumulator
+from quantkern.models import arch, driver, moe
+from quantkern.nn import QuantLinear
+from quantkern.spec import QuantSpec
+
+SPEC = QuantSpec(bits=4, group_size=32)
+CALIB = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))  # 32 > sliding window 8
+PROBE = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: a second OpenMP thread only adds synchronisation (and stalls on a busy machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _quantize(name, method, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # calibration advice: 128 tokens is little, on purpose (speed)
+        return quantkern.quantize_model(tiny_model(name), None, SPEC, method=method, calib=CALIB, progress=False,
+                                        **kw)
+
+
+def _block_linears(model):
+    _, blocks = arch.find_blocks(model)
+    return [(li, n, m) for li, b in enumerate(blocks) for n, m in b.named_modules()
+            if isinstance(m, (nn.Linear, QuantLinear))]
+
+
+@pytest.mark.parametrize("method", ["gptq", "snrq"])
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_quantize_save_load_generate(name, method, tmp_path):
+    q, rep = _quantize(name, method)
+    info = q.quantkern_info
+    floats = {f"model.layers.{li}.{n}" for li, n, m in _block_linears(q) if not isinstance(m, QuantLinear)}
+    # (a) every linear of every block is packed, except routers / gates, which the meta lists with a reason
+    assert floats <= set(info["kept_float"]), floats - set(info["kept_float"])
+    assert all(k.rpartition(".")[2] in arch.FLOAT_LINEARS for k in info["kept_float"])
+    assert bool(info["kept_float"]) == (name in MOE_ARCHS)
+    assert not [n for n, p in q.named_parameters() if p.dim() == 3]  # no fused expert tensor left
+    npacked = sum(isinstance(m, QuantLinear) for _, _, m in _block_linears(q))
+    assert npacked == len(rep.modules) - 1  # every solved module but the 8-bit head lives in a block
+    quantkern.save_quantized(q, tmp_path / "ck")
+    loaded = quantkern.load(tmp_path / "ck")
+    qcfg = loaded.quantkern_info["quantize_config"]
+    assert qcfg["meta"]["kept_float"] == info["kept_float"]
+    assert all(qcfg["dynamic"][f"-:^{n.replace('.', chr(92) + '.')}$"] == {} for n in info["kept_float"])
+    assert sorted(n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)) == \
+        sorted(n for n, m in q.named_modules() if isinstance(m, QuantLinear))
+    # (b) the loaded checkpoint computes what the in-memory quantized model computes
+    with torch.no_grad():
+        a, b = q(input_ids=PROBE).logits, loaded(input_ids=PROBE).logits
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    # (c) generate with packed weights (greedy, with the KV cache)
+    out = loaded.generate(PROBE[:1, :8], max_new_tokens=4, do_sample=False)
+    assert 8 < out.shape[1] <= 12
+    with torch.no_grad():  # each cached greedy step is the argmax of a full forward over its prefix
+        for t in range(8, out.shape[1]):
+            assert int(loaded(input_ids=out[:, :t]).logits[0, -1].argmax()) == int(out[0, t])
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_sequential_groups_table_and_trace_agree(name):
+    model = tiny_model(name)
+    moe.unfuse_experts(model)
+    _, blocks = arch.find_blocks(model)
+    inps, _ = driver._capture_first_block(model, blocks[0], CALIB[:1])
+    kws = driver._block_kwargs(model, blocks, CALIB[0])
+    x = inps[0]
+    with torch.no_grad():
+        for li, block in enumerate(blocks):
+            table = arch.table_groups(model, block)
+            traced = arch.traced_groups(block, lambda: block(x, **kws[li]))
+            assert table == traced, (li, table, traced)
+            assert arch.linear_groups(model, block, lambda: None) == table
+            assert {n for g in table for n in g} == set(arch.quantizable_linears(block))
+            for g in table:  # a group reads one input: one width
+                assert len({block.get_submodule(n).in_features for n in g}) == 1
+            x = driver._block_out(block(x, **kws[li]))
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text", "mistral"])
+def test_each_block_gets_its_own_kwargs(name):
+    # sliding-window (8) and global layers alternate; calibration is 32 tokens: a block run with another
+    # block's mask / rotary embeddings would leave the model's own hidden states
+    model = tiny_model(name)
+    _, blocks = arch.find_blocks(model)
+    inps, _ = driver._capture_first_block(model, blocks[0], CALIB[:1])
+    kws = driver._block_kwargs(model, blocks, CALIB[0])
+    with torch.no_grad():
+        ref = model(input_ids=CALIB[:1], output_hidden_states=True).hidden_states
+        out = driver._block_out(blocks[0](inps[0], **kws[0]))
+        torch.testing.assert_close(out, ref[1])
+        out = driver._block_out(blocks[1](out, **kws[1]))
+        if name == "gemma3_text":  # the global layer's rotary embeddings differ from the local ones
+            wrong = driver._block_out(blocks[1](ref[1], **kws[0]))
+            assert (wrong - out).abs().max() > 1e-3
+    # the last entry is after the final norm: compare through it
+    torch.testing.assert_close(model.model.norm(out), ref[2])
+
+
+def test_unfused_experts_compute_the_fused_forward():
+    for name in MOE_ARCHS:
+        model = tiny_model(name)
+        with torch.no_grad():
+            ref = model(input_ids=PROBE).logits
+            assert moe.unfuse_experts(model)
+            torch.testing.assert_close(model(input_ids=PROBE).logits, ref, rtol=1e-5, atol=1e-5)
+            assert moe.unfuse_experts(model) == []  # idempotent
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
+def test_expert_statistics_routed_or_side_pass(name):
+    model = tiny_model(name)
+    moe.unfuse_experts(model)
+    n_tokens = CALIB.numel()
+    _, routed_rep = _quantize(name, "gptq", moe_min_tokens=0)
+    experts = routed_rep.experts
+    k = model.config.num_experts_per_tok
+    for li in range(2):
+        rows = [v for key, v in experts.items() if key.startswith(f"{li}.")]
+        assert len(rows) == 4 and not any(r["side_pass"] for r in rows)
+        assert sum(r["tokens"] for r in rows) == k * n_tokens  # every token reaches top-k experts
+    _, side_rep = _quantize(name, "gptq", moe_min_tokens=n_tokens + 1)
+    assert all(r["side_pass"] and r["side_pass_linears"] == ["gate_proj", "up_proj", "down_proj"]
+               for r in side_rep.experts.values())
+    assert {k: v["tokens"] for k, v in side_rep.experts.items()}.keys() == experts.keys()
+    # the default threshold is each linear's input size: gate/up read 64 features, down 32 (qwen2_moe) / 96
+    _, default_rep = _quantize(name, "gptq")
+    for r in default_rep.experts.values():
+        assert ("gate_proj" in r["side_pass_linears"]) == (r["tokens"] < 64)
+
+
+def test_expert_statistics_are_the_routed_tokens():
+    # GPTQ on an expert's gate_proj equals a solve with H from exactly the tokens the router sent it on the
+    # quantized stream (attention already quantized: the quantized model's own routing, read back after)
+    name = "qwen3_moe"
+    model = tiny_model(name)
+    moe.unfuse_experts(model)
+    fp_w = model.model.layers[0].mlp.experts[0].gate_proj.weight.detach().clone()
+    q, rep = _quantize(name, "gptq", moe_min_tokens=0, safety_net=False, shrink=False, lm_head="fp", fuse=False)
+    got = q.model.layers[0].mlp.experts[0].gate_proj
+    routed = []
+    h = got.register_forward_pre_hook(lambda m, i: routed.append(i[0].detach()))
+    with torch.no_grad():
+        for s in CALIB:
+            q(input_ids=s[None])
+    h.remove()
+    H = HessianAccumulator(64)
+    for x in routed:
+        H.add_batch(x[None])
+    assert rep.experts["0.mlp.experts.0"]["tokens"] == sum(x.shape[0] for x in routed) > 0
+    want = quantkern.solve(fp_w, H.H, SPEC, method="gptq").dequantized
+    torch.testing.assert_close(got.dequantized_weight(), want, rtol=0, atol=1e-6)
