@@ -27,7 +27,8 @@ ARCHS = {
                         q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                         rope_scaling=None, **MOE),
 }
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+ARCHS["deepseek_v2"] = dict(ARCHS["deepseek_v3"], q_lora_rank=None, topk_method="greedy")  # V2-Lite: one q_proj
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2")
 
 
 def tiny_model(arch: str, seed: int = 0):

@@ -29,8 +29,9 @@ _LLAMA = (
 _EXPERTS = (("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), ("mlp.experts.{e}.down_proj",))
 _QWEN2_MOE = _LLAMA[:2] + (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
                           ("mlp.shared_expert.down_proj",)) + _EXPERTS
-_DEEPSEEK = (
-    ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",), ("self_attn.kv_b_proj",),
+_DEEPSEEK = (  # multi-head latent attention: q through a low-rank pair (V3) or one q_proj (V2-Lite)
+    ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",),
+    ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.kv_b_proj",),
     ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",),  # dense blocks
 ) + _EXPERTS + (("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"), ("mlp.shared_experts.down_proj",))
 _PHI3 = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
