@@ -13,6 +13,7 @@ from arch_tiny import ARCHS, MOE_ARCHS, tiny_model
 import quantkern
 from quantkern.calibration.stats import HessianAccumulator
 from quantkern.models import arch, driver, moe
+from quantkern.models.readers import reader_support
 from quantkern.nn import QuantLinear
 from quantkern.spec import QuantSpec
 
@@ -61,6 +62,9 @@ def test_quantize_save_load_generate(name, method, tmp_path):
     qcfg = loaded.quantkern_info["quantize_config"]
     assert qcfg["meta"]["kept_float"] == info["kept_float"]
     assert all(qcfg["dynamic"][f"-:^{n.replace('.', chr(92) + '.')}$"] == {} for n in info["kept_float"])
+    verdicts = reader_support(qcfg)  # "-:" float rules are no other grid; per-expert layouts are not measured
+    assert verdicts["transformers"].ok is (None if name in MOE_ARCHS else True)
+    assert bool(qcfg["meta"].get("experts")) == (name in MOE_ARCHS)
     assert sorted(n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)) == \
         sorted(n for n, m in q.named_modules() if isinstance(m, QuantLinear))
     # (b) the loaded checkpoint computes what the in-memory quantized model computes
@@ -169,3 +173,86 @@ def test_expert_statistics_are_the_routed_tokens():
     assert rep.experts["0.mlp.experts.0"]["tokens"] == sum(x.shape[0] for x in routed) > 0
     want = quantkern.solve(fp_w, H.H, SPEC, method="gptq").dequantized
     torch.testing.assert_close(got.dequantized_weight(), want, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- refusals, before calibration
+
+def _no_calibration(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("calibration started")
+    monkeypatch.setattr(driver, "calibration_samples", boom)
+    monkeypatch.setattr(driver, "_layer_loop", boom)
+
+
+def test_blocks_or_linears_not_found_refused_before_calibration(monkeypatch):
+    _no_calibration(monkeypatch)
+
+    class NoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+    with pytest.raises(ValueError, match="cannot find the decoder blocks of NoBlocks"):
+        quantkern.quantize_model(NoBlocks(), None, SPEC, calib=["text"])
+
+    class ConvBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(8, 8, 1)
+
+    class NoLinears(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([ConvBlock(), ConvBlock()])
+            self.lm_head = nn.Linear(8, 8)
+
+    with pytest.raises(ValueError, match="cannot find the decoder blocks"):
+        quantkern.quantize_model(NoLinears(), None, SPEC, calib=["text"])
+    model = tiny_model("llama")
+    for blk in model.model.layers:
+        blk.self_attn, blk.mlp = nn.Identity(), nn.Identity()
+    with pytest.raises(ValueError, match=r"^block 0 \(LlamaDecoderLayer\) has no nn.Linear to quantize"):
+        quantkern.quantize_model(model, None, SPEC, calib=["text"])
+
+
+def test_unknown_fused_expert_layout_refused(monkeypatch):
+    _no_calibration(monkeypatch)
+    model = tiny_model("mixtral")
+    ex = model.model.layers[0].mlp.experts
+    ex.gate_up_proj_bias = nn.Parameter(torch.zeros(4, 192))
+    with pytest.raises(NotImplementedError, match=r"model.layers.0.mlp.experts: fused experts MixtralExperts .*gate_up_proj_bias"):
+        quantkern.quantize_model(model, None, SPEC, calib=["text"])
+
+
+def test_ragged_group_warns_once_with_the_readers_that_refuse(monkeypatch):
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match=r"group_size 64 does not divide the input size of 1 linear\(s\) "
+                                         r"\(mlp.down_proj: 96\).*GPTQModel / vLLM refuse") as rec:
+        driver.check_linears(arch.find_blocks(model)[1], [0, 1], QuantSpec(bits=4, group_size=64))
+    assert len(rec) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        driver.check_linears(arch.find_blocks(model)[1], [0, 1], QuantSpec(bits=4, group_size=32))
+
+
+def test_model_dir_refusals(tmp_path):
+    import json
+
+    from quantkern.models.zoo import UnsupportedModelError, check_model_dir, load_fp
+
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "ok")
+    check_model_dir(tmp_path / "ok")  # a plain safetensors directory passes
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    with pytest.raises(UnsupportedModelError, match=r"no \.safetensors weights \(found pytorch_model.bin\)"):
+        load_fp(d)
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "m.M"}}))
+    with pytest.raises(UnsupportedModelError, match="remote-code model"):
+        load_fp(tmp_path / "ok")
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg, "model_type": "my_own_llm"}))
+    with pytest.raises(UnsupportedModelError, match="'my_own_llm' is not built into this transformers"):
+        load_fp(tmp_path / "ok")

@@ -285,6 +285,22 @@ def _resolve_layers(layers, nblocks: int) -> list[int]:
     return out
 
 
+def check_linears(blocks, chosen, spec: QuantSpec) -> None:
+    """Every chosen block must have linears to quantize (ValueError otherwise). A group size that does not divide
+    a linear's input size is legal here (ragged last group) but other GPTQ readers refuse it: one warning."""
+    for li in chosen:
+        if not quantizable_linears(blocks[li]):
+            raise ValueError(f"block {li} ({type(blocks[li]).__name__}) has no nn.Linear to quantize (other layer types, "
+                             "e.g. GPT-2's Conv1D, are not supported); add the architecture to quantkern.models.arch")
+    if spec.group_size > 0:
+        odd = sorted({(n, blocks[li].get_submodule(n).in_features) for li in chosen for n in quantizable_linears(blocks[li])
+                      if blocks[li].get_submodule(n).in_features % spec.group_size})
+        if odd:
+            warnings.warn(f"group_size {spec.group_size} does not divide the input size of {len(odd)} linear(s) "
+                          f"({', '.join(f'{n}: {k}' for n, k in odd[:3])}): quantkern reads the ragged last group, "
+                          "GPTQModel / vLLM refuse such checkpoints", UserWarning, stacklevel=3)
+
+
 def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | None = None, method: str = "gptq",
                    calib="shakespeare", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
                    layers: int | Iterable[int] | None = None, log_path=None, progress: bool = True,
@@ -322,6 +338,12 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
     spec = QuantSpec(**spec) if isinstance(spec, dict) else (spec or QuantSpec())
     plugin = make_method(method, spec, seed=seed, **method_kwargs)
     plugin.shrink = bool(shrink)
+    model.eval()
+    # everything that can refuse the model does so here, before any calibration work
+    unfuse_experts(model)  # fused 3-D expert weights -> one nn.Linear per expert projection (models/moe.py)
+    block_path, blocks = find_blocks(model)
+    chosen = _resolve_layers(layers, len(blocks))
+    check_linears(blocks, chosen, spec)
     if not plugin.needs_activations:
         samples = torch.zeros(0, 0, dtype=torch.long)
     elif isinstance(calib, torch.Tensor) and calib.dim() == 2:
@@ -330,10 +352,6 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
         if tokenizer is None:
             raise ValueError("quantize_model needs a tokenizer to cut calibration text (or pass calib as a token tensor)")
         samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
-    model.eval()
-    unfuse_experts(model)  # fused 3-D expert weights -> one nn.Linear per expert projection (models/moe.py)
-    block_path, blocks = find_blocks(model)
-    chosen = _resolve_layers(layers, len(blocks))
     if quantize_lm_head is not None:
         lm_head = True if quantize_lm_head else None
     if lm_head == "auto" and len(chosen) < len(blocks):

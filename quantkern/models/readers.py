@@ -38,7 +38,8 @@ class Verdict:
 
 def _body_grids_differ(qcfg: dict) -> bool:
     """A `dynamic` rule that gives some module other than the head its own grid."""
-    return any("lm_head" not in pattern for pattern in (qcfg.get("dynamic") or {}))
+    # "-:" rules only leave modules in float (MoE routers/gates): no other grid
+    return any("lm_head" not in pattern and not pattern.startswith("-:") for pattern in (qcfg.get("dynamic") or {}))
 
 
 def reader_support(qcfg: dict) -> dict[str, Verdict]:
@@ -69,6 +70,15 @@ def reader_support(qcfg: dict) -> dict[str, Verdict]:
         out["transformers"] = Verdict(True, "through optimum + GPTQModel's kernels")
 
     out["vLLM"] = vllm_verdict(qcfg)
+    if (qcfg.get("meta") or {}).get("experts"):  # per-expert linears under transformers 5's module paths
+        why = ("MoE: per-expert packed linears (mlp.experts.{e}.gate_proj/up_proj/down_proj) where transformers 5 "
+               "builds one fused 3-D experts module; not measured here")
+        out["transformers"] = Verdict(None if out["transformers"].ok else False, why if out["transformers"].ok
+                                      else out["transformers"].why)
+        out["GPTQModel"] = Verdict(None if out["GPTQModel"].ok else False, why if out["GPTQModel"].ok
+                                   else out["GPTQModel"].why)
+        if out["vLLM"].ok:
+            out["vLLM"] = Verdict(None, why, "source")
     return out
 
 
