@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every method result even where it is worse than RTN on the layer's statistics (research)")
     q.add_argument("--no-shrink", dest="shrink", action="store_false",
                    help="use the raw calibration statistics (no shrinkage towards the diagonal for few tokens)")
+    q.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every calibration sample with the BOS token (default: as the tokenizer does)")
     q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
     q.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="split the weights into safetensors shards of at most SIZE (e.g. 2GB, 500MB) with "
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", nargs="+", default=None, help="text files (default: held-out Hamlet + Macbeth)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-tokens", type=int, default=8192)
+    e.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every window with the BOS token (default: as the tokenizer does)")
     e.add_argument("--fp", action="store_true", help="also evaluate the fp model named by the checkpoint's source (default SmolLM2)")
 
     g = sub.add_parser("generate", help="generate text")
@@ -187,7 +191,7 @@ def cmd_quantize(args) -> int:
     _, report = quantize_model(model, tok, spec, method=method, calib=args.calib or "shakespeare",
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
                                log_path=log, progress=not args.quiet, lm_head=args.lm_head,
-                               safety_net=args.safety_net, shrink=args.shrink, **method_kwargs)
+                               safety_net=args.safety_net, shrink=args.shrink, bos=args.bos, **method_kwargs)
     save_quantized(model, out, tokenizer=tok, log_path=log, max_shard_size=args.max_shard_size)
     log.unlink(missing_ok=True)
     net = f", safety net kept RTN for {report.safety_fallbacks}" if report.safety_net else ", safety net off"
@@ -211,7 +215,7 @@ def _print_readers(path, warn_only=False) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .calibration.data import evaluation_tokens
+    from .calibration.data import evaluation_tokens, resolve_bos
     from .eval.perplexity import perplexity
 
     rows = []
@@ -219,7 +223,7 @@ def cmd_eval(args) -> int:
     for name in names:
         model, tok = load_any(name)
         docs = evaluation_tokens(tok, args.text or "shakespeare", args.max_tokens)
-        r = perplexity(model, docs, args.seqlen, progress=True)
+        r = perplexity(model, docs, args.seqlen, progress=True, bos_id=resolve_bos(tok, args.bos))
         rows.append((name, r))
         print(f"{name}: perplexity {r['ppl']:.3f} over {r['tokens']} tokens ({r['windows']} windows of {r['seqlen']})")
     return 0

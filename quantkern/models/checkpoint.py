@@ -114,6 +114,8 @@ def quantize_config(model: nn.Module) -> dict:
             "kept_float": info.get("kept_float", {}),
         },
     }
+    if info.get("calibration"):  # whether calibration samples started with BOS (the tokenizer's convention)
+        out["meta"]["calibration"] = info["calibration"]
     if info.get("experts"):  # per MoE expert: routed calibration tokens, whether the side pass was used
         out["meta"]["experts"] = info["experts"]
     for name in sorted(info.get("kept_float", {})):  # GPTQModel's "leave this module in float"

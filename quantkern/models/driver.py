@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..calibration.data import calibration_samples
+from ..calibration.data import calibration_samples, resolve_bos
 from ..calibration.shrinkage import shrink_to_diagonal
 from ..spec import QuantSpec
 from ..calibration.stats import AsymAccumulator, HessianAccumulator
@@ -305,7 +305,8 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
                    calib="shakespeare", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
                    layers: int | Iterable[int] | None = None, log_path=None, progress: bool = True,
                    lm_head="auto", fuse: bool = True, quantize_lm_head: bool | None = None, safety_net: bool = True,
-                   shrink: bool = True, moe_min_tokens: int | None = None, **method_kwargs):
+                   shrink: bool = True, moe_min_tokens: int | None = None, bos: bool | None = None,
+                   **method_kwargs):
     """Quantize the decoder blocks of `model` in place; returns (model, QuantReport).
 
     calib: a built-in corpus name, paths, strings (need `tokenizer`) or a token tensor [N, T].
@@ -332,6 +333,8 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
     moe_min_tokens: an expert whose routed calibration tokens are fewer than this (default: the input size
         of each of its linears) gets its statistics from every calibration token instead (a side pass
         through that expert alone; the block's output still follows the router). Recorded per expert.
+    bos: calibration samples start with the BOS token (True), never (False), or as the tokenizer does by
+        default (None: calibration.data.resolve_bos); a token-tensor `calib` is used as given. Recorded.
     method_kwargs go to the method (e.g. alpha=0.25, K=4, alpha="sample").
     """
     t_start = time.perf_counter()
@@ -344,6 +347,7 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
     block_path, blocks = find_blocks(model)
     chosen = _resolve_layers(layers, len(blocks))
     check_linears(blocks, chosen, spec)
+    bos_id = None  # a token tensor is used as given
     if not plugin.needs_activations:
         samples = torch.zeros(0, 0, dtype=torch.long)
     elif isinstance(calib, torch.Tensor) and calib.dim() == 2:
@@ -351,7 +355,8 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
     else:
         if tokenizer is None:
             raise ValueError("quantize_model needs a tokenizer to cut calibration text (or pass calib as a token tensor)")
-        samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
+        bos_id = resolve_bos(tokenizer, bos)
+        samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed, bos=bos_id is not None)
     if quantize_lm_head is not None:
         lm_head = True if quantize_lm_head else None
     if lm_head == "auto" and len(chosen) < len(blocks):
@@ -404,6 +409,8 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
                     {k: r[k] for k in ("damp", "retries", "fallback", "loss", "safety", "shrink") if k in r}
                     for r in report.modules},
         "safety_net": {"on": report.safety_net, "fallbacks": report.safety_fallbacks},
+        "calibration": {"bos": bos_id is not None, "bos_token_id": bos_id,
+                        "tokens": "as given" if isinstance(calib, torch.Tensor) else "text"},
         "kept_float": {f"{block_path}.{li}.{n}": why for li in chosen for n, why in kept_float(blocks[li]).items()},
     }
     if report.experts:
