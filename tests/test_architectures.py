@@ -256,3 +256,22 @@ def test_model_dir_refusals(tmp_path):
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg, "model_type": "my_own_llm"}))
     with pytest.raises(UnsupportedModelError, match="'my_own_llm' is not built into this transformers"):
         load_fp(tmp_path / "ok")
+
+
+def test_expert_groups_solved_stage_by_stage_in_bounded_passes(monkeypatch):
+    model = tiny_model("qwen2_moe")
+    moe.unfuse_experts(model)
+    block = model.model.layers[0]
+    groups = arch.table_groups(model, block)
+    names = [[groups[i] for i in u] for u in driver._solve_units(groups, block)]
+    assert [len(u) for u in names] == [1, 1, 1, 1, 4, 4]  # q/k/v, o, shared gate/up, shared down, experts x2
+    assert [g[0] for g in names[4]] == [f"mlp.experts.{e}.gate_proj" for e in range(4)]
+    assert [g[0] for g in names[5]] == [f"mlp.experts.{e}.down_proj" for e in range(4)]
+    monkeypatch.setattr(driver, "EXPERT_STATS_BYTES", 3 * 4 * 64 * 64 * 2)  # two 64-wide experts per pass
+    assert [len(u) for u in driver._solve_units(groups, block)] == [1, 1, 1, 1, 2, 2, 4]  # down is 32 wide
+    # smaller passes give the same statistics, hence the same codes
+    a, _ = _quantize("qwen2_moe", "gptq")
+    monkeypatch.setattr(driver, "EXPERT_STATS_BYTES", 1)
+    b, _ = _quantize("qwen2_moe", "gptq")
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=PROBE).logits, b(input_ids=PROBE).logits, rtol=0, atol=1e-6)

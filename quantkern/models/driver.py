@@ -543,22 +543,27 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
             with fwd:
                 fp_group_inputs, fp_inps = _run_fp_stream(block, groups, fp_inps, kw)
         results = {}
-        for gi, group in enumerate(groups):
-            first = block.get_submodule(group[0])
-            collector = plugin.collector(first.in_features)
-            # methods without an activation H (OAC, YAQA on the Fisher) get one for the safety net
-            net = HessianAccumulator(first.in_features) if run.safety_net and not hasattr(collector, "H") else None
-            if (collector is not None or net is not None) and expert_of(group[0]):
+        for unit in _solve_units(groups, block):
+            stats = []
+            for gi in unit:
+                collector = plugin.collector(block.get_submodule(groups[gi][0]).in_features)
+                # methods without an activation H (OAC, YAQA on the Fisher) get one for the safety net
+                net = (HessianAccumulator(block.get_submodule(groups[gi][0]).in_features)
+                       if run.safety_net and not hasattr(collector, "H") else None)
+                stats.append((collector, net))
+            if any(c is not None or n is not None for c, n in stats):
                 with fwd:
-                    collector, net = _collect_expert(block, group, inps, kw, plugin, collector, net,
-                                                     run.moe_min_tokens, run.report.experts, li)
-            elif collector is not None or net is not None:
-                with fwd:
-                    _collect(block, first, inps, kw, plugin, collector,
-                             None if fp_group_inputs is None else fp_group_inputs[gi], net)
-            for name in group:
-                results[name] = run.solve(li, name, block.get_submodule(name), collector, net_stats=net)
-            del collector, net
+                    if expert_of(groups[unit[0]][0]):
+                        stats = _collect_experts(block, [groups[gi] for gi in unit], inps, kw, plugin, stats,
+                                                 run.moe_min_tokens, run.report.experts, li)
+                    else:
+                        gi = unit[0]
+                        _collect(block, block.get_submodule(groups[gi][0]), inps, kw, plugin, stats[0][0],
+                                 None if fp_group_inputs is None else fp_group_inputs[gi], stats[0][1])
+            for gi, (collector, net) in zip(unit, stats):
+                for name in groups[gi]:
+                    results[name] = run.solve(li, name, block.get_submodule(name), collector, net_stats=net)
+            del stats, collector, net
         with fwd:
             inps = [_block_out(block(x, **kw)) for x in inps]
         _swap_in_quantized(block, results)
@@ -607,34 +612,63 @@ def _collect(block, first, inps, kw, plugin, collector, fp_inputs, net=None):
         h.remove()
 
 
-def _collect_expert(block, group, inps, kw, plugin, collector, net, min_tokens, log, li):
-    """Statistics of one expert's group from the tokens the router sends it (the normal routed forward);
-    with fewer than `min_tokens` (default: the group's input size) routed tokens, from every calibration
-    token instead, by running the expert alone on all of them. Returns the (collector, net) to solve with.
-    Both streams' inputs are the quantized stream's (X_f = X_q: the fp stream routes other tokens to it)."""
-    container_path, e = expert_of(group[0])
-    container, first = block.get_submodule(container_path), block.get_submodule(group[0])
-    everything, routed = [], [0]
+# memory for one pass's expert statistics (H, and D for GPTAQ/SNRQ, per expert): bounds the experts per pass
+EXPERT_STATS_BYTES = 2 << 30
+
+
+def _solve_units(groups, block) -> list[list[int]]:
+    """Group indices in solve order, one unit per statistics pass. A run of expert groups of one experts module
+    is solved stage by stage (every expert's gate/up, then every expert's down: each down needs only its own
+    expert's gate/up), as many experts per pass as EXPERT_STATS_BYTES allows, so one routed forward feeds many
+    experts instead of one."""
+    units, i = [], 0
+    while i < len(groups):
+        ex = expert_of(groups[i][0])
+        if ex is None:
+            units.append([i])
+            i += 1
+            continue
+        per_expert: dict[int, list[int]] = {}
+        while i < len(groups) and (expert_of(groups[i][0]) or ("",))[0] == ex[0]:
+            per_expert.setdefault(expert_of(groups[i][0])[1], []).append(i)
+            i += 1
+        for depth in range(max(len(v) for v in per_expert.values())):
+            stage = [v[depth] for v in per_expert.values() if len(v) > depth]
+            n = block.get_submodule(groups[stage[0]][0]).in_features
+            per = max(1, EXPERT_STATS_BYTES // (n * n * 4 * 3))
+            units += [stage[c:c + per] for c in range(0, len(stage), per)]
+    return units
+
+
+def _collect_experts(block, groups, inps, kw, plugin, stats, min_tokens, log, li):
+    """Statistics of expert groups (one stage of one experts module) from the tokens the router sends each
+    expert in the normal routed forward; an expert's group with fewer than `min_tokens` (default: its input size)
+    routed tokens gets them from every calibration token instead, by running that expert alone on all of them
+    (the block's output still follows the router). Returns the [(collector, net)] to solve with. X_f = X_q:
+    the fp stream routes other tokens to the experts, so the two streams' inputs do not pair."""
+    container_path = expert_of(groups[0][0])[0]
+    container = block.get_submodule(container_path)
+    everything, routed = [], [0] * len(groups)
 
     def feed(x, coll, nt):
-        x = x.reshape(1, -1, x.shape[-1])  # one sequence per calibration sample
+        x = x.detach().reshape(1, -1, x.shape[-1])  # one sequence per calibration sample
         if coll is not None:
             plugin.add(coll, x, x)
         if nt is not None:
             nt.add_batch(x)
 
-    def on_container(mod, args):
-        everything.append(args[0].detach())
-
-    def on_first(mod, inp):
-        routed[0] += inp[0].reshape(-1, inp[0].shape[-1]).shape[0]
-        feed(inp[0].detach(), collector, net)
+    def on_first(k):
+        def hook(mod, inp):
+            routed[k] += inp[0].reshape(-1, inp[0].shape[-1]).shape[0]
+            feed(inp[0], *stats[k])
+        return hook
 
     def stop(mod, args, out):
         raise _StopForward
 
-    handles = [container.register_forward_pre_hook(on_container), first.register_forward_pre_hook(on_first),
+    handles = [container.register_forward_pre_hook(lambda mod, args: everything.append(args[0].detach())),
                container.register_forward_hook(stop)]
+    handles += [block.get_submodule(g[0]).register_forward_pre_hook(on_first(k)) for k, g in enumerate(groups)]
     try:
         for x in inps:
             try:
@@ -644,30 +678,35 @@ def _collect_expert(block, group, inps, kw, plugin, collector, net, min_tokens, 
     finally:
         for h in handles:
             h.remove()
-    need = first.in_features if min_tokens is None else int(min_tokens)
-    side = routed[0] < need
-    if side:
-        collector = plugin.collector(first.in_features) if collector is not None else None
-        net = type(net)(first.in_features) if net is not None else None
+    out = []
+    for k, g in enumerate(groups):
+        e, first = expert_of(g[0])[1], block.get_submodule(g[0])
+        collector, net = stats[k]
+        side = routed[k] < (first.in_features if min_tokens is None else int(min_tokens))
+        if side:
+            collector = plugin.collector(first.in_features) if collector is not None else None
+            net = type(net)(first.in_features) if net is not None else None
 
-        def on_first_all(mod, inp):
-            feed(inp[0].detach(), collector, net)
-            raise _StopForward
+            def on_first_all(mod, inp, c=collector, n=net):
+                feed(inp[0], c, n)
+                raise _StopForward
 
-        h = first.register_forward_pre_hook(on_first_all)
-        try:
-            for x in everything:
-                try:
-                    container[e](x)
-                except _StopForward:
-                    pass
-        finally:
-            h.remove()
-    row = log.setdefault(f"{li}.{container_path}.{e}", {"tokens": routed[0], "side_pass": False, "side_pass_linears": []})
-    if side:
-        row["side_pass"] = True
-        row["side_pass_linears"] += [n.rpartition(".")[2] for n in group]
-    return collector, net
+            h = first.register_forward_pre_hook(on_first_all)
+            try:
+                for x in everything:
+                    try:
+                        container[e](x)
+                    except _StopForward:
+                        pass
+            finally:
+                h.remove()
+        row = log.setdefault(f"{li}.{container_path}.{e}", {"tokens": routed[k], "side_pass": False,
+                                                            "side_pass_linears": []})
+        if side:
+            row["side_pass"] = True
+            row["side_pass_linears"] += [n.rpartition(".")[2] for n in g]
+        out.append((collector, net))
+    return out
 
 
 def _run_fp_stream(block, groups, fp_inps, kw):
