@@ -275,3 +275,40 @@ def test_expert_groups_solved_stage_by_stage_in_bounded_passes(monkeypatch):
     b, _ = _quantize("qwen2_moe", "gptq")
     with torch.no_grad():
         torch.testing.assert_close(a(input_ids=PROBE).logits, b(input_ids=PROBE).logits, rtol=0, atol=1e-6)
+
+
+def test_snrq_expert_inputs_pair_fp_and_quantized_by_token(monkeypatch):
+    # gate/up: X_f is the fp model's input of the experts module at the very tokens the quantized stream routed;
+    # down: X_f = X_q (D = 0)
+    name = "qwen3_moe"
+    fp = tiny_model(name)
+    moe.unfuse_experts(fp)
+    fp_rows = []
+    hs = [b.mlp.experts.register_forward_pre_hook(lambda m, a: fp_rows.append(a[0].detach())) for b in fp.model.layers]
+    with torch.no_grad():
+        for s in CALIB:
+            fp(input_ids=s[None])
+    for h in hs:
+        h.remove()
+    fp_rows = torch.cat(fp_rows)
+    pairs = []
+    real = driver.Asymmetric.add
+    monkeypatch.setattr(driver.Asymmetric, "add", lambda self, c, xq, xf: (pairs.append((xq, xf)), real(self, c, xq, xf)))
+    _quantize(name, "snrq", moe_min_tokens=0)
+    routed_in = [(q, f) for q, f in pairs if q.shape[-1] == 64 and q.shape[-2] != CALIB.shape[1]]
+    down = [(q, f) for q, f in pairs if q.shape[-1] == 32]
+    assert routed_in and down
+    same = rows = 0
+    for q, f in routed_in:
+        f = f.reshape(-1, 64)
+        d = torch.cdist(f, fp_rows, compute_mode="donot_use_mm_for_euclid_dist")
+        assert d.min(dim=1).values.max() < 1e-4  # every X_f row is an fp token's input
+        # ... of the same token as the X_q row beside it: the quantized stream's row is nearest to its own
+        # token's fp row (4-bit drift is mostly smaller than the distance between tokens; a misaligned pairing
+        # would agree on almost none)
+        dq = torch.cdist(q.reshape(-1, 64), fp_rows, compute_mode="donot_use_mm_for_euclid_dist")
+        same += int((dq.argmin(dim=1) == d.argmin(dim=1)).sum())
+        rows += f.shape[0]
+    assert same >= 0.9 * rows, (same, rows)
+    assert any(not torch.equal(q, f) for q, f in routed_in)  # and differs from X_q (attention is quantized)
+    assert all(torch.equal(q, f) for q, f in down)

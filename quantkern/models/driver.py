@@ -538,10 +538,10 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
                     fp_inps = [_block_out(block(x, **kw)) for x in fp_inps]
             continue
         groups = linear_groups(model, block, lambda: block(inps[0], **kw))
-        fp_group_inputs = None
+        fp_group_inputs, fp_expert_inputs = None, {}
         if fp_inps is not None:
             with fwd:
-                fp_group_inputs, fp_inps = _run_fp_stream(block, groups, fp_inps, kw)
+                (fp_group_inputs, fp_expert_inputs), fp_inps = _run_fp_stream(block, groups, fp_inps, kw)
         results = {}
         for unit in _solve_units(groups, block):
             stats = []
@@ -555,7 +555,8 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
                 with fwd:
                     if expert_of(groups[unit[0]][0]):
                         stats = _collect_experts(block, [groups[gi] for gi in unit], inps, kw, plugin, stats,
-                                                 run.moe_min_tokens, run.report.experts, li)
+                                                 run.moe_min_tokens, run.report.experts, li,
+                                                 fp_expert_inputs.get(expert_of(groups[unit[0]][0])[0]))
                     else:
                         gi = unit[0]
                         _collect(block, block.get_submodule(groups[gi][0]), inps, kw, plugin, stats[0][0],
@@ -640,35 +641,48 @@ def _solve_units(groups, block) -> list[list[int]]:
     return units
 
 
-def _collect_experts(block, groups, inps, kw, plugin, stats, min_tokens, log, li):
+def _collect_experts(block, groups, inps, kw, plugin, stats, min_tokens, log, li, fp_all=None):
     """Statistics of expert groups (one stage of one experts module) from the tokens the router sends each
     expert in the normal routed forward; an expert's group with fewer than `min_tokens` (default: its input size)
     routed tokens gets them from every calibration token instead, by running that expert alone on all of them
-    (the block's output still follows the router). Returns the [(collector, net)] to solve with. X_f = X_q:
-    the fp stream routes other tokens to the experts, so the two streams' inputs do not pair."""
+    (the block's output still follows the router). Returns the [(collector, net)] to solve with.
+    X_f (GPTAQ/SNRQ, `fp_all`: the fp stream's input of the experts module per sample, every token): for gate/up,
+    the fp input at the very tokens the quantized stream routed (or every token, side pass); for down, X_q
+    (D = 0): its fp input would need the expert's fp gate/up outputs, which are not kept."""
     container_path = expert_of(groups[0][0])[0]
     container = block.get_submodule(container_path)
-    everything, routed = [], [0] * len(groups)
+    everything, routing, routed = [], [], [0] * len(groups)
 
-    def feed(x, coll, nt):
+    def feed(x, coll, nt, x_f=None):
         x = x.detach().reshape(1, -1, x.shape[-1])  # one sequence per calibration sample
         if coll is not None:
-            plugin.add(coll, x, x)
+            plugin.add(coll, x, x if x_f is None else x_f.reshape(x.shape).to(x.dtype))
         if nt is not None:
             nt.add_batch(x)
 
-    def on_first(k):
+    def reads_module_input(g):  # ExpertMLP's gate/up read what the experts module was given
+        return g[0].rpartition(".")[2] in ("gate_proj", "up_proj")
+
+    def on_first(k, e, g):
         def hook(mod, inp):
             routed[k] += inp[0].reshape(-1, inp[0].shape[-1]).shape[0]
-            feed(inp[0], *stats[k])
+            x_f = None
+            if fp_all is not None and reads_module_input(g):  # the order RoutedExperts picks tokens in
+                token_idx = torch.where(routing[-1] == e)[0]
+                x_f = fp_all[len(routing) - 1].reshape(-1, inp[0].shape[-1])[token_idx]
+            feed(inp[0], *stats[k], x_f=x_f)
         return hook
+
+    def on_container(mod, args):
+        everything.append(args[0].detach())
+        routing.append(args[1].detach())  # top_k_index
 
     def stop(mod, args, out):
         raise _StopForward
 
-    handles = [container.register_forward_pre_hook(lambda mod, args: everything.append(args[0].detach())),
-               container.register_forward_hook(stop)]
-    handles += [block.get_submodule(g[0]).register_forward_pre_hook(on_first(k)) for k, g in enumerate(groups)]
+    handles = [container.register_forward_pre_hook(on_container), container.register_forward_hook(stop)]
+    handles += [block.get_submodule(g[0]).register_forward_pre_hook(on_first(k, expert_of(g[0])[1], g))
+                for k, g in enumerate(groups)]
     try:
         for x in inps:
             try:
@@ -687,13 +701,16 @@ def _collect_experts(block, groups, inps, kw, plugin, stats, min_tokens, log, li
             collector = plugin.collector(first.in_features) if collector is not None else None
             net = type(net)(first.in_features) if net is not None else None
 
-            def on_first_all(mod, inp, c=collector, n=net):
-                feed(inp[0], c, n)
+            sample = [0]
+
+            def on_first_all(mod, inp, c=collector, n=net, g=g):
+                use_fp = fp_all is not None and reads_module_input(g)
+                feed(inp[0], c, n, x_f=fp_all[sample[0]] if use_fp else None)
                 raise _StopForward
 
             h = first.register_forward_pre_hook(on_first_all)
             try:
-                for x in everything:
+                for sample[0], x in enumerate(everything):
                     try:
                         container[e](x)
                     except _StopForward:
@@ -710,17 +727,22 @@ def _collect_experts(block, groups, inps, kw, plugin, stats, min_tokens, log, li
 
 
 def _run_fp_stream(block, groups, fp_inps, kw):
-    """Run the unquantized block on the fp stream; keep each group's input per sample."""
+    """Run the unquantized block on the fp stream; keep each group's input per sample. Expert groups keep
+    nothing (the two streams route different tokens to an expert): the input of each experts module, every
+    token, is kept instead under the module's path, for the experts' X_f (_collect_experts)."""
     cache = [[] for _ in groups]
-    # experts are skipped: the two streams route different tokens to them, so their inputs do not pair
     handles = [block.get_submodule(g[0]).register_forward_pre_hook(
         lambda mod, inp, i=i: cache[i].append(inp[0].detach())) for i, g in enumerate(groups) if not expert_of(g[0])]
+    containers = sorted({expert_of(g[0])[0] for g in groups if expert_of(g[0])})
+    expert_inputs = {c: [] for c in containers}
+    handles += [block.get_submodule(c).register_forward_pre_hook(
+        lambda mod, args, c=c: expert_inputs[c].append(args[0].detach())) for c in containers]
     try:
         outs = [_block_out(block(x, **kw)) for x in fp_inps]
     finally:
         for h in handles:
             h.remove()
-    return cache, outs
+    return (cache, expert_inputs), outs
 
 
 def _preflight(model, blocks, chosen, inps, kw, plugin, progress):
