@@ -21,7 +21,7 @@ ARCHS = {
     "olmo2": dict(),
     "granite": dict(embedding_multiplier=2.0, logits_scaling=4.0, residual_multiplier=0.5, attention_multiplier=0.25),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
-    "qwen2_moe": dict(num_experts=4, shared_expert_intermediate_size=48, **MOE),
+    "qwen2_moe": dict(num_experts=4, shared_expert_intermediate_size=64, **MOE),
     "qwen3_moe": dict(num_experts=4, **MOE),
     "deepseek_v3": dict(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4,
                         q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, head_dim=8, qk_nope_head_dim=16, v_head_dim=16,

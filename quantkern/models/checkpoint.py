@@ -112,6 +112,7 @@ def quantize_config(model: nn.Module) -> dict:
             "quantized_modules": sorted(qmods), "modules": info.get("modules", {}),
             # linears inside the blocks left in float (routers, gates) and why
             "kept_float": info.get("kept_float", {}),
+            "kept_float_linears": info.get("kept_float_linears", []),
         },
     }
     if info.get("calibration"):  # whether calibration samples started with BOS (the tokenizer's convention)

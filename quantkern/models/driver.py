@@ -413,6 +413,9 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
                         "tokens": "as given" if isinstance(calib, torch.Tensor) else "text"},
         "kept_float": {f"{block_path}.{li}.{n}": why for li in chosen for n, why in kept_float(blocks[li]).items()},
     }
+    # those that are nn.Linear: a reader that ignores GPTQModel's "-:" rules would try to load them packed
+    model.quantkern_info["kept_float_linears"] = [n for n in model.quantkern_info["kept_float"]
+                                                  if isinstance(model.get_submodule(n), nn.Linear)]
     if report.experts:
         model.quantkern_info["experts"] = {f"{block_path}.{k}": v for k, v in report.experts.items()}
     if fuse:

@@ -70,15 +70,13 @@ def reader_support(qcfg: dict) -> dict[str, Verdict]:
         out["transformers"] = Verdict(True, "through optimum + GPTQModel's kernels")
 
     out["vLLM"] = vllm_verdict(qcfg)
-    if (qcfg.get("meta") or {}).get("experts"):  # per-expert linears under transformers 5's module paths
-        why = ("MoE: per-expert packed linears (mlp.experts.{e}.gate_proj/up_proj/down_proj) where transformers 5 "
-               "builds one fused 3-D experts module; not measured here")
-        out["transformers"] = Verdict(None if out["transformers"].ok else False, why if out["transformers"].ok
-                                      else out["transformers"].why)
-        out["GPTQModel"] = Verdict(None if out["GPTQModel"].ok else False, why if out["GPTQModel"].ok
-                                   else out["GPTQModel"].why)
+    float_linears = (qcfg.get("meta") or {}).get("kept_float_linears") or []
+    if float_linears and out["transformers"].ok:
+        out["transformers"] = Verdict(False, f"quantizes every linear in the blocks, ignoring dynamic '-:' rules: the "
+                                             f"float {float_linears[0].rpartition('.')[2]} does not load (an error)")
+    if (qcfg.get("meta") or {}).get("experts"):  # one packed linear per expert projection (models/moe.py)
         if out["vLLM"].ok:
-            out["vLLM"] = Verdict(None, why, "source")
+            out["vLLM"] = Verdict(None, "MoE with per-expert packed linears: neither run nor read in its source here")
     return out
 
 
