@@ -287,7 +287,7 @@ def _resolve_layers(layers, nblocks: int) -> list[int]:
 
 def check_linears(blocks, chosen, spec: QuantSpec) -> None:
     """Every chosen block must have linears to quantize (ValueError otherwise). A group size that does not divide
-    a linear's input size is legal here (ragged last group) but other GPTQ readers refuse it: one warning."""
+    a linear's input size is legal here (ragged last group) but some peer kernels refuse it: one warning."""
     for li in chosen:
         if not quantizable_linears(blocks[li]):
             raise ValueError(f"block {li} ({type(blocks[li]).__name__}) has no nn.Linear to quantize (other layer types, "
@@ -297,8 +297,9 @@ def check_linears(blocks, chosen, spec: QuantSpec) -> None:
                       if blocks[li].get_submodule(n).in_features % spec.group_size})
         if odd:
             warnings.warn(f"group_size {spec.group_size} does not divide the input size of {len(odd)} linear(s) "
-                          f"({', '.join(f'{n}: {k}' for n, k in odd[:3])}): quantkern reads the ragged last group, "
-                          "GPTQModel / vLLM refuse such checkpoints", UserWarning, stacklevel=3)
+                          f"({', '.join(f'{n}: {k}' for n, k in odd[:3])}): quantkern reads the ragged last group, some peer "
+                          "kernels refuse it (measured: the int4pack CPU kernel transformers picks)", UserWarning,
+                          stacklevel=3)
 
 
 def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | None = None, method: str = "gptq",
