@@ -282,9 +282,21 @@ def inspect_checkpoint(path) -> dict:
         "lm_head": _lm_head_line(qc, spec),
         "per-module overrides (dynamic)": {k: ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in dynamic.items()},
         "fallbacks": sum(1 for v in meta.get("modules", {}).values() if v.get("fallback")),
+        "kept in float": {k: v for k, v in (meta.get("kept_float") or {}).items()},
+        "experts": _experts_line(meta.get("experts") or {}),
+        "calibration BOS": (meta.get("calibration") or {}).get("bos", "not recorded"),
         "size_bytes": checkpoint_size(path), "quantkern_backends_here": quantkern_backends,
         "loads_in (tests/interop)": {k: str(v) for k, v in reader_support(qc).items()},
     }
+
+
+def _experts_line(experts: dict) -> str:
+    if not experts:
+        return "none"
+    side = [k for k, v in experts.items() if v.get("side_pass")]
+    tokens = [v.get("tokens", 0) for v in experts.values()]
+    return (f"{len(experts)} over all blocks (one packed linear per projection), routed calibration tokens {min(tokens)}-{max(tokens)}; "
+            f"{len(side)} used the all-token side pass")
 
 
 def _lm_head_line(qc, spec) -> str:
