@@ -77,9 +77,15 @@ def test_quantize_save_load_generate(name, method, tmp_path):
     # (c) generate with packed weights (greedy, with the KV cache)
     out = loaded.generate(PROBE[:1, :8], max_new_tokens=4, do_sample=False)
     assert 8 < out.shape[1] <= 12
-    with torch.no_grad():  # each cached greedy step is the argmax of a full forward over its prefix
+    with torch.no_grad():  # each cached greedy step is the argmax of a full forward over its prefix (up to a tie)
         for t in range(8, out.shape[1]):
-            assert int(loaded(input_ids=out[:, :t]).logits[0, -1].argmax()) == int(out[0, t])
+            lg = loaded(input_ids=out[:, :t]).logits[0, -1]
+            assert float(lg.max() - lg[out[0, t]]) <= 1e-4, (t, int(lg.argmax()), int(out[0, t]))
+    if name in MOE_ARCHS:
+        from quantkern.cli import inspect_checkpoint
+
+        line = inspect_checkpoint(tmp_path / "ck")["experts"]
+        assert line.startswith(f"{len(info['experts'])} over all blocks"), line
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
