@@ -367,11 +367,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .calibration.data import MissingDataError
     from .models.checkpoint import CheckpointError
+    from .models.errors import UnsupportedModelError
     from .solvers.registry import MethodOptionError
 
     try:
         return COMMANDS[args.command](args)
-    except (MissingDataError, CheckpointError, FileNotFoundError, MethodOptionError) as e:
+    except (MissingDataError, CheckpointError, FileNotFoundError, MethodOptionError, UnsupportedModelError) as e:
         print(f"quantkern {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,7 @@ from arch_tiny import ARCHS, MOE_ARCHS, tiny_model
 import quantkern
 from quantkern.calibration.stats import HessianAccumulator
 from quantkern.models import arch, driver, moe
+from quantkern.models.errors import UnsupportedModelError
 from quantkern.models.readers import reader_support
 from quantkern.nn import QuantLinear
 from quantkern.spec import QuantSpec
@@ -200,7 +201,7 @@ def test_blocks_or_linears_not_found_refused_before_calibration(monkeypatch):
             super().__init__()
             self.proj = nn.Linear(8, 8)
 
-    with pytest.raises(ValueError, match="cannot find the decoder blocks of NoBlocks"):
+    with pytest.raises(UnsupportedModelError, match="cannot find the decoder blocks of NoBlocks"):
         quantkern.quantize_model(NoBlocks(), None, SPEC, calib=["text"])
 
     class ConvBlock(nn.Module):
@@ -219,7 +220,7 @@ def test_blocks_or_linears_not_found_refused_before_calibration(monkeypatch):
     model = tiny_model("llama")
     for blk in model.model.layers:
         blk.self_attn, blk.mlp = nn.Identity(), nn.Identity()
-    with pytest.raises(ValueError, match=r"^block 0 \(LlamaDecoderLayer\) has no nn.Linear to quantize"):
+    with pytest.raises(UnsupportedModelError, match=r"^block 0 \(LlamaDecoderLayer\) has no nn.Linear to quantize"):
         quantkern.quantize_model(model, None, SPEC, calib=["text"])
 
 
@@ -228,7 +229,7 @@ def test_unknown_fused_expert_layout_refused(monkeypatch):
     model = tiny_model("mixtral")
     ex = model.model.layers[0].mlp.experts
     ex.gate_up_proj_bias = nn.Parameter(torch.zeros(4, 192))
-    with pytest.raises(NotImplementedError, match=r"model.layers.0.mlp.experts: fused experts MixtralExperts .*gate_up_proj_bias"):
+    with pytest.raises(UnsupportedModelError, match=r"model.layers.0.mlp.experts: fused experts MixtralExperts .*gate_up_proj_bias"):
         quantkern.quantize_model(model, None, SPEC, calib=["text"])
 
 
@@ -243,10 +244,11 @@ def test_ragged_group_warns_once_with_the_readers_that_refuse(monkeypatch):
         driver.check_linears(arch.find_blocks(model)[1], [0, 1], QuantSpec(bits=4, group_size=32))
 
 
-def test_model_dir_refusals(tmp_path):
+def test_model_dir_refusals(tmp_path, capsys):
     import json
 
-    from quantkern.models.zoo import UnsupportedModelError, check_model_dir, load_fp
+    from quantkern.cli import main as cli_main
+    from quantkern.models.zoo import check_model_dir, load_fp
 
     model = tiny_model("qwen2")
     model.save_pretrained(tmp_path / "ok")
@@ -264,6 +266,11 @@ def test_model_dir_refusals(tmp_path):
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg, "model_type": "my_own_llm"}))
     with pytest.raises(UnsupportedModelError, match="'my_own_llm' is not built into this transformers"):
         load_fp(tmp_path / "ok")
+    # the CLI says it in one line and exits 2, before loading anything
+    err = capsys.readouterr()
+    assert cli_main(["quantize", "--model", str(d), "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("quantkern quantize: error: ") and "no .safetensors" in err
 
 
 def test_expert_groups_solved_stage_by_stage_in_bounded_passes(monkeypatch):

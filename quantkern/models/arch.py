@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .errors import UnsupportedModelError
+
 _LLAMA = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
@@ -127,7 +129,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if len(kinds) == 1 and has_linear and not nested and (best is None or len(mod) > len(best[1])):
                 best = (name, mod)
     if best is None:
-        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of "
+        raise UnsupportedModelError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of "
                          "identical blocks with nn.Linear layers; add an entry to quantkern.models.arch.ARCHS")
     return best
 
@@ -177,7 +179,7 @@ def traced_groups(block: nn.Module, trace: Callable[[], None]) -> list[tuple[str
             groups.append((inp, [name]))
     missing = linears - seen
     if missing:
-        raise ValueError(f"tracing {type(block).__name__} never called {sorted(missing)}; add the architecture to "
+        raise UnsupportedModelError(f"tracing {type(block).__name__} never called {sorted(missing)}; add the architecture to "
                          "quantkern.models.arch.ARCHS")
     return [tuple(g) for _, g in groups]
 

@@ -38,6 +38,7 @@ from ..solvers import solve
 from ..solvers.registry import METHODS as SOLVER_METHODS, check_options
 from . import safety
 from .arch import find_blocks, kept_float, linear_groups, quantizable_linears
+from .errors import UnsupportedModelError
 from .moe import expert_of, unfuse_experts
 from .head import LM_HEAD_AUTO_SPEC, resolve_lm_head, round_head, set_module, untie_lm_head  # noqa: F401
 
@@ -290,7 +291,7 @@ def check_linears(blocks, chosen, spec: QuantSpec) -> None:
     a linear's input size is legal here (ragged last group) but some peer kernels refuse it: one warning."""
     for li in chosen:
         if not quantizable_linears(blocks[li]):
-            raise ValueError(f"block {li} ({type(blocks[li]).__name__}) has no nn.Linear to quantize (other layer types, "
+            raise UnsupportedModelError(f"block {li} ({type(blocks[li]).__name__}) has no nn.Linear to quantize (other layer types, "
                              "e.g. GPT-2's Conv1D, are not supported); add the architecture to quantkern.models.arch")
     if spec.group_size > 0:
         odd = sorted({(n, blocks[li].get_submodule(n).in_features) for li in chosen for n in quantizable_linears(blocks[li])

@@ -15,6 +15,8 @@ import re
 import torch
 import torch.nn as nn
 
+from .errors import UnsupportedModelError
+
 EXPERT_RE = re.compile(r"^(?P<container>.*\.experts)\.(?P<index>\d+)\.")
 
 
@@ -64,7 +66,7 @@ def _split(mod: nn.Module, name: str) -> RoutedExperts:
     extra = sorted(n for n, _ in mod.named_parameters() if n not in ("gate_up_proj", "down_proj"))
     layout = (getattr(mod, "is_concatenated", True), getattr(mod, "is_transposed", False))
     if extra or layout != (True, False) or down.shape != (E, H, two_i // 2) or not hasattr(mod, "act_fn"):
-        raise NotImplementedError(
+        raise UnsupportedModelError(
             f"{name}: fused experts {type(mod).__name__} (gate_up_proj {tuple(gu.shape)}, down_proj "
             f"{tuple(down.shape)}, other parameters {extra}) are not the [gate; up] / down layout quantkern splits "
             "into per-expert linears; add support in quantkern.models.moe")

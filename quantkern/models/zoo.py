@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..calibration.data import PIP_HINT, MissingDataError
+from .errors import UnsupportedModelError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -77,10 +78,6 @@ def resolve_model_dir(name_or_dir) -> Path:
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"{p} is not a model directory (no config.json); use --model default for SmolLM2")
     return p
-
-
-class UnsupportedModelError(ValueError):
-    pass
 
 
 def check_model_dir(d: Path) -> None:
