@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gguf-type", choices=("Q4_0", "Q4_1", "Q8_0"), default=None,
                    help="preset the grid to the one `quantkern export --gguf` writes exactly as this llama.cpp type: "
                         "Q4_0 / Q8_0 = 4 / 8-bit symmetric, Q4_1 = 4-bit asymmetric, group 32 (docs/gguf.md)")
+    q.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every calibration sample with the BOS token (default: as the tokenizer does)")
     q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
     q.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="split the weights into safetensors shards of at most SIZE (e.g. 2GB, 500MB) with "
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", nargs="+", default=None, help="text files (default: held-out Hamlet + Macbeth)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-tokens", type=int, default=8192)
+    e.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every window with the BOS token (default: as the tokenizer does)")
     e.add_argument("--fp", action="store_true", help="also evaluate the fp model named by the checkpoint's source (default SmolLM2)")
 
     g = sub.add_parser("generate", help="generate text")
@@ -217,7 +221,7 @@ def cmd_quantize(args) -> int:
     _, report = quantize_model(model, tok, spec, method=method, calib=args.calib or "shakespeare",
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
                                log_path=log, progress=not args.quiet, lm_head=args.lm_head,
-                               safety_net=args.safety_net, shrink=args.shrink, **method_kwargs)
+                               safety_net=args.safety_net, shrink=args.shrink, bos=args.bos, **method_kwargs)
     if args.gguf_type:
         from .export.gguf_presets import check_model
 
@@ -250,7 +254,7 @@ def _print_readers(path, warn_only=False) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .calibration.data import evaluation_tokens
+    from .calibration.data import evaluation_tokens, resolve_bos
     from .eval.perplexity import perplexity
 
     rows = []
@@ -258,7 +262,7 @@ def cmd_eval(args) -> int:
     for name in names:
         model, tok = load_any(name)
         docs = evaluation_tokens(tok, args.text or "shakespeare", args.max_tokens)
-        r = perplexity(model, docs, args.seqlen, progress=True)
+        r = perplexity(model, docs, args.seqlen, progress=True, bos_id=resolve_bos(tok, args.bos))
         rows.append((name, r))
         print(f"{name}: perplexity {r['ppl']:.3f} over {r['tokens']} tokens ({r['windows']} windows of {r['seqlen']})")
     return 0
@@ -317,9 +321,21 @@ def inspect_checkpoint(path) -> dict:
         "lm_head": _lm_head_line(qc, spec),
         "per-module overrides (dynamic)": {k: ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in dynamic.items()},
         "fallbacks": sum(1 for v in meta.get("modules", {}).values() if v.get("fallback")),
+        "kept in float": {k: v for k, v in (meta.get("kept_float") or {}).items()},
+        "experts": _experts_line(meta.get("experts") or {}),
+        "calibration BOS": (meta.get("calibration") or {}).get("bos", "not recorded"),
         "size_bytes": checkpoint_size(path), "quantkern_backends_here": quantkern_backends,
         "loads_in (tests/interop)": {k: str(v) for k, v in reader_support(qc).items()},
     }
+
+
+def _experts_line(experts: dict) -> str:
+    if not experts:
+        return "none"
+    side = [k for k, v in experts.items() if v.get("side_pass")]
+    tokens = [v.get("tokens", 0) for v in experts.values()]
+    return (f"{len(experts)} over all blocks (one packed linear per projection), routed calibration tokens {min(tokens)}-{max(tokens)}; "
+            f"{len(side)} used the all-token side pass")
 
 
 def _lm_head_line(qc, spec) -> str:
@@ -403,11 +419,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .calibration.data import MissingDataError
     from .models.checkpoint import CheckpointError
+    from .models.errors import UnsupportedModelError
     from .solvers.registry import MethodOptionError
 
     try:
         return COMMANDS[args.command](args)
-    except (MissingDataError, CheckpointError, FileNotFoundError, MethodOptionError) as e:
+    except (MissingDataError, CheckpointError, FileNotFoundError, MethodOptionError, UnsupportedModelError) as e:
         print(f"quantkern {args.command}: error: {e}", file=sys.stderr)
         return 2
 

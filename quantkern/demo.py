@@ -25,7 +25,7 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
     import torch
 
     import quantkern
-    from quantkern.calibration.data import evaluation_tokens
+    from quantkern.calibration.data import evaluation_tokens, resolve_bos
     from quantkern.cli import generate_text
     from quantkern.eval.perplexity import perplexity
     from quantkern.eval.speed import decode_tokens_per_s
@@ -41,7 +41,8 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
     print(f"  evaluation:  {eval_tokens} tokens of Hamlet + Macbeth in {DEMO['eval_seqlen']}-token windows")
     fp, tok = load_fp("default")
     docs = evaluation_tokens(tok, "shakespeare", eval_tokens)
-    ppl_fp = perplexity(fp, docs, DEMO["eval_seqlen"], progress=True, desc="ppl fp32")
+    bos_id = resolve_bos(tok, None)  # SmolLM2 adds none: windows are plain text
+    ppl_fp = perplexity(fp, docs, DEMO["eval_seqlen"], progress=True, desc="ppl fp32", bos_id=bos_id)
 
     qmodel, report = quantkern.quantize_model(copy.deepcopy(fp), tok, spec, method=DEMO["method"],
                                               nsamples=nsamples, seqlen=seqlen, alpha=DEMO["alpha"])
@@ -51,7 +52,7 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
         output = Path(tmp.name) / "smollm2-snrq-w4g64"
     quantkern.save_quantized(qmodel, output, tokenizer=tok)
     loaded = quantkern.load(output)  # everything below runs on the packed checkpoint as loaded from disk
-    ppl_q = perplexity(loaded, docs, DEMO["eval_seqlen"], progress=True, desc="ppl quantized")
+    ppl_q = perplexity(loaded, docs, DEMO["eval_seqlen"], progress=True, desc="ppl quantized", bos_id=bos_id)
     size_q = checkpoint_size(output)
     size_fp = checkpoint_size(default_model_dir())
     ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids

@@ -8,6 +8,11 @@ Built-in corpora (no network):
 - The Python 3.11 docs (reST under /usr/share/doc/python3.11/html/_sources/, Debian python3.11-doc)
   when present: the tutorial is held out for evaluation, everything else may calibrate.
 
+BOS: where the tokenizer prepends a BOS token by default (`tokenizer("x").input_ids[0] == bos_token_id`:
+Llama, Gemma, Mistral...), the model has only ever seen text after BOS, so every calibration sample (and every
+evaluation window, eval.perplexity) starts with BOS followed by seqlen - 1 text tokens; where it does not
+(SmolLM2, Qwen), samples are plain text. `bos=True/False` overrides (CLI --bos/--no-bos).
+
 Sampling is deterministic for a given seed and never tokenizes a whole corpus (3 MB takes ~6 s):
 each sample picks a document (weighted by length) and a character offset, tokenizes a window of
 characters around it and keeps ``seqlen`` tokens.
@@ -123,6 +128,31 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether `tokenizer` prepends its BOS token when called with default arguments."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or not callable(tokenizer):
+        return False
+    try:
+        ids = tokenizer("x")["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer-like object without the transformers call signature
+        return False
+    return len(ids) > 0 and ids[0] == bos
+
+
+def resolve_bos(tokenizer, bos: bool | None) -> int | None:
+    """The BOS id every sample / window starts with, or None: `bos` True/False forces it, None follows the
+    tokenizer's own default."""
+    if bos is None:
+        bos = tokenizer is not None and tokenizer_adds_bos(tokenizer)
+    if not bos:
+        return None
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        raise ValueError("bos=True, but the tokenizer has no bos_token_id")
+    return int(bos_id)
+
+
 def _window_tokens(tokenizer, text: str, start: int, want: int) -> list[int]:
     """At least `want` tokens of text from character `start` (fewer only if the text ends)."""
     span = want * CHARS_PER_TOKEN_GUESS
@@ -136,8 +166,9 @@ def _window_tokens(tokenizer, text: str, start: int, want: int) -> list[int]:
 
 
 def calibration_samples(tokenizer, source: TextSource = "shakespeare", nsamples: int = 32, seqlen: int = 512,
-                        seed: int = 0) -> torch.Tensor:
-    """nsamples x seqlen token ids (int64) drawn deterministically from `source`.
+                        seed: int = 0, bos: bool | None = None) -> torch.Tensor:
+    """nsamples x seqlen token ids (int64) drawn deterministically from `source`; each starts with the BOS token
+    (then seqlen - 1 text tokens) where `resolve_bos(tokenizer, bos)` says so.
 
     `source`: a built-in corpus name ('shakespeare', 'python-docs'; their calibration split), file or
     directory paths, a list of strings, or a token tensor ([T] or [N, T]) to cut samples from.
@@ -146,6 +177,10 @@ def calibration_samples(tokenizer, source: TextSource = "shakespeare", nsamples:
     """
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples}, {seqlen}")
+    bos_id = resolve_bos(tokenizer, bos)
+    if bos_id is not None:
+        text = calibration_samples(tokenizer, source, nsamples, seqlen - 1, seed, bos=False)
+        return torch.cat([torch.full((nsamples, 1), bos_id, dtype=torch.long), text], dim=1)
     gen = torch.Generator().manual_seed(seed)
     if isinstance(source, torch.Tensor):
         return _samples_from_tokens(source, nsamples, seqlen, gen)

@@ -37,6 +37,7 @@ from ..formats import gptq, gptq_config
 from ..spec import QuantSpec
 from ..nn import QuantLinear
 from .head import round_head, rounded_at_load
+from .moe import unfuse_experts
 
 MANIFEST = "quantkern_manifest.json"
 WEIGHTS = "model.safetensors"
@@ -109,8 +110,17 @@ def quantize_config(model: nn.Module) -> dict:
             "method": method.pop("method", None), "alpha": method.pop("alpha", None), "K": method.pop("K", None),
             "method_options": method, "zero_point_convention": ZERO_POINT_CONVENTIONS[fmt],
             "quantized_modules": sorted(qmods), "modules": info.get("modules", {}),
+            # linears inside the blocks left in float (routers, gates) and why
+            "kept_float": info.get("kept_float", {}),
+            "kept_float_linears": info.get("kept_float_linears", []),
         },
     }
+    if info.get("calibration"):  # whether calibration samples started with BOS (the tokenizer's convention)
+        out["meta"]["calibration"] = info["calibration"]
+    if info.get("experts"):  # per MoE expert: routed calibration tokens, whether the side pass was used
+        out["meta"]["experts"] = info["experts"]
+    for name in sorted(info.get("kept_float", {})):  # GPTQModel's "leave this module in float"
+        dynamic[f"-:^{re.escape(name)}$"] = {}
     if rounded_at_load(head):  # stored in float; quantkern rounds it to this grid at load
         out["meta"]["lm_head_at_load"] = {"method": "rtn", **head.spec.to_dict()}
     if info.get("gguf_type"):  # quantize --gguf-type: every linear verified to have this exact llama.cpp twin
@@ -323,6 +333,7 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
         raise CheckpointError(f"{path}: cannot read weights: {e}") from e
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(cfg, "dtype", None) or torch.float32)
+    unfuse_experts(model)  # quantize_model saved one linear per expert projection (models/moe.py)
     for key in [k for k in sd if k.endswith(".qweight")]:
         name = key[: -len(".qweight")]
         try:
@@ -382,7 +393,10 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
             raise CheckpointError(f"{path}: meta.lm_head_at_load {head_at_load}: {e}") from e
         round_head(model, head_spec)
     model.quantkern_info = {"spec": spec.to_dict(), "method": {"method": qcfg.get("meta", {}).get("method")},
-                            "modules": qcfg.get("meta", {}).get("modules", {}), "quantize_config": qcfg}
+                            "modules": qcfg.get("meta", {}).get("modules", {}), "quantize_config": qcfg,
+                            "kept_float": qcfg.get("meta", {}).get("kept_float", {})}
+    if qcfg.get("meta", {}).get("experts"):
+        model.quantkern_info["experts"] = qcfg["meta"]["experts"]
     model = model.to(device).eval()
     if fuse:
         from ..nn import fuse_quant_groups

@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..calibration.data import calibration_samples
+from ..calibration.data import calibration_samples, resolve_bos
 from ..calibration.shrinkage import shrink_to_diagonal
 from ..spec import QuantSpec
 from ..calibration.stats import AsymAccumulator, HessianAccumulator
@@ -37,7 +37,9 @@ from ..nn import QuantLinear
 from ..solvers import solve
 from ..solvers.registry import METHODS as SOLVER_METHODS, check_options
 from . import safety
-from .arch import find_blocks, linear_groups
+from .arch import find_blocks, kept_float, linear_groups, quantizable_linears
+from .errors import UnsupportedModelError
+from .moe import expert_of, unfuse_experts
 from .head import resolve_lm_head, round_head, set_module, untie_lm_head
 
 
@@ -196,6 +198,7 @@ class QuantReport:
     total_s: float = 0.0
     safety_net: bool = True
     safety_fallbacks: int = 0  # modules whose method lost to RTN on their own statistics (RTN kept)
+    experts: dict = dataclasses.field(default_factory=dict)  # "layer.container.e" -> routed tokens, side pass
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -237,10 +240,39 @@ def _capture_first_block(model, block0, samples) -> tuple[list[torch.Tensor], di
                 pass
     finally:
         h.remove()
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    kwargs["use_cache"] = False
-    return inps, kwargs
+    return inps, _clean_kwargs(kwargs)
+
+
+def _clean_kwargs(kw: dict) -> dict:
+    kw = dict(kw)
+    kw.pop("past_key_values", None)
+    kw.pop("past_key_value", None)
+    kw["use_cache"] = False
+    return kw
+
+
+def _block_kwargs(model, blocks, sample) -> list[dict]:
+    """The keyword arguments each block is called with (one forward of `sample`): they differ per block where
+    layers differ (Gemma 2/3 sliding-window vs global layers: masks, Gemma 3's local rotary embeddings)."""
+    kws: list[dict | None] = [None] * len(blocks)
+
+    def hook(mod, args, kw, li):
+        kw = dict(kw)
+        kw.pop("hidden_states", None)
+        kws[li] = _clean_kwargs(kw)
+        if li == len(blocks) - 1:
+            raise _StopForward
+
+    handles = [b.register_forward_pre_hook(lambda m, a, k, li=li: hook(m, a, k, li), with_kwargs=True)
+               for li, b in enumerate(blocks)]
+    try:
+        model(input_ids=sample[None].to(next(model.parameters()).device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return kws
 
 
 def _resolve_layers(layers, nblocks: int) -> list[int]:
@@ -254,11 +286,29 @@ def _resolve_layers(layers, nblocks: int) -> list[int]:
     return out
 
 
+def check_linears(blocks, chosen, spec: QuantSpec) -> None:
+    """Every chosen block must have linears to quantize (ValueError otherwise). A group size that does not divide
+    a linear's input size is legal here (ragged last group) but some peer kernels refuse it: one warning."""
+    for li in chosen:
+        if not quantizable_linears(blocks[li]):
+            raise UnsupportedModelError(f"block {li} ({type(blocks[li]).__name__}) has no nn.Linear to quantize (other layer types, "
+                             "e.g. GPT-2's Conv1D, are not supported); add the architecture to quantkern.models.arch")
+    if spec.group_size > 0:
+        odd = sorted({(n, blocks[li].get_submodule(n).in_features) for li in chosen for n in quantizable_linears(blocks[li])
+                      if blocks[li].get_submodule(n).in_features % spec.group_size})
+        if odd:
+            warnings.warn(f"group_size {spec.group_size} does not divide the input size of {len(odd)} linear(s) "
+                          f"({', '.join(f'{n}: {k}' for n, k in odd[:3])}): quantkern reads the ragged last group, some peer "
+                          "kernels refuse it (measured: the int4pack CPU kernel transformers picks)", UserWarning,
+                          stacklevel=3)
+
+
 def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | None = None, method: str = "gptq",
                    calib="shakespeare", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
                    layers: int | Iterable[int] | None = None, log_path=None, progress: bool = True,
                    lm_head="auto", fuse: bool = True, quantize_lm_head: bool | None = None, safety_net: bool = True,
-                   shrink: bool = True, **method_kwargs):
+                   shrink: bool = True, moe_min_tokens: int | None = None, bos: bool | None = None,
+                   **method_kwargs):
     """Quantize the decoder blocks of `model` in place; returns (model, QuantReport).
 
     calib: a built-in corpus name, paths, strings (need `tokenizer`) or a token tensor [N, T].
@@ -282,12 +332,24 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
         ("safety") and counted in report.safety_fallbacks. False (research) keeps every method result.
     shrink: shrink H, the Fisher and the Kronecker factors towards their diagonals by how many tokens
         estimated them (calibration.shrinkage); False uses the raw statistics.
+    moe_min_tokens: an expert whose routed calibration tokens are fewer than this (default: the input size
+        of each of its linears) gets its statistics from every calibration token instead (a side pass
+        through that expert alone; the block's output still follows the router). Recorded per expert.
+    bos: calibration samples start with the BOS token (True), never (False), or as the tokenizer does by
+        default (None: calibration.data.resolve_bos); a token-tensor `calib` is used as given. Recorded.
     method_kwargs go to the method (e.g. alpha=0.25, K=4, alpha="sample").
     """
     t_start = time.perf_counter()
     spec = QuantSpec(**spec) if isinstance(spec, dict) else (spec or QuantSpec())
     plugin = make_method(method, spec, seed=seed, **method_kwargs)
     plugin.shrink = bool(shrink)
+    model.eval()
+    # everything that can refuse the model does so here, before any calibration work
+    unfuse_experts(model)  # fused 3-D expert weights -> one nn.Linear per expert projection (models/moe.py)
+    block_path, blocks = find_blocks(model)
+    chosen = _resolve_layers(layers, len(blocks))
+    check_linears(blocks, chosen, spec)
+    bos_id = None  # a token tensor is used as given
     if not plugin.needs_activations:
         samples = torch.zeros(0, 0, dtype=torch.long)
     elif isinstance(calib, torch.Tensor) and calib.dim() == 2:
@@ -295,10 +357,8 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
     else:
         if tokenizer is None:
             raise ValueError("quantize_model needs a tokenizer to cut calibration text (or pass calib as a token tensor)")
-        samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
-    model.eval()
-    block_path, blocks = find_blocks(model)
-    chosen = _resolve_layers(layers, len(blocks))
+        bos_id = resolve_bos(tokenizer, bos)
+        samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed, bos=bos_id is not None)
     if quantize_lm_head is not None:
         lm_head = True if quantize_lm_head else None
     if lm_head == "auto" and len(chosen) < len(blocks):
@@ -316,6 +376,7 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
             warnings.warn(advice, UserWarning, stacklevel=2)
     if chosen or head_mode != "fp":
         run = _Run(plugin, report, log_path, progress, safety_net)
+        run.moe_min_tokens = moe_min_tokens
         try:
             with torch.enable_grad():
                 plugin.prepare(model, samples)
@@ -327,7 +388,7 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
                 else:
                     for li in chosen:
                         block = blocks[li]
-                        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+                        names = quantizable_linears(block)
                         results = {n: run.solve(li, n, block.get_submodule(n), None) for n in names}
                         _swap_in_quantized(block, results)
                     if calibrated_head:
@@ -350,7 +411,15 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
                     {k: r[k] for k in ("damp", "retries", "fallback", "loss", "safety", "shrink") if k in r}
                     for r in report.modules},
         "safety_net": {"on": report.safety_net, "fallbacks": report.safety_fallbacks},
+        "calibration": {"bos": bos_id is not None, "bos_token_id": bos_id,
+                        "tokens": "as given" if isinstance(calib, torch.Tensor) else "text"},
+        "kept_float": {f"{block_path}.{li}.{n}": why for li in chosen for n, why in kept_float(blocks[li]).items()},
     }
+    # those that are nn.Linear: a reader that ignores GPTQModel's "-:" rules would try to load them packed
+    model.quantkern_info["kept_float_linears"] = [n for n in model.quantkern_info["kept_float"]
+                                                  if isinstance(model.get_submodule(n), nn.Linear)]
+    if report.experts:
+        model.quantkern_info["experts"] = {f"{block_path}.{k}": v for k, v in report.experts.items()}
     if fuse:
         from ..nn import fuse_quant_groups
 
@@ -365,6 +434,7 @@ class _Run:
         self.plugin, self.report, self.progress, self.safety_net = plugin, report, progress, safety_net
         self.log = open(log_path, "a") if log_path else None
         self.fwd, self.slv = _Timer(), _Timer()
+        self.moe_min_tokens = None
 
     def solve(self, li, name, lin, collector, solver=None, net_stats=None):
         """Solve one linear (with the method's plug-in, or `solver(weight)`), keep RTN's result instead where
@@ -456,15 +526,16 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
 
     plugin, spec, fwd = run.plugin, run.plugin.spec, run.fwd
     t0 = time.perf_counter()
-    inps, kw = _capture_first_block(model, blocks[0], samples)
+    inps, _ = _capture_first_block(model, blocks[0], samples)
+    kws = _block_kwargs(model, blocks, samples[0])
     run.report.capture_s = time.perf_counter() - t0
     fp_inps = [x.clone() for x in inps] if plugin.needs_fp_inputs else None
-    _preflight(model, blocks, chosen, inps, kw, plugin, run.progress)
+    _preflight(model, blocks, chosen, inps, kws[0], plugin, run.progress)
 
     last = len(blocks) - 1 if through_all else chosen[-1]
     bar = tqdm(range(last + 1), desc=f"{plugin.name} {spec.bits}b g{spec.group_size}", disable=not run.progress)
     for li in bar:
-        block = blocks[li]
+        block, kw = blocks[li], kws[li]
         if li not in chosen:
             with fwd:
                 inps = [_block_out(block(x, **kw)) for x in inps]
@@ -472,23 +543,33 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
                     fp_inps = [_block_out(block(x, **kw)) for x in fp_inps]
             continue
         groups = linear_groups(model, block, lambda: block(inps[0], **kw))
-        fp_group_inputs = None
+        fp_group_inputs, fp_expert_inputs = None, {}
         if fp_inps is not None:
             with fwd:
-                fp_group_inputs, fp_inps = _run_fp_stream(block, groups, fp_inps, kw)
+                (fp_group_inputs, fp_expert_inputs), fp_inps = _run_fp_stream(block, groups, fp_inps, kw)
         results = {}
-        for gi, group in enumerate(groups):
-            first = block.get_submodule(group[0])
-            collector = plugin.collector(first.in_features)
-            # methods without an activation H (OAC, YAQA on the Fisher) get one for the safety net
-            net = HessianAccumulator(first.in_features) if run.safety_net and not hasattr(collector, "H") else None
-            if collector is not None or net is not None:
+        for unit in _solve_units(groups, block):
+            stats = []
+            for gi in unit:
+                collector = plugin.collector(block.get_submodule(groups[gi][0]).in_features)
+                # methods without an activation H (OAC, YAQA on the Fisher) get one for the safety net
+                net = (HessianAccumulator(block.get_submodule(groups[gi][0]).in_features)
+                       if run.safety_net and not hasattr(collector, "H") else None)
+                stats.append((collector, net))
+            if any(c is not None or n is not None for c, n in stats):
                 with fwd:
-                    _collect(block, first, inps, kw, plugin, collector,
-                             None if fp_group_inputs is None else fp_group_inputs[gi], net)
-            for name in group:
-                results[name] = run.solve(li, name, block.get_submodule(name), collector, net_stats=net)
-            del collector, net
+                    if expert_of(groups[unit[0]][0]):
+                        stats = _collect_experts(block, [groups[gi] for gi in unit], inps, kw, plugin, stats,
+                                                 run.moe_min_tokens, run.report.experts, li,
+                                                 fp_expert_inputs.get(expert_of(groups[unit[0]][0])[0]))
+                    else:
+                        gi = unit[0]
+                        _collect(block, block.get_submodule(groups[gi][0]), inps, kw, plugin, stats[0][0],
+                                 None if fp_group_inputs is None else fp_group_inputs[gi], stats[0][1])
+            for gi, (collector, net) in zip(unit, stats):
+                for name in groups[gi]:
+                    results[name] = run.solve(li, name, block.get_submodule(name), collector, net_stats=net)
+            del stats, collector, net
         with fwd:
             inps = [_block_out(block(x, **kw)) for x in inps]
         _swap_in_quantized(block, results)
@@ -537,17 +618,136 @@ def _collect(block, first, inps, kw, plugin, collector, fp_inputs, net=None):
         h.remove()
 
 
+# memory for one pass's expert statistics (H, and D for GPTAQ/SNRQ, per expert): bounds the experts per pass
+EXPERT_STATS_BYTES = 2 << 30
+
+
+def _solve_units(groups, block) -> list[list[int]]:
+    """Group indices in solve order, one unit per statistics pass. A run of expert groups of one experts module
+    is solved stage by stage (every expert's gate/up, then every expert's down: each down needs only its own
+    expert's gate/up), as many experts per pass as EXPERT_STATS_BYTES allows, so one routed forward feeds many
+    experts instead of one."""
+    units, i = [], 0
+    while i < len(groups):
+        ex = expert_of(groups[i][0])
+        if ex is None:
+            units.append([i])
+            i += 1
+            continue
+        per_expert: dict[int, list[int]] = {}
+        while i < len(groups) and (expert_of(groups[i][0]) or ("",))[0] == ex[0]:
+            per_expert.setdefault(expert_of(groups[i][0])[1], []).append(i)
+            i += 1
+        for depth in range(max(len(v) for v in per_expert.values())):
+            stage = [v[depth] for v in per_expert.values() if len(v) > depth]
+            n = block.get_submodule(groups[stage[0]][0]).in_features
+            per = max(1, EXPERT_STATS_BYTES // (n * n * 4 * 3))
+            units += [stage[c:c + per] for c in range(0, len(stage), per)]
+    return units
+
+
+def _collect_experts(block, groups, inps, kw, plugin, stats, min_tokens, log, li, fp_all=None):
+    """Statistics of expert groups (one stage of one experts module) from the tokens the router sends each
+    expert in the normal routed forward; an expert's group with fewer than `min_tokens` (default: its input size)
+    routed tokens gets them from every calibration token instead, by running that expert alone on all of them
+    (the block's output still follows the router). Returns the [(collector, net)] to solve with.
+    X_f (GPTAQ/SNRQ, `fp_all`: the fp stream's input of the experts module per sample, every token): for gate/up,
+    the fp input at the very tokens the quantized stream routed (or every token, side pass); for down, X_q
+    (D = 0): its fp input would need the expert's fp gate/up outputs, which are not kept."""
+    container_path = expert_of(groups[0][0])[0]
+    container = block.get_submodule(container_path)
+    everything, routing, routed = [], [], [0] * len(groups)
+
+    def feed(x, coll, nt, x_f=None):
+        x = x.detach().reshape(1, -1, x.shape[-1])  # one sequence per calibration sample
+        if coll is not None:
+            plugin.add(coll, x, x if x_f is None else x_f.reshape(x.shape).to(x.dtype))
+        if nt is not None:
+            nt.add_batch(x)
+
+    def reads_module_input(g):  # ExpertMLP's gate/up read what the experts module was given
+        return g[0].rpartition(".")[2] in ("gate_proj", "up_proj")
+
+    def on_first(k, e, g):
+        def hook(mod, inp):
+            routed[k] += inp[0].reshape(-1, inp[0].shape[-1]).shape[0]
+            x_f = None
+            if fp_all is not None and reads_module_input(g):  # the order RoutedExperts picks tokens in
+                token_idx = torch.where(routing[-1] == e)[0]
+                x_f = fp_all[len(routing) - 1].reshape(-1, inp[0].shape[-1])[token_idx]
+            feed(inp[0], *stats[k], x_f=x_f)
+        return hook
+
+    def on_container(mod, args):
+        everything.append(args[0].detach())
+        routing.append(args[1].detach())  # top_k_index
+
+    def stop(mod, args, out):
+        raise _StopForward
+
+    handles = [container.register_forward_pre_hook(on_container), container.register_forward_hook(stop)]
+    handles += [block.get_submodule(g[0]).register_forward_pre_hook(on_first(k, expert_of(g[0])[1], g))
+                for k, g in enumerate(groups)]
+    try:
+        for x in inps:
+            try:
+                block(x, **kw)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for k, g in enumerate(groups):
+        e, first = expert_of(g[0])[1], block.get_submodule(g[0])
+        collector, net = stats[k]
+        side = routed[k] < (first.in_features if min_tokens is None else int(min_tokens))
+        if side:
+            collector = plugin.collector(first.in_features) if collector is not None else None
+            net = type(net)(first.in_features) if net is not None else None
+
+            sample = [0]
+
+            def on_first_all(mod, inp, c=collector, n=net, g=g):
+                use_fp = fp_all is not None and reads_module_input(g)
+                feed(inp[0], c, n, x_f=fp_all[sample[0]] if use_fp else None)
+                raise _StopForward
+
+            h = first.register_forward_pre_hook(on_first_all)
+            try:
+                for sample[0], x in enumerate(everything):
+                    try:
+                        container[e](x)
+                    except _StopForward:
+                        pass
+            finally:
+                h.remove()
+        row = log.setdefault(f"{li}.{container_path}.{e}", {"tokens": routed[k], "side_pass": False,
+                                                            "side_pass_linears": []})
+        if side:
+            row["side_pass"] = True
+            row["side_pass_linears"] += [n.rpartition(".")[2] for n in g]
+        out.append((collector, net))
+    return out
+
+
 def _run_fp_stream(block, groups, fp_inps, kw):
-    """Run the unquantized block on the fp stream; keep each group's input per sample."""
+    """Run the unquantized block on the fp stream; keep each group's input per sample. Expert groups keep
+    nothing (the two streams route different tokens to an expert): the input of each experts module, every
+    token, is kept instead under the module's path, for the experts' X_f (_collect_experts)."""
     cache = [[] for _ in groups]
     handles = [block.get_submodule(g[0]).register_forward_pre_hook(
-        lambda mod, inp, i=i: cache[i].append(inp[0].detach())) for i, g in enumerate(groups)]
+        lambda mod, inp, i=i: cache[i].append(inp[0].detach())) for i, g in enumerate(groups) if not expert_of(g[0])]
+    containers = sorted({expert_of(g[0])[0] for g in groups if expert_of(g[0])})
+    expert_inputs = {c: [] for c in containers}
+    handles += [block.get_submodule(c).register_forward_pre_hook(
+        lambda mod, args, c=c: expert_inputs[c].append(args[0].detach())) for c in containers]
     try:
         outs = [_block_out(block(x, **kw)) for x in fp_inps]
     finally:
         for h in handles:
             h.remove()
-    return cache, outs
+    return (cache, expert_inputs), outs
 
 
 def _preflight(model, blocks, chosen, inps, kw, plugin, progress):
@@ -563,7 +763,7 @@ def _preflight(model, blocks, chosen, inps, kw, plugin, progress):
     nq = len(chosen)
     passes = nq * (1 + 2 + (1 if plugin.needs_fp_inputs else 0)) + (last + 1 - nq) * streams  # groups stop early: ~2
     est = passes * n * tb
-    nlin = sum(isinstance(m, nn.Linear) for i in chosen for m in blocks[i].modules())
+    nlin = sum(len(quantizable_linears(blocks[i])) for i in chosen)
     msg = (f"preflight: {len(blocks)} blocks, quantizing {nq} (up to block {last}), {n} x {inps[0].shape[-2]} tokens, "
            f"method {plugin.name}; activations ~{mem / 2**20:.0f} MiB; block forwards ~{est:.0f} s "
            f"({tb * 1e3:.0f} ms each) + solving {nlin} linears")
@@ -579,7 +779,7 @@ RECOMMENDED_TOKENS_PER_INPUT = 8
 
 
 def _widest_input(blocks, chosen, model, head_name=None) -> int:
-    ns = [m.in_features for i in chosen for m in blocks[i].modules() if isinstance(m, nn.Linear)]
+    ns = [blocks[i].get_submodule(n).in_features for i in chosen for n in quantizable_linears(blocks[i])]
     if head_name:
         ns.append(model.get_submodule(head_name).in_features)
     return max(ns, default=0)

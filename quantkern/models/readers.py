@@ -38,7 +38,8 @@ class Verdict:
 
 def _body_grids_differ(qcfg: dict) -> bool:
     """A `dynamic` rule that gives some module other than the head its own grid."""
-    return any("lm_head" not in pattern for pattern in (qcfg.get("dynamic") or {}))
+    # "-:" rules only leave modules in float (MoE routers/gates): no other grid
+    return any("lm_head" not in pattern and not pattern.startswith("-:") for pattern in (qcfg.get("dynamic") or {}))
 
 
 def reader_support(qcfg: dict) -> dict[str, Verdict]:
@@ -72,6 +73,13 @@ def reader_support(qcfg: dict) -> dict[str, Verdict]:
         out["transformers"] = Verdict(True, "through optimum + GPTQModel's kernels")
 
     out["vLLM"] = vllm_verdict(qcfg)
+    float_linears = (qcfg.get("meta") or {}).get("kept_float_linears") or []
+    if float_linears and out["transformers"].ok:
+        out["transformers"] = Verdict(False, f"quantizes every linear in the blocks, ignoring dynamic '-:' rules: the "
+                                             f"float {float_linears[0].rpartition('.')[2]} does not load (an error)")
+    if (qcfg.get("meta") or {}).get("experts"):  # one packed linear per expert projection (models/moe.py)
+        if out["vLLM"].ok:
+            out["vLLM"] = Verdict(None, "MoE with per-expert packed linears: neither run nor read in its source here")
     return out
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..calibration.data import PIP_HINT, MissingDataError
+from .errors import UnsupportedModelError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -79,11 +80,31 @@ def resolve_model_dir(name_or_dir) -> Path:
     return p
 
 
+def check_model_dir(d: Path) -> None:
+    """One-line refusals before anything is loaded: remote code, no safetensors weights."""
+    import json
+
+    cfg = json.loads((d / "config.json").read_text())
+    if "auto_map" in cfg:  # the model's classes live in the repository's own Python files
+        raise UnsupportedModelError(f"{d}: remote-code model (config.json auto_map {sorted(cfg['auto_map'])}); "
+                                    "quantkern loads only architectures built into transformers, without trust_remote_code")
+    from transformers import CONFIG_MAPPING
+
+    if cfg.get("model_type") not in CONFIG_MAPPING:
+        raise UnsupportedModelError(f"{d}: model_type {cfg.get('model_type')!r} is not built into this transformers; "
+                                    "quantkern does not run remote code")
+    if not any(d.glob("*.safetensors")):
+        other = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf"))
+        raise UnsupportedModelError(f"{d}: no .safetensors weights{' (found ' + ', '.join(other[:3]) + ')' if other else ''}; "
+                                    "convert them first (model.save_pretrained(dir, safe_serialization=True))")
+
+
 def load_fp(name_or_dir="default", dtype=torch.float32):
     """(model, tokenizer) in full precision from 'default' (SmolLM2) or a local transformers directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = resolve_model_dir(name_or_dir)
+    check_model_dir(d)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
     model.eval()
     tok = AutoTokenizer.from_pretrained(d)

@@ -137,18 +137,15 @@ def fuse_quant_groups(model: nn.Module) -> list[FusedGroup]:
     """Attach a FusedGroup to every group of QuantLinears that read the same input (per the
     architecture table in quantkern.models.arch); members that cannot be fused (different spec,
     width or g_idx) keep running on their own. Returns the groups made."""
-    from ..models.arch import ARCHS, find_blocks
+    from ..models.arch import find_blocks, table_groups
 
-    arch = ARCHS.get(getattr(getattr(model, "config", None), "model_type", None))
-    if arch is None or arch.sequential is None:
-        return []
     try:
         _, blocks = find_blocks(model)
     except ValueError:
         return []
     groups = []
     for block in blocks:
-        for names in arch.sequential:
+        for names in table_groups(model, block) or ():
             if len(names) < 2:
                 continue
             try:
