@@ -92,7 +92,7 @@ class GradientMethod(Method):
         stats = self._load(key)
         if stats is None:
             stats = collect_grad_stats(model, use, names, kind=self.grad_kind, labels=self.labels,
-                                       batch_size=self.grad_batch, seed=self.seed, progress=True,
+                                       batch_size=self.grad_batch, seed=self.seed, progress=getattr(self, "progress", True),
                                        row_groups=self.row_groups)
             if self.grad_stats_path:
                 torch.save({"key": key, "stats": stats}, self.grad_stats_path)

@@ -29,6 +29,12 @@ class Verdict:
     why: str
     basis: str = "measured"  # "measured" (tests/interop) or "source" (read from the engine's code, not run)
 
+    @property
+    def word(self) -> str:
+        """The verdict in a word or two: yes / NO / unknown, and whether it was read from source."""
+        word = {True: "yes", False: "NO", None: "unknown"}[self.ok]
+        return word + (" (by its source)" if self.basis == "source" else "")
+
     def __str__(self) -> str:
         word = {True: "yes", False: "NO", None: "unknown"}[self.ok]
         if self.basis == "source":
