@@ -19,6 +19,11 @@ import time
 
 import torch
 
+# benchmarks measure the checkout they live in, not whichever quantkern is installed
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
 # /proc/cpuinfo flags that decide which kernels can run (the full list is long and mostly irrelevant)
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
              "avx512_bf16", "avx512_fp16", "avx512vbmi", "avx512_vbmi2", "gfni", "amx_tile", "amx_int8", "amx_bf16")

@@ -40,6 +40,7 @@ class Case:
     kernel: str = ""
     work_bytes: int | None = None  # bytes a call must read, for GB/s (default input_bytes)
     min_inputs: int = 2
+    reference: bool = False  # a yardstick (e.g. the read loop), not a competitor: no time ratio against it
     inputs: list = field(default_factory=list, repr=False)
     _next: int = 0
 
@@ -104,9 +105,10 @@ def run_side_by_side(benchmark, case: Case, baselines: list[Case], rounds: int, 
     row = _timing(case, st.median, st.min, statistics.median(case_cpu), calls)
     row["baselines"] = {b.name: _timing(b, statistics.median(base_t[b.name][0]), min(base_t[b.name][0]),
                                         statistics.median(base_t[b.name][1]), calls) for b in baselines}
-    row["ratio_vs"] = {k: row["ms_median"] / v["ms_median"] for k, v in row["baselines"].items()}
+    rivals = {b.name for b in baselines if not b.reference}
+    row["ratio_vs"] = {k: row["ms_median"] / v["ms_median"] for k, v in row["baselines"].items() if k in rivals}
     row["cpu_ratio_vs"] = {k: row["cpu_ms_median"] / v["cpu_ms_median"] for k, v in row["baselines"].items()
-                           if v["cpu_ms_median"] > 0}
+                           if k in rivals and v["cpu_ms_median"] > 0}
     return row
 
 
@@ -152,7 +154,7 @@ def table(rows: list[dict]) -> str:
     """One line per quantkern case: its time, GB/s, share of the read reference, ratio to each baseline."""
     if not rows:
         return "(no rows)\n"
-    bases = list(dict.fromkeys(k for r in rows for k in r["baselines"]))
+    bases = list(dict.fromkeys(k for r in rows for k in r["ratio_vs"]))
     out = ["| group | case | kernel | ms (median) | GB/s | % read ref | "
            + " | ".join(f"/{b}" for b in bases) + " | baselines ms |",
            "|" + "---|" * (7 + len(bases))]
