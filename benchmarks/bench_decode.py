@@ -24,11 +24,13 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 import quantkern  # noqa: E402
+from machine import kernel, machine_info  # noqa: E402
 from quantkern.eval.speed import decode_tokens_per_s  # noqa: E402
 from quantkern.models.zoo import load_fp  # noqa: E402
-from quantkern.nn import QuantLinear, unfuse_quant_groups  # noqa: E402
+from quantkern.nn import QuantLinear  # noqa: E402
 
 
 @torch.no_grad()
@@ -110,16 +112,18 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--no-fuse", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="the run holds the CPU to itself (recorded as contended=false)")
     p.add_argument("--out", default=str(HERE / "results" / "bench_decode.json"))
     a = p.parse_args(argv)
     fp, tok = load_fp("default")
     ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
-    res = {"settings": vars(a), "machine": {"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                                           "note": "run under the shared CPU lock (quiet machine)"}, "runs": {}}
+    res = {"settings": vars(a), "machine": machine_info(contended=not a.quiet), "runs": {}}
+    widths = sorted({m.in_features for m in fp.modules() if isinstance(m, torch.nn.Linear)})
 
     for bits in a.bits:
         spec = quantkern.QuantSpec(bits=bits, group_size=a.group_size)
         row = measure_bits(fp, tok, ids, spec, HEADS, a.tokens, a.repeats, fuse=not a.no_fuse, profile=a.profile)
+        row["kernels"] = {str(n): kernel("qgemm", bits=bits, batch=1, in_features=n) for n in widths}
         res["runs"][f"w{bits}g{a.group_size}"] = row
         print(f"w{bits}: fp32 {row['fp32']:.1f} ({row['fp32 again']:.1f} after) tok/s | " + " | ".join(
             f"{k} {row[k]:.1f} ({row[k + ' speedup']:.2f}x)" for k in HEADS.values()), flush=True)

@@ -75,22 +75,26 @@ def rotate_bytes() -> int:
     return max(256 * 2**20, 2 * llc_bytes())
 
 
-def read_bandwidth_gbs(mib: int = 1024, repeats: int = 3) -> dict:
+def read_bandwidth_gbs(mib: int = 1024, repeats: int = 3, device: str = "cpu") -> dict:
     """STREAM-like read of one buffer well past the LLC, best of `repeats`, at the current thread count:
     torch.sum over `mib` MiB of fp32 (portable), and quantkern's streaming read loop on the same buffer
-    where the extension has it (wider loads, several streams per thread: closer to what a GEMV reaches)."""
+    where the extension has it (wider loads, several streams per thread: closer to what a GEMV reaches).
+    device="cuda": torch.sum on the GPU (its memory bandwidth), timed with a synchronize."""
     mib = max(mib, 2 * llc_bytes() // 2**20)
-    t = torch.ones(mib * 2**20 // 4)
+    t = torch.ones(mib * 2**20 // 4, device=device)
     probes = {"torch_sum": torch.sum}
-    if hasattr(torch.ops, "quantkern") and hasattr(torch.ops.quantkern, "read_bandwidth_probe"):
+    if device == "cpu" and hasattr(torch.ops, "quantkern") and hasattr(torch.ops.quantkern, "read_bandwidth_probe"):
         probes["quantkern_probe"] = torch.ops.quantkern.read_bandwidth_probe
-    out = {"buffer_mib": mib, "threads": torch.get_num_threads(), "repeats": repeats}
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    out = {"device": device, "buffer_mib": mib, "threads": torch.get_num_threads(), "repeats": repeats}
     for name, fn in probes.items():
         fn(t)  # first touch
         best = math.inf
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             fn(t)
+            sync()
             best = min(best, time.perf_counter() - t0)
         out[f"{name}_GBps"] = t.numel() * 4 / best / 1e9
     out["GBps"] = max(v for k, v in out.items() if k.endswith("_GBps"))

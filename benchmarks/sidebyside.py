@@ -41,6 +41,7 @@ class Case:
     work_bytes: int | None = None  # bytes a call must read, for GB/s (default input_bytes)
     min_inputs: int = 2
     reference: bool = False  # a yardstick (e.g. the read loop), not a competitor: no time ratio against it
+    threads: int | None = None  # run at this many torch threads (a baseline's best setting), else the run's
     inputs: list = field(default_factory=list, repr=False)
     _next: int = 0
 
@@ -49,6 +50,20 @@ class Case:
             count = max(self.min_inputs, math.ceil(rotate / max(self.input_bytes, 1)))
             self.inputs = [self.make(gen) for _ in range(count)]
         return self
+
+    def __post_init__(self):
+        if self.threads is not None:
+            fn, k = self.fn, self.threads
+
+            def at_threads(inp):
+                full = torch.get_num_threads()
+                torch.set_num_threads(k)
+                try:
+                    return fn(inp)
+                finally:
+                    torch.set_num_threads(full)
+
+            self.fn = at_threads
 
     def next_input(self):
         inp = self.inputs[self._next % len(self.inputs)]
@@ -113,7 +128,7 @@ def run_side_by_side(benchmark, case: Case, baselines: list[Case], rounds: int, 
 
 
 def _timing(c: Case, med: float, best: float, cpu: float, calls: int) -> dict:
-    out = {"label": c.label, "kernel": c.kernel, "ms_median": med * 1e3, "ms_min": best * 1e3,
+    out = {"label": c.label, "kernel": c.kernel, "threads": c.threads or torch.get_num_threads(), "ms_median": med * 1e3, "ms_min": best * 1e3,
            "cpu_ms_median": cpu * 1e3, "calls": calls, "distinct_inputs": len(c.inputs)}
     nbytes = c.work_bytes if c.work_bytes is not None else c.input_bytes
     if nbytes:
@@ -211,7 +226,8 @@ def script_main(path: str, argv=None) -> int:
                                  "(same as: pytest FILE --benchmark-only --bench-...)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved calls per case, at least")
+    ap.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=None,
+                    help="interleaved calls per case, at least")
     ap.add_argument("--json", default=None, help="this suite's results JSON (default results/<machine>/)")
     ap.add_argument("--png", default=None, help="its plot (default beside the JSON)")
     ap.add_argument("--quiet", "--quiet-machine", dest="quiet", action="store_true",
