@@ -68,8 +68,9 @@ def side_by_side(benchmark, request):
         info, st = machine(config), settings(config)
         benchmark.group = group
         gen = torch.Generator().manual_seed(0)
+        rotate = 0 if benchmark.disabled else st["rotate_bytes"]  # --benchmark-disable: a smoke run, 2 inputs
         for c in (case, *baselines):
-            c.setup(st["rotate_bytes"], gen)
+            c.setup(rotate, gen)
         row = S.run_side_by_side(benchmark, case, baselines, st["rounds"], st["budget_s"])
         if row is None:
             return None

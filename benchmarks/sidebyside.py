@@ -174,7 +174,7 @@ def table(rows: list[dict]) -> str:
            + " | ".join(f"/{b}" for b in bases) + " | baselines ms |",
            "|" + "---|" * (7 + len(bases))]
     for r in rows:
-        gbs = f"{r['GBps']:.1f}" if "GBps" in r else ""
+        gbs = f"{r['GBps']:.3g}" if "GBps" in r else ""
         frac = f"{100 * r['frac_of_read_ref']:.0f}%" if "frac_of_read_ref" in r else ""
         ratios = [f"{r['ratio_vs'][b]:.3g}" if b in r["ratio_vs"] else "" for b in bases]
         bms = ", ".join(f"{k} {v['ms_median']:.3g}" for k, v in r["baselines"].items())
