@@ -92,9 +92,13 @@ def calls_for(case: Case, baselines: list[Case], rounds: int, budget_s: float) -
 def run_side_by_side(benchmark, case: Case, baselines: list[Case], rounds: int, budget_s: float) -> dict | None:
     """Times `case` with pytest-benchmark, each call preceded by one timed call of every baseline.
     Returns the row (None when pytest-benchmark is disabled: then everything runs once, untimed)."""
-    if benchmark.disabled:
-        for c in (*baselines, case):
-            c.fn(c.next_input())
+    if benchmark.disabled:  # one untimed call of everything, through the fixture (it marks itself used)
+        def once():
+            for c in baselines:
+                c.fn(c.next_input())
+            return (case.next_input(),), {}
+
+        benchmark.pedantic(case.fn, setup=once)
         return None
     calls = calls_for(case, baselines, rounds, budget_s)
     base_t = {b.name: ([], []) for b in baselines}
