@@ -29,14 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import quantkern  # noqa: E402
-from machine import kernel, machine_info  # noqa: E402
+from machine import decode_kernels, machine_info  # noqa: E402
 from quantkern.calibration.data import calibration_samples, evaluation_tokens  # noqa: E402
 from quantkern.eval.perplexity import perplexity  # noqa: E402
 from quantkern.eval.speed import decode_tokens_per_s  # noqa: E402
@@ -76,12 +74,6 @@ METHODS.update({
 GRADIENT_METHODS = ("oac", "yaqa")  # driver methods that take grad_stats_path
 REFERENCE = {"fp": 42.2, "rtn": {4: 59.4, 3: 213}, "gptq": {4: 53.5, 3: 142}, "gptq-act": {4: 50.9, 3: 82.6, 2: 2.3e5},
              "snrq": {4: 47.5, 3: 71.3, 2: 307}}
-
-
-def decode_kernels(model, bits: int) -> dict:
-    """Which qgemm kernel a decode step (1 token) runs, per input width of the model's linears."""
-    widths = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
-    return {str(n): kernel("qgemm", bits=bits, batch=1, in_features=n) for n in widths}
 
 
 def plot(results: dict, path: Path) -> None:

@@ -83,6 +83,7 @@ def side_by_side(benchmark, request):
         SUITES.setdefault(suite, []).append(row)
         return row
 
+    run.quick = config.getoption("bench_quick")
     return run
 
 

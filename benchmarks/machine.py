@@ -125,6 +125,13 @@ def kernel(op: str, **ctx) -> str:
     return f"cpu:{op} ({'avx512' if info.get('avx512_kernels') else 'avx2'})"
 
 
+def decode_kernels(model, bits: int, batch: int = 1) -> dict:
+    """kernel("qgemm") per input width of a model's linears: what a decode step of `batch` tokens runs
+    once those linears are packed at `bits`."""
+    widths = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    return {str(n): kernel("qgemm", bits=bits, batch=batch, in_features=n) for n in widths}
+
+
 def _qgemm_kernel(info: dict, bits: int, batch: int, in_features: int, backend: str = "cpu") -> str:
     """Path 0 of csrc/cpu/qgemm.cpp (qgemm_cpu_out)."""
     if backend != "cpu":

@@ -3,8 +3,10 @@ under benchmarks/results/<machine>/ (the machine's CPU model and thread count): 
 CPU model, ISA flags, the read bandwidth measured in the run, the kernel of every case), a Markdown table
 and a PNG; SUMMARY[_quick].md with every table; pytest-benchmark's own JSON beside them.
 
-    python benchmarks/run_all.py                 # suites (qgemm, solver) + end to end on SmolLM2 (hours, resumable)
-    python benchmarks/run_all.py --quick         # suites on fewer shapes and calls (minutes); no end-to-end run
+    python benchmarks/run_all.py                 # suites (qgemm, solver, decode) + end to end on SmolLM2 (hours,
+                                                 # resumable)
+    python benchmarks/run_all.py --quick         # qgemm and solver on fewer shapes and calls (minutes); no decode
+                                                 # suite (--decode), no end-to-end run (--e2e)
     python benchmarks/run_all.py --quick --e2e   # ... plus bench_e2e.py --quick
     python benchmarks/run_all.py --quiet         # the run holds the CPU (recorded as contended=false)
 The CUDA benchmark (bench_qgemm_cuda.py) needs a GPU and is run separately there.
@@ -23,7 +25,8 @@ sys.path.insert(0, HERE)
 import machine as M  # noqa: E402
 from sidebyside import RESULTS  # noqa: E402
 
-SUITES = ["bench_qgemm.py", "bench_solver.py"]
+SUITES = ["bench_qgemm.py", "bench_solver.py", "bench_decode.py"]
+QUICK_SUITES = ["bench_qgemm.py", "bench_solver.py"]  # bench_decode loads and quantizes SmolLM2: not minutes
 
 
 def e2e_table(path: str) -> str:
@@ -40,6 +43,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--e2e", action="store_true", help="with --quick: also the end-to-end run (bench_e2e.py --quick)")
+    ap.add_argument("--decode", action="store_true", help="with --quick: also the decode suite (bench_decode.py)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end run")
     ap.add_argument("--quiet", action="store_true", help="the run holds the CPU to itself")
     ap.add_argument("--threads", type=int, default=None)
@@ -53,7 +57,8 @@ def main() -> int:
     out = a.out or os.path.join(RESULTS, M.slug(M.machine_info(bandwidth=False)))
     os.makedirs(out, exist_ok=True)
     tail = "_quick" if a.quick else ""
-    cmd = [sys.executable, "-m", "pytest", *(os.path.join(HERE, s) for s in SUITES), "--benchmark-only", "-q",
+    suites = QUICK_SUITES if a.quick and not a.decode else SUITES
+    cmd = [sys.executable, "-m", "pytest", *(os.path.join(HERE, s) for s in suites), "--benchmark-only", "-q",
            "-p", "no:cacheprovider", "--bench-out", out, f"--benchmark-json={os.path.join(out, f'pytest_benchmark{tail}.json')}"]
     cmd += ["--bench-quick"] * a.quick + ["--bench-quiet"] * a.quiet
     cmd += ["--bench-threads", str(a.threads)] if a.threads else []

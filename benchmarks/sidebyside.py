@@ -30,12 +30,13 @@ RESULTS = os.path.join(HERE, "results")
 @dataclass
 class Case:
     """One implementation: `fn(input)` runs one call; `make(gen)` builds one distinct input of
-    `input_bytes` bytes (what a call reads); `kernel` names what runs (machine.kernel)."""
+    `input_bytes` bytes (what a call reads), or make=None for a case with one fixed input (a whole model,
+    far larger than the LLC, that each call reads anyway); `kernel` names what runs (machine.kernel)."""
 
     name: str
     label: str
     fn: Callable[[Any], Any]
-    make: Callable[[torch.Generator], Any]
+    make: Callable[[torch.Generator], Any] | None
     input_bytes: int
     kernel: str = ""
     work_bytes: int | None = None  # bytes a call must read, for GB/s (default input_bytes)
@@ -46,6 +47,8 @@ class Case:
     _next: int = 0
 
     def setup(self, rotate: int, gen: torch.Generator) -> "Case":
+        if not self.inputs and self.make is None:
+            self.inputs = [None]
         if not self.inputs:
             count = max(self.min_inputs, math.ceil(rotate / max(self.input_bytes, 1)))
             self.inputs = [self.make(gen) for _ in range(count)]
