@@ -154,11 +154,19 @@ def _qgemm_kernel(info: dict, bits: int, batch: int, in_features: int, backend: 
     return f"cpu:dequant_panels_{isa}+at::mm"
 
 
+def quantkern_env() -> dict:
+    """The QUANTKERN_* switches set for this run (they change which kernels run)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("QUANTKERN_")}
+
+
 def slug(info: dict) -> str:
-    """A folder name for this machine's results: CPU model and thread count ("amd-epyc-2t")."""
+    """A folder name for this machine's results: CPU model, thread count and any QUANTKERN_* switch
+    ("amd-epyc-2t", "xeon-platinum-8480-2t-no-amx"), so runs with a kernel switched off land apart."""
     s = re.sub(r"\((r|tm)\)|cpu @.*|processor|\d+-core", "", info["cpu"].lower())
-    s = re.sub(r"[^a-z0-9]+", "-", s).strip("-")
-    return f"{s or 'cpu'}-{info['torch_threads']}t"
+    s = f"{s or 'cpu'}-{info['torch_threads']}t"
+    for k, v in info.get("quantkern_env", {}).items():
+        s += f"-{k[len('QUANTKERN_'):]}" + ("" if v == "1" else f"-{v}")
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
 
 
 def machine_info(contended: bool = True, bandwidth: bool = True) -> dict:
@@ -177,6 +185,7 @@ def machine_info(contended: bool = True, bandwidth: bool = True) -> dict:
         "python": sys.version.split()[0],
         "quantkern": getattr(quantkern, "__version__", "?"),
         "quantkern_build": _build_info(),
+        "quantkern_env": quantkern_env(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_at_start": list(os.getloadavg()),
