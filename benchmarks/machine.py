@@ -142,8 +142,8 @@ def _qgemm_kernel(info: dict, bits: int, batch: int, in_features: int, backend: 
     vnni = avx512 and "avx512vnni" in info.get("cpu_isa", [])
     kpad = -(-in_features // 32) * 32  # qg::kBlock input channels per k-block
     if batch <= 8:  # qg::kMaxGemvBatch: the GEMV family
-        if int8_act and bits == 4:
-            return "cpu:gemv_int8x_vnni_avx512 (int8 x, opt-in)" if vnni else f"cpu:gemv_fma_{isa}"
+        if int8_act:  # CpuBackend passes path 4 for every width: int8 GEMV at 4 bits with VNNI, else FMA
+            return "cpu:gemv_int8x_vnni_avx512 (int8 x, opt-in)" if bits == 4 and vnni else f"cpu:gemv_fma_{isa}"
         if bits == 4 and vnni and batch <= 4:  # qg::kMaxLimbBatch
             return "cpu:gemv_vnni_digits_avx512"
         if bits in (2, 3) and info.get("amx_kernels") and (batch > 1 or kpad <= 8192):  # qg::kAmxMaxK1
