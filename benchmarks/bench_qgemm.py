@@ -75,8 +75,8 @@ def cases_for_shape(m: int, n: int) -> dict:
     cases = {
         "read_ref": Case("read_ref", "read reference: streaming read loop, 32 MiB fp32 tensors",
                          lambda w: torch.ops.quantkern.read_bandwidth_probe(w),
-                         lambda g: torch.rand(READ_CHUNK // 4, generator=g), READ_CHUNK, kernel="cpu:read_bandwidth_probe",
-                         reference=True),
+                         lambda g: torch.rand(READ_CHUNK // 4, generator=g), READ_CHUNK,
+                         kernel="cpu:read_bandwidth_probe", reference=True),
         "fp32": Case("fp32", "torch fp32 F.linear", None, lambda g: torch.randn(m, n, generator=g), m * n * 4,
                      kernel="torch:F.linear fp32"),
         "bf16": Case("bf16", "torch bf16 F.linear", None, lambda g: torch.randn(m, n, generator=g).bfloat16(),
@@ -93,7 +93,8 @@ def cases_for_shape(m: int, n: int) -> dict:
                                    m * n // 2 + G * m * 4, kernel="torch:_weight_int4pack_mm_for_cpu")
     for bits in QK_BITS:
         cases[f"qk{bits}"] = Case(f"qk{bits}", f"quantkern {bits}-bit g{GROUP} (fp32 x)", None,
-                                  lambda g, b=bits: Q.prepare(random_gptq(m, n, b, g), b, "cpu"), gptq_bytes(m, n, bits))
+                                  lambda g, b=bits: Q.prepare(random_gptq(m, n, b, g), b, "cpu"),
+                                  gptq_bytes(m, n, bits))
     return cases
 
 

@@ -59,7 +59,8 @@ def main() -> int:
     tail = "_quick" if a.quick else ""
     suites = QUICK_SUITES if a.quick and not a.decode else SUITES
     cmd = [sys.executable, "-m", "pytest", *(os.path.join(HERE, s) for s in suites), "--benchmark-only", "-q",
-           "-p", "no:cacheprovider", "--bench-out", out, f"--benchmark-json={os.path.join(out, f'pytest_benchmark{tail}.json')}"]
+           "-p", "no:cacheprovider", "--bench-out", out,
+           f"--benchmark-json={os.path.join(out, f'pytest_benchmark{tail}.json')}"]
     cmd += ["--bench-quick"] * a.quick + ["--bench-quiet"] * a.quiet
     cmd += ["--bench-threads", str(a.threads)] if a.threads else []
     cmd += ["-k", a.keyword] if a.keyword else []

@@ -82,14 +82,15 @@ class Case:
 
 
 def calls_for(case: Case, baselines: list[Case], rounds: int, budget_s: float) -> int:
-    """Timed calls of the case: at least `rounds`, one per distinct input where that fits `budget_s`
-    (estimated from one untimed warm-up round of everything, which also takes first-call costs)."""
+    """Timed calls of the case: at least `rounds`, up to `rounds` sweeps over its distinct inputs where
+    that fits `budget_s` (estimated from one untimed warm-up round of everything, which also takes the
+    first-call costs)."""
     t0 = time.perf_counter()
     case.fn(case.next_input())
     for b in baselines:
         b.fn(b.next_input())
     per_round = max(time.perf_counter() - t0, 1e-6)
-    return max(rounds, min(len(case.inputs), int(budget_s / per_round)))
+    return max(rounds, min(rounds * len(case.inputs), int(budget_s / per_round)))
 
 
 def run_side_by_side(benchmark, case: Case, baselines: list[Case], rounds: int, budget_s: float) -> dict | None:
@@ -135,8 +136,9 @@ def run_side_by_side(benchmark, case: Case, baselines: list[Case], rounds: int, 
 
 
 def _timing(c: Case, med: float, best: float, cpu: float, calls: int) -> dict:
-    out = {"label": c.label, "kernel": c.kernel, "threads": c.threads or torch.get_num_threads(), "ms_median": med * 1e3, "ms_min": best * 1e3,
-           "cpu_ms_median": cpu * 1e3, "calls": calls, "distinct_inputs": len(c.inputs)}
+    out = {"label": c.label, "kernel": c.kernel, "threads": c.threads or torch.get_num_threads(),
+           "ms_median": med * 1e3, "ms_min": best * 1e3, "cpu_ms_median": cpu * 1e3, "calls": calls,
+           "distinct_inputs": len(c.inputs)}
     nbytes = c.work_bytes if c.work_bytes is not None else c.input_bytes
     if nbytes:
         out["bytes_per_call"] = nbytes
