@@ -58,9 +58,10 @@ test-interop: build peers
 demo: build
 	$(PY) -m quantkern demo
 
-# pytest-benchmark suites (benchmarks/bench_qgemm.py, bench_solver.py: each quantkern case timed interleaved
-# with its baselines) + the end-to-end run -> benchmarks/results/<machine>/ (JSON, .md tables, .png,
-# SUMMARY.md); bench-quick: the suites on fewer shapes, minutes. BENCH_ARGS: e.g. --quiet, --threads 2, -k w4
+# pytest-benchmark suites (benchmarks/bench_qgemm.py, bench_solver.py, bench_decode.py: each quantkern case
+# timed interleaved with its baselines) + the end-to-end run -> benchmarks/results/<machine>/ (JSON, .md
+# tables, .png, SUMMARY.md); bench-quick: qgemm + solver on fewer shapes, minutes (docs/benchmarks.md).
+# BENCH_ARGS: e.g. --quiet, --threads 2, -k w4
 bench: build
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
