@@ -115,3 +115,21 @@ def test_export_and_eval_quiet(my_model, tmp_path, capsys):
     out, err = capsys.readouterr()
     _clean(out + err)
     assert len(out.splitlines()) == 1 and out.startswith(f"{q}: perplexity ")
+
+
+@pytest.mark.slow
+def test_demo_output_is_short_and_complete(capsys):
+    """`quantkern demo` (calibration and evaluation shortened): at most ~25 lines, the table's rows, both answers,
+    what the perplexity gap means, and no per-module rows or control characters when not on a terminal."""
+    assert cli.main(["demo", "--nsamples", "2", "--seqlen", "64", "--eval-tokens", "1024"]) == 0
+    out, err = capsys.readouterr()
+    _clean(out + err)
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) <= 25, out
+    assert not ROW.search(out)
+    for field in ("perplexity (held out)", "checkpoint size", "decode tokens/s (batch 1)", "quantization",
+                  "peak memory", "Q: What is the capital of France?", "Perplexity +"):
+        assert field in out, field
+    q = next(i for i, ln in enumerate(lines) if "Q: What is the capital of France?" in ln)
+    fp_answer, q_answer = (ln.split() for ln in lines[q + 1:q + 3])
+    assert fp_answer[0] == "fp32" and q_answer[0] == "quantized" and len(fp_answer) > 1 and len(q_answer) > 1
