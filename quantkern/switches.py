@@ -67,6 +67,11 @@ def raw(name: str) -> str | None:
     return _env.get(name)
 
 
+def backend_raw() -> str | None:
+    """QUANTKERN_BACKEND exactly as set (the per-call check of QuantLinear's lean path)."""
+    return _env.get("QUANTKERN_BACKEND")
+
+
 def backend() -> str | None:
     """QUANTKERN_BACKEND, normalized (None when unset or empty); the caller validates the name."""
     v = _env.get("QUANTKERN_BACKEND", "").strip().lower()
