@@ -105,7 +105,7 @@ TABLE: tuple[Kernel, ...] = (
     # ---- qgemm, CPU (csrc/cpu/qgemm*.cpp) ---------------------------------------------------------
     Kernel("qgemm_int8_avx512vnni", "qgemm", "cpu", (4,), (1, _D), isa="avx512vnni", layout=CPU_LAYOUT,
            switch="QUANTKERN_CPU_INT8_ACT", opt_in=True,
-           doc="vpdpbusd GEMV, x rounded to int8 per 32 channels (approximate, rel. err ~1e-3)"),
+           doc="vpdpbusd GEMV, x rounded to int8 per 32 channels (approximate, rel. err ~5e-3)"),
     Kernel("qgemm_digits_avx512vnni", "qgemm", "cpu", (4,), (1, 4), isa="avx512vnni", layout=CPU_LAYOUT,
            doc="vpdpbusd GEMV, x as 3 int8 digit planes (22-bit fixed point: fp32 accuracy)"),
     Kernel("qgemm_amx", "qgemm", "cpu", (2, 3), (1, _D), isa="amx", layout=CPU_LAYOUT, switch="QUANTKERN_NO_AMX",

@@ -35,7 +35,7 @@ SWITCHES: dict[str, Switch] = {s.name: s for s in (
            "CPU kernels as if the CPU had no AVX-512 (nor AMX): the AVX2 kernels run"),
     Switch("QUANTKERN_NO_AMX", "flag", False, "never run the AMX-INT8 qgemm kernel"),
     Switch("QUANTKERN_CPU_INT8_ACT", "flag", False,
-           "opt in to the int8-activation VNNI GEMV for 4-bit decode (approximate, rel. err ~1e-3)"),
+           "opt in to the int8-activation VNNI GEMV for 4-bit decode (approximate, rel. err ~5e-3)"),
     Switch("QUANTKERN_CUDA_GEMV_MAX_BATCH", "int", 8, "CUDA qgemm: the GEMV kernel up to this many rows"),
     Switch("QUANTKERN_CUDA_MMA", "flag", True, "CUDA qgemm: the tensor-core kernel may run (0 turns it off)"),
     Switch("QUANTKERN_CUDA_MMA_MAX_BATCH", "int", 128, "CUDA qgemm: the tensor-core kernel up to this many rows"),
