@@ -212,3 +212,20 @@ def test_cuda_rows_follow_their_switches(monkeypatch):
     assert dict((k.name, w) for k, w in sel.skipped)["cuda_mma"] == "turned off by QUANTKERN_CUDA_MMA='0'"
     monkeypatch.setenv("QUANTKERN_CUDA_GEMV_MAX_BATCH", "32")
     assert kernels.select(q).kernel.name == "cuda_gemv"
+
+
+@needs_cpu
+def test_inspect_kernels_cli(tmp_path, capsys, clean_env):
+    from driver_tiny import tiny_llama
+
+    from quantkern import cli
+
+    q, _ = quantkern.quantize_model(tiny_llama(), None, QuantSpec(bits=3, group_size=32), method="rtn",
+                                    progress=False)
+    out = quantkern.save_quantized(q, tmp_path / "ck")
+    clean_env.setenv("QUANTKERN_NO_AVX2", "1")
+    assert cli.main(["inspect", "--kernels", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "== 1 token(s) ==" in text and "== 128 token(s) ==" in text
+    assert "qgemm on cpu: qgemm_gemv_generic" in text and "qgemm on cpu: qgemm_panel_generic" in text
+    assert "turned off by QUANTKERN_NO_AVX2=1" in text
