@@ -229,3 +229,39 @@ def test_inspect_kernels_cli(tmp_path, capsys, clean_env):
     assert "== 1 token(s) ==" in text and "== 128 token(s) ==" in text
     assert "qgemm on cpu: qgemm_gemv_generic" in text and "qgemm on cpu: qgemm_panel_generic" in text
     assert "turned off by QUANTKERN_NO_AVX2=1" in text
+
+
+def _old_path0(bits, B, kpad, hw):
+    """The choice csrc/cpu/qgemm.cpp made before the table (path 0, no switches), transcribed."""
+    avx512 = hw["avx512"]
+    if B <= 8:
+        if bits == 4 and avx512 and hw["avx512vnni"] and B <= 4:
+            return "qgemm_digits_avx512vnni"
+        if avx512 and bits in (2, 3) and hw["amx"] and (B > 1 or kpad <= 8192):
+            return "qgemm_amx"
+        if avx512 and bits in (2, 3) and B <= 2:
+            return "qgemm_lut_avx512"
+        return "qgemm_gemv_avx512" if avx512 else "qgemm_gemv_avx2"
+    return "qgemm_panel_avx512" if avx512 else "qgemm_panel_avx2"
+
+
+@pytest.mark.parametrize("cpu", ["avx2", "avx512", "avx512vnni", "amx"])
+def test_selector_makes_the_old_choices_on_every_isa(clean_env, monkeypatch, cpu):
+    """On CPUs this VM does not have (hardware flags simulated): the table picks what the C++ path-0 rule
+    picked, for every bit width, batch 1-12 and row width around the AMX bound."""
+    levels = ["avx2", "avx512", "avx512vnni", "amx"]
+    hw = {"generic": True, **{lv: levels.index(lv) <= levels.index(cpu) for lv in levels}}
+    compiled = {k.name: k.isa for k in kernels.TABLE if k.backend == "cpu"}
+    monkeypatch.setattr(kernels, "_cpu_hw", lambda: (hw, compiled))
+    monkeypatch.setattr(kernels, "_cpu_memo", {})
+    for bits in (2, 3, 4, 8):
+        for B in range(1, 13):
+            for kpad in (320, 8192, 8224):
+                assert kernels.cpu_qgemm(bits, B, kpad) == _old_path0(bits, B, kpad, hw), (cpu, bits, B, kpad)
+    if cpu in ("avx512vnni", "amx"):
+        monkeypatch.setenv("QUANTKERN_CPU_INT8_ACT", "1")
+        assert kernels.cpu_qgemm(4, 8, 320) == "qgemm_int8_avx512vnni"
+        assert kernels.cpu_qgemm(4, 9, 320) == "qgemm_panel_avx512"
+    monkeypatch.setenv("QUANTKERN_NO_AVX512", "1")
+    assert kernels.cpu_qgemm(3, 2, 320) == "qgemm_gemv_avx2"
+    assert kernels.cpu_solver("gptq_block_solve") == "gptq_block_avx2"

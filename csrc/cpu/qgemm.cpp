@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "kernel_table.h"
 #include "parallel.h"
 #include "qgemm_kernels.h"
 
@@ -253,19 +254,10 @@ const Kernel kKernels[] = {
     {"qgemm_panel_generic", Need::generic, kAllBits, qgemm_panel_generic},
 };
 
-const Kernel& find_kernel(c10::string_view name, int64_t bits) {
-  const char* op = "quantkern::qgemm_cpu";
-  for (const Kernel& k : kKernels)
-    if (name == k.name) {
-      TORCH_CHECK(qk::cpu::cpu_has(k.need), op, ": kernel ", k.name, " needs ", qk::cpu::need_name(k.need),
-                  ", which this CPU lacks (quantkern.kernels.select() picks one that runs here)");
-      TORCH_CHECK((k.bits >> bits) & 1u, op, ": kernel ", k.name, " does not read ", bits, "-bit weights");
-      return k;
-    }
-  std::string have;
-  for (const Kernel& k : kKernels) have += std::string(have.empty() ? "" : ", ") + k.name;
-  TORCH_CHECK(false, op, ": no kernel named '", std::string(name), "' in this build (have: ", have, ")");
-  return kKernels[0];  // (not reached)
+const Kernel& kernel_for(c10::string_view name, int64_t bits) {
+  const Kernel& k = qk::cpu::find_kernel(kKernels, name, "quantkern::qgemm_cpu");
+  TORCH_CHECK((k.bits >> bits) & 1u, "quantkern::qgemm_cpu: kernel ", k.name, " does not read ", bits, "-bit weights");
+  return k;
 }
 
 void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& kb_start,
@@ -276,7 +268,7 @@ void qgemm_cpu_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
     TORCH_CHECK(t->device().is_cpu(), op, ": expected CPU tensors, got one on ", t->device(),
                 " (use the cuda/triton backend for GPU tensors)");
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, op, ": bits must be 2, 3, 4 or 8, got ", bits);
-  const Kernel& K = find_kernel(kernel, bits);
+  const Kernel& K = kernel_for(kernel, bits);
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, in_features], got ", x.sizes());
   const auto xt = x.scalar_type();
   TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf, op,

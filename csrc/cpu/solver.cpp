@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "cpu_features.h"
+#include "kernel_table.h"
 #include "parallel.h"
 
 #if QK_AVX2
@@ -44,6 +45,8 @@ constexpr int kRT = 64;  // rows per tile: 8 AVX2 / 4 AVX-512 vectors per tile c
 // multiply and one subtract per column, whatever the auto-vectorizer would have chosen.
 typedef float vrow __attribute__((vector_size(kRT * sizeof(float)), aligned(64)));
 static_assert(sizeof(vrow) == kRT * sizeof(float), "tile column size");
+
+constexpr int kSB = 16;  // columns per sub-block of the two-level in-block update
 
 #if QK_AVX2
 // Rank-1 update of one tile's block columns j in [jb, je): col_j -= e * u_j (- w * p_j), written
@@ -142,8 +145,6 @@ static inline void minmax_row_avx2(const float* row, int64_t len, float* lo, flo
   *lo = a;
   *hi = b;
 }
-
-constexpr int kSB = 16;  // columns per sub-block of the two-level in-block update
 
 // cols[j] for j in [jb, je) (block-relative) -= e[t] * u[t*ldu + j] (- w[t] * p[t*ldu + j]) for
 // t = 0 .. ns-1 in ascending order, with the reference's roundings (a product, then a subtraction);
@@ -637,19 +638,6 @@ const KsnrqKernel kKsnrqKernels[] = {
     {"ksnrq_generic", qk::cpu::Need::generic, greedy_children_generic, nullptr},
 };
 
-template <class T, size_t N>
-const T& find_kernel(const T (&table)[N], c10::string_view name, const char* op) {
-  for (const T& k : table)
-    if (name == k.name) {
-      TORCH_CHECK(qk::cpu::cpu_has(k.need), op, ": kernel ", k.name, " needs ", qk::cpu::need_name(k.need),
-                  ", which this CPU lacks (quantkern.kernels.select() picks one that runs here)");
-      return k;
-    }
-  std::string have;
-  for (const T& k : table) have += std::string(have.empty() ? "" : ", ") + k.name;
-  TORCH_CHECK(false, op, ": no kernel named '", std::string(name), "' in this build (have: ", have, ")");
-  return table[0];  // (not reached)
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
     const at::Tensor& W_in, const at::Tensor& U_in, const std::optional<at::Tensor>& P_in, const at::Tensor& gidx_in,
@@ -657,7 +645,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
     int64_t blocksize, c10::string_view kernel) {
   const char* op = "quantkern::gptq_block_solve";
   check_common(op, W_in, U_in, gidx_in, scales_in, zeros_in, bits, blocksize);
-  const GptqKernel& kern = find_kernel(kGptqKernels, kernel, op);
+  const GptqKernel& kern = qk::cpu::find_kernel(kGptqKernels, kernel, op);
   const int64_t m = W_in.size(0), n = W_in.size(1), G = scales_in.size(0);
   const bool has_p = P_in.has_value() && P_in->defined();
   if (has_p)
@@ -732,7 +720,7 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
                                                int64_t blocksize, c10::string_view kernel) {
   const char* op = "quantkern::ksnrq_solve";
   check_common(op, W_in, U_in, gidx_in, scales_in, zeros_in, bits, blocksize);
-  const KsnrqKernel& kern = find_kernel(kKsnrqKernels, kernel, op);
+  const KsnrqKernel& kern = qk::cpu::find_kernel(kKsnrqKernels, kernel, op);
   TORCH_CHECK(K >= 1, op, ": K must be >= 1, got ", K);
   const int64_t m = W_in.size(0), n = W_in.size(1), G = scales_in.size(0);
   const at::Tensor U = U_in.contiguous(), gidx = gidx_in.contiguous();
