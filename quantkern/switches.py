@@ -67,9 +67,6 @@ def raw(name: str) -> str | None:
     return _env.get(name)
 
 
-def backend_raw() -> str | None:
-    """QUANTKERN_BACKEND exactly as set (the per-call check of QuantLinear's lean path)."""
-    return _env.get("QUANTKERN_BACKEND")
 
 
 def backend() -> str | None:
@@ -78,12 +75,24 @@ def backend() -> str | None:
     return v or None
 
 
+# The per-call read of the CPU switches (every qgemm call on the decode path) looks them up in the bytes
+# dict behind os.environ on POSIX CPython (os.environ[...] = ... and monkeypatch.setenv update it): a
+# plain dict lookup, where os.environ.get encodes the key and decodes the value (measured ~4x the cost).
+_CPU_KEYS = ("QUANTKERN_NO_AVX2", "QUANTKERN_NO_AVX512", "QUANTKERN_NO_AMX", "QUANTKERN_CPU_INT8_ACT")
+_raw = getattr(_env, "_data", None)
+if not (os.name == "posix" and isinstance(_raw, dict) and all(isinstance(k, bytes) for k in list(_raw)[:1])):
+    _raw = None
+_OFF = (None, b"", b"0")
+
+
 def cpu_state() -> tuple[bool, bool, bool, bool]:
     """(no_avx2, no_avx512, no_amx, int8_act): everything the CPU kernel choice reads from the
     environment, as one cache key (read at each call)."""
-    e = _env
-    return (e.get("QUANTKERN_NO_AVX2", "") not in ("", "0"), e.get("QUANTKERN_NO_AVX512", "") not in ("", "0"),
-            e.get("QUANTKERN_NO_AMX", "") not in ("", "0"), e.get("QUANTKERN_CPU_INT8_ACT", "") not in ("", "0"))
+    d = _raw
+    if d is None:
+        return tuple(_env.get(k, "") not in ("", "0") for k in _CPU_KEYS)  # type: ignore[return-value]
+    return (d.get(b"QUANTKERN_NO_AVX2") not in _OFF, d.get(b"QUANTKERN_NO_AVX512") not in _OFF,
+            d.get(b"QUANTKERN_NO_AMX") not in _OFF, d.get(b"QUANTKERN_CPU_INT8_ACT") not in _OFF)
 
 
 def describe() -> list[tuple[str, str, str]]:
@@ -93,3 +102,9 @@ def describe() -> list[tuple[str, str, str]]:
         v = _env.get(s.name)
         out.append((s.name, repr(v) if v is not None else f"unset (default {s.default})", s.doc))
     return out
+
+
+def backend_raw() -> str | bytes | None:
+    """QUANTKERN_BACKEND exactly as set (bytes where the fast lookup below applies), only to notice a
+    change between calls (QuantLinear's lean path)."""
+    return _env.get("QUANTKERN_BACKEND") if _raw is None else _raw.get(b"QUANTKERN_BACKEND")

@@ -45,7 +45,7 @@ class FusedLean:
 
     buffers: tuple
     versions: int
-    backend_env: str | None
+    backend_env: str | bytes | None
     device: torch.device
     run: Callable
     bias: torch.Tensor | None

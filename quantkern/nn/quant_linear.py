@@ -40,7 +40,7 @@ class LeanPath:
     """What the first validated call checked, so later calls re-check only what can change cheaply."""
 
     buffers: tuple  # the layout's buffers (the same objects)
-    backend_env: str | None  # QUANTKERN_BACKEND as it was
+    backend_env: str | bytes | None  # QUANTKERN_BACKEND as it was (switches.backend_raw)
     device: torch.device
     in_shape: torch.Size  # (in_features,)
     versions: int  # version_sum(buffers)
