@@ -92,6 +92,12 @@ class Case:
 READ_CHUNK = 32 * 2**20  # bytes per dram_read call (about one 4-bit 4096x14336 weight)
 
 
+def _named(x, kernel: str, max_batch: int):
+    """`kernel` (quantkern/kernels.py) for up to max_batch tokens where this CPU runs it, else the selector's."""
+    ok = x.shape[0] <= max_batch and kernel in quantkern.kernels.runnable("qgemm", 4 if "int8" in kernel else 2)
+    return kernel if ok else None
+
+
 def make_cases(m: int, n: int, names=None) -> list[Case]:
     G = -(-n // GROUP)
     cases = [
@@ -130,12 +136,13 @@ def make_cases(m: int, n: int, names=None) -> list[Case]:
     for bits in (3, 2):
         cases.append(Case(f"qk{bits}_avx512", f"quantkern {bits}-bit g{GROUP}, AVX-512 LUT/FMA GEMV (no AMX)",
                           packed_bytes(bits), packed_build(bits),
-                          lambda x, p: cpu.run(x, p.layout, None, 3 if x.shape[0] <= 2 else (1 if x.shape[0] <= 8 else 0)),
+                          lambda x, p: cpu.run(x, p.layout, None, _named(x, "qgemm_lut_avx512" if x.shape[0] <= 2
+                                                                          else "qgemm_gemv_avx512", 8)),
                           torch.float32, shares=f"qk{bits}"))
     # opt-in int8-activation 4-bit decode path (approximate: QUANTKERN_CPU_INT8_ACT=1); exact path above 8 tokens
     cases.append(Case("qk4_int8x", "quantkern 4-bit, int8 activations (opt-in, approximate)", packed_bytes(4),
                       packed_build(4),
-                      lambda x, p: cpu.run(x, p.layout, None, 4 if x.shape[0] <= 8 else 0), torch.float32))
+                      lambda x, p: cpu.run(x, p.layout, None, _named(x, "qgemm_int8_avx512vnni", 8)), torch.float32))
     return [c for c in cases if names is None or c.name in names]
 
 
