@@ -272,11 +272,12 @@ def cpu_qgemm(bits: int, batch: int, in_features: int) -> str:
     return name
 
 
-def cpu_solver(op: str, bits: int = 4) -> str:
+def cpu_solver(op: str) -> str:
+    """Name of the CPU kernel of a solver op (every solver kernel reads every bit width)."""
     key = (op, switches.cpu_state())
     name = _cpu_memo.get(key)
     if name is None:
-        name = _cpu_memo[key] = select(Query(op, "cpu", bits)).kernel.name
+        name = _cpu_memo[key] = select(Query(op, "cpu", 4)).kernel.name
     return name
 
 
