@@ -75,8 +75,7 @@ class Kernel:
         lo, hi = self.batch
         if hi is None:
             return f">= {lo}" if lo > 1 else "any"
-        hi = f"{hi} (${hi})" if isinstance(hi, str) else hi
-        return f"{lo}..{hi}"
+        return f"{lo}..{self.max_batch()} (${hi})" if isinstance(hi, str) else f"{lo}..{hi}"
 
 
 def _amx_when(q: Query) -> str | None:
@@ -140,22 +139,22 @@ TABLE: tuple[Kernel, ...] = (
     Kernel("reference_qgemm", "qgemm", "reference", ALL_BITS, layout="GPTQ v1 (dequantized once to fp32)",
            doc="pure torch: fp32 F.linear on the dequantized weight (the ground truth)"),
     # ---- solvers (csrc/cpu/solver.cpp, csrc/cuda/solver*.cu, triton/solver.py, ops/solver.py) -------
-    Kernel("gptq_block_avx512", "gptq_block_solve", "cpu", isa="avx512", layout="fp32 rows",
+    Kernel("gptq_block_avx512", "gptq_block_solve", "cpu", isa="avx512", dtypes=(F32,), layout="fp32 rows",
            doc="64-row tiles, AVX-512 rank-1 and lazy updates"),
-    Kernel("gptq_block_avx2", "gptq_block_solve", "cpu", isa="avx2", layout="fp32 rows",
+    Kernel("gptq_block_avx2", "gptq_block_solve", "cpu", isa="avx2", dtypes=(F32,), layout="fp32 rows",
            doc="64-row tiles, AVX2 rank-1 and lazy updates"),
-    Kernel("gptq_block_generic", "gptq_block_solve", "cpu", layout="fp32 rows",
+    Kernel("gptq_block_generic", "gptq_block_solve", "cpu", dtypes=(F32,), layout="fp32 rows",
            doc="portable scalar loops, bit-identical to the SIMD kernels"),
-    Kernel("gptq_cuda", "gptq_block_solve", "cuda", isa="any CUDA GPU", layout="fp32 rows", doc="CUDA kernel"),
-    Kernel("gptq_triton", "gptq_block_solve", "triton", isa="CUDA GPU or TRITON_INTERPRET=1", layout="fp32 rows",
+    Kernel("gptq_cuda", "gptq_block_solve", "cuda", isa="any CUDA GPU", dtypes=(F32,), layout="fp32 rows", doc="CUDA kernel"),
+    Kernel("gptq_triton", "gptq_block_solve", "triton", isa="CUDA GPU or TRITON_INTERPRET=1", dtypes=(F32,), layout="fp32 rows",
            doc="Triton kernel"),
-    Kernel("gptq_reference", "gptq_block_solve", "reference", layout="fp32 rows", doc="pure torch"),
-    Kernel("ksnrq_avx512", "ksnrq_solve", "cpu", isa="avx512", layout="fp32 rows",
+    Kernel("gptq_reference", "gptq_block_solve", "reference", dtypes=(F32,), layout="fp32 rows", doc="pure torch"),
+    Kernel("ksnrq_avx512", "ksnrq_solve", "cpu", isa="avx512", dtypes=(F32,), layout="fp32 rows",
            doc="K-beam search; vpermps beam reorder when K divides 16"),
-    Kernel("ksnrq_avx2", "ksnrq_solve", "cpu", isa="avx2", layout="fp32 rows",
+    Kernel("ksnrq_avx2", "ksnrq_solve", "cpu", isa="avx2", dtypes=(F32,), layout="fp32 rows",
            doc="K-beam search; AVX2 greedy children"),
-    Kernel("ksnrq_generic", "ksnrq_solve", "cpu", layout="fp32 rows", doc="portable scalar loops"),
-    Kernel("ksnrq_reference", "ksnrq_solve", "reference", layout="fp32 rows", doc="pure torch"),
+    Kernel("ksnrq_generic", "ksnrq_solve", "cpu", dtypes=(F32,), layout="fp32 rows", doc="portable scalar loops"),
+    Kernel("ksnrq_reference", "ksnrq_solve", "reference", dtypes=(F32,), layout="fp32 rows", doc="pure torch"),
 )
 BY_NAME: dict[str, Kernel] = {k.name: k for k in TABLE}
 assert len(BY_NAME) == len(TABLE), "kernel names must be unique"

@@ -271,3 +271,12 @@ def test_selector_makes_the_old_choices_on_every_isa(clean_env, monkeypatch, cpu
     monkeypatch.setenv("QUANTKERN_NO_AVX512", "1")
     assert kernels.cpu_qgemm(3, 2, 320) == "qgemm_gemv_avx2"
     assert kernels.cpu_solver("gptq_block_solve") == "gptq_block_avx2"
+
+
+def test_docs_show_every_kernel_and_switch():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "kernels.md").read_text()
+    missing = [k.name for k in kernels.TABLE if f"`{k.name}`" not in doc]
+    missing += [s for s in switches.SWITCHES if f"`{s}`" not in doc]
+    assert not missing, f"docs/kernels.md lacks {missing}"
