@@ -111,18 +111,20 @@ def _build_info() -> dict:
 
 
 def kernel(op: str, **ctx) -> str:
-    """Name of the quantkern kernel that runs `op` for this call: the ONE place benchmarks learn it.
-
-    quantkern has no query for it yet, so this mirrors the choice the C++ makes from build_info() (which
-    reads the same env switches); switch it to quantkern.explain once that exists.
+    """Name of the quantkern kernel that runs `op` for this call: the ONE place benchmarks learn it, from
+    quantkern's own kernel table (quantkern/kernels.py, the selector the ops call; tests/test_kernels.py proves
+    the named kernel is the one that ran).
       kernel("qgemm", bits=4, batch=1, in_features=4096[, backend="cpu"])
       kernel("gptq_block_solve") / kernel("ksnrq_solve")"""
-    info = _build_info()
-    if not info:
+    if not _build_info():
         return "unavailable (extension not built)"
+    from quantkern import kernels
+
     if op == "qgemm":
-        return _qgemm_kernel(info, **ctx)
-    return f"cpu:{op} ({'avx512' if info.get('avx512_kernels') else 'avx2'})"
+        if ctx.get("backend", "cpu") != "cpu":
+            return ctx["backend"]
+        return "cpu:" + kernels.cpu_qgemm(ctx["bits"], ctx["batch"], ctx["in_features"])
+    return "cpu:" + kernels.cpu_solver(op)
 
 
 def decode_kernels(model, bits: int, batch: int = 1) -> dict:
@@ -130,28 +132,6 @@ def decode_kernels(model, bits: int, batch: int = 1) -> dict:
     once those linears are packed at `bits`."""
     widths = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
     return {str(n): kernel("qgemm", bits=bits, batch=batch, in_features=n) for n in widths}
-
-
-def _qgemm_kernel(info: dict, bits: int, batch: int, in_features: int, backend: str = "cpu") -> str:
-    """Path 0 of csrc/cpu/qgemm.cpp (qgemm_cpu_out)."""
-    if backend != "cpu":
-        return backend
-    avx512 = bool(info.get("avx512_kernels"))
-    isa = "avx512" if avx512 else "avx2"
-    int8_act = os.environ.get("QUANTKERN_CPU_INT8_ACT", "0") not in ("", "0")
-    vnni = avx512 and "avx512vnni" in info.get("cpu_isa", [])
-    kpad = -(-in_features // 32) * 32  # qg::kBlock input channels per k-block
-    if batch <= 8:  # qg::kMaxGemvBatch: the GEMV family
-        if int8_act:  # CpuBackend passes path 4 for every width: int8 GEMV at 4 bits with VNNI, else FMA
-            return "cpu:gemv_int8x_vnni_avx512 (int8 x, opt-in)" if bits == 4 and vnni else f"cpu:gemv_fma_{isa}"
-        if bits == 4 and vnni and batch <= 4:  # qg::kMaxLimbBatch
-            return "cpu:gemv_vnni_digits_avx512"
-        if bits in (2, 3) and info.get("amx_kernels") and (batch > 1 or kpad <= 8192):  # qg::kAmxMaxK1
-            return "cpu:gemv_amx"
-        if bits in (2, 3) and avx512 and batch <= 2:  # qg::kMaxLutBatch
-            return "cpu:gemv_lut_avx512"
-        return f"cpu:gemv_fma_{isa}"
-    return f"cpu:dequant_panels_{isa}+at::mm"
 
 
 def quantkern_env() -> dict:

@@ -4,7 +4,6 @@
 #include <torch/extension.h>
 
 #include "cpu/cpu_features.h"
-#include "cpu/qgemm_kernels.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -33,9 +32,15 @@ static py::dict build_info() {
 #endif
   d["torch_threads"] = at::get_num_threads();
   d["cpu_isa"] = qk::cpu::isa_names();
-  d["avx512_kernels"] = qk::cpu::use_avx512();
-  // the 2/3-bit AMX GEMV runs (AMX-INT8 + GFNI, tile state granted, QUANTKERN_NO_AMX unset)
-  d["amx_kernels"] = qk::cpu::use_avx512() && qk::cpu::qgemm::amx_available();
+  // what the CPU can run (quantkern/_ext.py adds the switch-dependent avx512_kernels / amx_kernels)
+  d["cpu_avx2"] = qk::cpu::cpu_has(qk::cpu::Need::avx2);
+  d["cpu_avx512"] = qk::cpu::cpu_has(qk::cpu::Need::avx512);
+  d["cpu_avx512vnni"] = qk::cpu::cpu_has(qk::cpu::Need::avx512vnni);
+  d["cpu_amx"] = qk::cpu::cpu_has(qk::cpu::Need::amx);  // AMX-INT8 + GFNI, tile state granted
+  py::dict kernels;  // the named CPU kernels compiled in, with what each needs
+  for (const auto& [name, need] : qk::cpu::qgemm_kernels()) kernels[py::str(name)] = need;
+  for (const auto& [name, need] : qk::cpu::solver_kernels()) kernels[py::str(name)] = need;
+  d["cpu_kernels"] = kernels;
   d["compiler"] = std::string(__VERSION__);
   return d;
 }

@@ -9,9 +9,10 @@ from .ops.registry import backends  # noqa: E402
 from .solvers import SolveResult, solve  # noqa: E402
 from . import nn  # noqa: E402
 from .nn import QuantLinear  # noqa: E402
+from .nn.explain import explain  # noqa: E402
 from .models import load, quantize_model, save_quantized  # noqa: E402
 
 __all__ = [
-    "QuantSpec", "QuantLinear", "SolveResult", "backends", "load", "quantize_model", "save_quantized",
+    "QuantSpec", "QuantLinear", "SolveResult", "backends", "explain", "load", "quantize_model", "save_quantized",
     "solve", "__version__",
 ]

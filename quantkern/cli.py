@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a quantized checkpoint")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--kernels", action="store_true",
+                   help="load the model; print which kernel each layer runs at 1, 8 and 128 tokens, and why not the others")
 
     b = sub.add_parser("bench", parents=[talk], help="decode tokens/s at batch 1: packed weights vs the fp32 model")
     b.add_argument("--model", default=None, help="quantized checkpoint (default: RTN 4-bit g64 of SmolLM2, in memory)")
@@ -412,6 +414,14 @@ def _lm_head_line(qc, spec) -> str:
 
 
 def cmd_inspect(args) -> int:
+    if args.kernels:
+        from . import explain, load
+
+        model = load(args.path)
+        for tokens in (1, 8, 128):
+            print(f"== {tokens} token(s) ==")
+            explain(model, tokens)
+        return 0
     info = inspect_checkpoint(args.path)
     if args.json:
         print(json.dumps(info, indent=2))

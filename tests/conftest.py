@@ -20,7 +20,7 @@ def rng(request):
 @pytest.fixture(params=["avx512", "avx2"])
 def isa(request, monkeypatch):
     """Run the test on both CPU kernel paths: AVX-512 where the CPU has it, and AVX2 forced by
-    QUANTKERN_NO_AVX512=1 (read by the extension at each call)."""
+    QUANTKERN_NO_AVX512=1 (read by quantkern.switches at each call)."""
     if request.param == "avx2":
         monkeypatch.setenv("QUANTKERN_NO_AVX512", "1")
     else:

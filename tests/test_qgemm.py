@@ -1,10 +1,10 @@
-"""qgemm: every backend against the reference (dequantize + fp32 F.linear), layouts, paths, ISAs, bad input."""
+"""qgemm: every backend against the reference (dequantize + fp32 F.linear), layouts, kernels, ISAs, bad input."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from quantkern import _ext
+from quantkern import _ext, kernels
 from quantkern.formats import gptq, native
 from quantkern.ops import qgemm as Q
 from quantkern.ops import registry
@@ -20,6 +20,11 @@ M, N = 100, 300  # neither a multiple of 64 (nor of the 16-row tile)
 
 def reference(x, t, bits, bias=None):
     return Q.qgemm(x, t, bits, bias=bias, backend="reference")
+
+
+def exact_kernels(bits):
+    """Every CPU qgemm kernel this build and CPU run at `bits`, but the approximate opt-in one."""
+    return [k for k in kernels.runnable("qgemm", bits) if k != "qgemm_int8_avx512vnni"]
 
 
 def test_reference_is_dequantize_then_linear():
@@ -42,16 +47,15 @@ def test_cpu_matches_reference_fp32(bits, group_size, sym, act_order, isa):
     for B in BATCHES:
         x = torch.randn(B, N, generator=gen) + 0.5  # non-zero mean exercises the folded zero-point term
         ref = x @ W.T
-        # FMA GEMV, panel GEMM, LUT GEMV (2/3-bit, AVX-512), 3-digit VNNI GEMV (4-bit, AVX-512 VNNI), AMX
-        # GEMV (2/3-bit, AMX-INT8 + GFNI) for every batch size (a path a layout/ISA lacks falls back to
-        # the FMA GEMV)
-        for path in (1, 2, 3, 5, 6):
+        # every exact kernel this CPU runs at these bits (FMA GEMVs, panels, LUT, 3-digit VNNI, AMX, the
+        # portable scalar ones) for every batch size, whatever the selector would pick
+        for name in exact_kernels(bits):
             out = torch.full((B, M), float("nan"))  # poisoned: every element must be written
             torch.ops.quantkern.qgemm_cpu_out(
-                x, prep.layout.qw, prep.layout.sc, prep.layout.kb_start, prep.layout.x_index, bits, M, None, path, out
+                x, prep.layout.qw, prep.layout.sc, prep.layout.kb_start, prep.layout.x_index, bits, M, None, name, out
             )
-            assert not out.isnan().any(), f"unwritten outputs (B={B}, path={path})"
-            assert rel_err(out, ref) < 1e-5, (B, path, rel_err(out, ref))
+            assert not out.isnan().any(), f"unwritten outputs (B={B}, kernel={name})"
+            assert rel_err(out, ref) < 1e-5, (B, name, rel_err(out, ref))
         y = Q.qgemm(x, None, bits, prepared=prep)  # default path choice
         assert rel_err(y, ref) < 1e-5
 
@@ -91,9 +95,9 @@ def test_cpu_long_rows_precision(bits, isa):
     """One group over 4096 channels, activations with a large mean: the zero-point fold must stay exact."""
     t = random_layer(40, 4096, QuantSpec(bits=bits, group_size=-1, sym=False), seed=9)
     x = torch.randn(3, 4096) * 0.5 + 2.0
-    for path in (1, 2, 3, 5, 6):
-        y = Q.get_backend("cpu").run(x, Q.prepare(t, bits, "cpu").layout, None, path)
-        assert rel_err(y, reference(x, t, bits)) < 1e-5
+    for name in exact_kernels(bits):
+        y = Q.get_backend("cpu").run(x, Q.prepare(t, bits, "cpu").layout, None, name)
+        assert rel_err(y, reference(x, t, bits)) < 1e-5, name
 
 
 @needs_cpu
@@ -106,9 +110,9 @@ def test_cpu_threaded_sizes(bits, isa):
     W = gptq.dequantize(t, bits)
     for B in (1, 2, 9):
         x = torch.randn(B, n)
-        for path in (1, 2, 3, 5, 6):
-            y = Q.get_backend("cpu").run(x, L, None, path)
-            assert rel_err(y, x @ W.T) < 1e-5, (B, path)
+        for name in exact_kernels(bits):
+            y = Q.get_backend("cpu").run(x, L, None, name)
+            assert rel_err(y, x @ W.T) < 1e-5, (B, name)
 
 
 @needs_cpu
@@ -126,10 +130,12 @@ def test_cpu_vnni_digit_path_wide_range(group_size):
     x[1, 5] = -1e4  # an outlier that sets its block's step
     x[2] = x[2].abs().max()  # every value at the block maximum
     ref = x.double() @ W.double().T
+    kernel = next(iter(k for k in ("qgemm_digits_avx512vnni", "qgemm_gemv_avx2", "qgemm_gemv_generic")
+                       if k in exact_kernels(4)))
     for B in (1, 2, 3, 4):
         out = torch.full((B, M), float("nan"))
         L = prep.layout
-        torch.ops.quantkern.qgemm_cpu_out(x[:B], L.qw, L.sc, L.kb_start, L.x_index, 4, M, None, 5, out)
+        torch.ops.quantkern.qgemm_cpu_out(x[:B], L.qw, L.sc, L.kb_start, L.x_index, 4, M, None, kernel, out)
         assert not out.isnan().any()
         assert rel_err(out, ref[:B]) < 1e-5, (B, rel_err(out, ref[:B]))
         for b in range(B):  # per token too: a large token must not hide a small one's error
@@ -146,9 +152,11 @@ def _amx_cpu() -> bool:
     return {"amx_tile", "amx_int8", "gfni", "avx512bw"} <= set(flags)
 
 
-def _run_path(x, L, bits, m, path):
+def _run(x, L, bits, m, kernel=None):
+    """One call of the named kernel (None: the one quantkern.kernels selects) into a poisoned output."""
+    kernel = kernel or kernels.cpu_qgemm(bits, x.shape[0], L.x_index.shape[0])
     out = torch.full((x.shape[0], m), float("nan"))  # poisoned: every element must be written
-    torch.ops.quantkern.qgemm_cpu_out(x, L.qw, L.sc, L.kb_start, L.x_index, bits, m, None, path, out)
+    torch.ops.quantkern.qgemm_cpu_out(x, L.qw, L.sc, L.kb_start, L.x_index, bits, m, None, kernel, out)
     return out
 
 
@@ -174,9 +182,9 @@ needs_amx = pytest.mark.skipif(not (_ext.has_cpu() and _ext.build_info().get("am
 @pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("group_size", [-1, 32, 128, 48, 160])
 def test_cpu_amx_path(bits, group_size, monkeypatch):
-    """AMX GEMV (path 6): ragged m/n, act-order, groups of 1-5 k-blocks and longer (-1, 160: several
-    x steps per group), batches that take one, two and four passes of <= 5 tokens. It must be the AMX
-    kernel that ran (its rounding differs from the FMA GEMV's), and the default for few tokens."""
+    """AMX GEMV: ragged m/n, act-order, groups of 1-5 k-blocks and longer (-1, 160: several x steps per
+    group), batches that take one, two and four passes of <= 5 tokens. It must be the AMX kernel that
+    ran (its rounding differs from the FMA GEMV's), and the default for few tokens."""
     monkeypatch.delenv("QUANTKERN_NO_AMX", raising=False)
     monkeypatch.delenv("QUANTKERN_NO_AVX512", raising=False)
     for (m, n), sym, act in [((100, 300), False, True), ((37, 1000), True, False), ((16, 32), False, False)]:
@@ -188,14 +196,15 @@ def test_cpu_amx_path(bits, group_size, monkeypatch):
         for B in (1, 2, 5, 6, 17):
             x = torch.randn(B, n, generator=gen) + 0.5
             ref = x.double() @ W.T
-            out = _run_path(x, L, bits, m, 6)
+            out = _run(x, L, bits, m, "qgemm_amx")
             assert not out.isnan().any(), (m, n, B)
             assert rel_err(out, ref) < 1e-5, (m, n, B, rel_err(out, ref))
-            if B <= 8:  # path 0 picks the AMX GEMV for decode batches: the same bits
-                assert torch.equal(_run_path(x, L, bits, m, 0), out)
-        assert not torch.equal(out, _run_path(x, L, bits, m, 1)), "path 6 ran the FMA GEMV"
-    monkeypatch.setenv("QUANTKERN_NO_AMX", "1")  # the fallback (FMA GEMV) stays exact
-    assert rel_err(_run_path(x, L, bits, m, 6), ref) < 1e-5
+            if B <= 8:  # the selector picks the AMX GEMV for decode batches: the same bits
+                assert torch.equal(_run(x, L, bits, m), out)
+        assert not torch.equal(out, _run(x, L, bits, m, "qgemm_gemv_avx512")), "qgemm_amx ran the FMA GEMV"
+    monkeypatch.setenv("QUANTKERN_NO_AMX", "1")  # the selector's next choice (LUT or FMA GEMV) stays exact
+    assert kernels.cpu_qgemm(bits, 2, L.x_index.shape[0]) != "qgemm_amx"
+    assert rel_err(_run(x[:2], L, bits, m), ref[:2]) < 1e-5
 
 
 @needs_cpu
@@ -205,6 +214,7 @@ def test_cpu_amx_digit_path_wide_range(bits, group_size):
     """x as 3 base-128 digits per run of <= 128 channels (22-bit fixed point): outliers next to tiny
     values, all-zero runs, negative and exact-max values keep the fp32 accuracy per token. Runs the
     FMA GEMV where the CPU has no AMX."""
+    kernel = "qgemm_amx" if "qgemm_amx" in exact_kernels(bits) else None
     spec = QuantSpec(bits=bits, group_size=group_size, sym=False, act_order=True)
     t = random_layer(M, N, spec, seed=31)
     L = Q.prepare(t, bits, "cpu").layout
@@ -217,7 +227,7 @@ def test_cpu_amx_digit_path_wide_range(bits, group_size):
     x[3] = torch.randn(N, generator=gen) * 1e-30  # tiny (fp32 normals) everywhere
     ref = x.double() @ W.double().T
     for B in (1, 2, 5):
-        out = _run_path(x[:B], L, bits, M, 6)
+        out = _run(x[:B], L, bits, M, kernel)
         assert not out.isnan().any()
         for b in range(B):  # per token: a large token must not hide a small one's error
             assert rel_err(out[b], ref[b]) < 1e-5, (B, b, rel_err(out[b], ref[b]))
@@ -226,17 +236,20 @@ def test_cpu_amx_digit_path_wide_range(bits, group_size):
 @needs_cpu
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_cpu_non_finite_x_gives_nan_on_every_path(bits, isa):
-    """A NaN or Inf in a token's x makes that token's outputs NaN (not silently dropped by the int8
-    digit paths), and leaves the other tokens finite."""
+    """A NaN or Inf in a token's x makes that token's outputs NaN on the GEMV kernels (not silently dropped
+    by the int8 digit kernels), non-finite on the panel kernels, and leaves the other tokens finite."""
     t = random_layer(M, N, QuantSpec(bits=bits, group_size=64, sym=False), seed=8)
     L = Q.prepare(t, bits, "cpu").layout
     for bad in (float("nan"), float("inf")):
         x = torch.randn(3, N)
         x[1, 7] = bad
-        for path in (0, 1, 3, 5, 6):
-            out = _run_path(x, L, bits, M, path)
-            assert out[1].isnan().all(), (bad, path)
-            assert out[0].isfinite().all() and out[2].isfinite().all(), (bad, path)
+        for name in [None] + kernels.runnable("qgemm", bits):
+            out = _run(x, L, bits, M, name)
+            if name and "panel" in name:  # BLAS on the dequantized panel: an Inf may stay +-Inf
+                assert not out[1].isfinite().any(), (bad, name)
+            else:
+                assert out[1].isnan().all(), (bad, name)
+            assert out[0].isfinite().all() and out[2].isfinite().all(), (bad, name)
 
 
 @needs_cpu
@@ -253,14 +266,23 @@ def test_native_scales_must_be_fp16_exact():
 
 @needs_cpu
 def test_cpu_int8_activation_path_is_close(monkeypatch):
-    """Opt-in approximate path (4-bit, VNNI): error of int8 activation rounding only; exact path otherwise."""
+    """Opt-in approximate path (4-bit, VNNI): error of int8 activation rounding only; exact path otherwise.
+    Without VNNI the switch changes nothing: the selector says why."""
     t = random_layer(M, N, QuantSpec(bits=4, group_size=64, sym=False, act_order=True), seed=12)
     prep = Q.prepare(t, 4, "cpu")
     x = torch.randn(5, N) + 0.3
     ref = reference(x, t, 4)
-    y = Q.get_backend("cpu").run(x, prep.layout, None, 4)
-    assert not y.isnan().any() and rel_err(y, ref) < 2e-2
+    int8 = "qgemm_int8_avx512vnni"
     monkeypatch.setenv("QUANTKERN_CPU_INT8_ACT", "1")
+    chosen = kernels.cpu_qgemm(4, 5, prep.layout.x_index.shape[0])
+    if int8 in kernels.runnable("qgemm", 4):
+        y = Q.get_backend("cpu").run(x, prep.layout, None, int8)
+        assert not y.isnan().any() and rel_err(y, ref) < 2e-2
+        assert chosen == int8
+    else:
+        sel = kernels.select(Q.query(prep, 5, torch.float32, torch.device("cpu")))
+        assert dict((k.name, why) for k, why in sel.skipped)[int8].startswith("needs AVX-512 VNNI")
+        assert chosen != int8
     assert rel_err(Q.qgemm(x, None, 4, prepared=prep), ref) < 2e-2
     monkeypatch.delenv("QUANTKERN_CPU_INT8_ACT")
     assert rel_err(Q.qgemm(x, None, 4, prepared=prep), ref) < 1e-5
@@ -327,7 +349,16 @@ def test_bad_inputs():
         Q.qgemm(torch.randn(2, N), bad, bits, backend="cpu")
     with pytest.raises(RuntimeError, match="expected CPU tensors|out must be"):
         torch.ops.quantkern.qgemm_cpu_out(torch.randn(2, N), prep.layout.qw, prep.layout.sc, prep.layout.kb_start,
-                                          prep.layout.x_index, bits, M, None, 0, torch.empty(2, M, dtype=torch.float64))
+                                          prep.layout.x_index, bits, M, None, "qgemm_gemv_generic",
+                                          torch.empty(2, M, dtype=torch.float64))
+    L = prep.layout
+    with pytest.raises(RuntimeError, match="no kernel named 'gemv'.*qgemm_gemv_generic"):
+        torch.ops.quantkern.qgemm_cpu(torch.randn(2, N), L.qw, L.sc, L.kb_start, L.x_index, bits, M, None, "gemv")
+    # a kernel the CPU lacks, or one that does not read these bits: refused, never a silent substitute
+    why = "does not read 4-bit" if _ext.build_info()["cpu_avx512"] else "needs avx512, which this CPU lacks"
+    with pytest.raises(RuntimeError, match=why):
+        torch.ops.quantkern.qgemm_cpu(torch.randn(2, N), L.qw, L.sc, L.kb_start, L.x_index, bits, M, None,
+                                      "qgemm_lut_avx512")
 
 
 @needs_cpu
@@ -337,7 +368,7 @@ def test_fake_kernel_shapes():
     L = Q.prepare(random_layer(M, N, QuantSpec(bits=3, group_size=64), seed=1), 3, "cpu").layout
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x = mode.from_tensor(torch.randn(5, N).bfloat16())
-        y = torch.ops.quantkern.qgemm_cpu(x, L.qw, L.sc, L.kb_start, L.x_index, 3, M, None, 0)
+        y = torch.ops.quantkern.qgemm_cpu(x, L.qw, L.sc, L.kb_start, L.x_index, 3, M, None, "qgemm_gemv_generic")
     assert y.shape == (5, M) and y.dtype == torch.bfloat16
 
 

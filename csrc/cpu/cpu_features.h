@@ -1,9 +1,24 @@
-// Run-time ISA detection: kernels are compiled for AVX2+FMA and choose AVX-512 paths when present.
+// Run-time ISA detection: what this CPU can run. Kernels are compiled per ISA (baseline flags, or a
+// per-file/per-function target) and chosen by name from Python (quantkern/kernels.py), which also
+// applies the QUANTKERN_NO_* switches; this header reads no environment.
 #pragma once
 #include <string>
 #include <vector>
 
 namespace qk::cpu {
+
+#if defined(__x86_64__) || defined(__i386__)
+#define QK_X86 1
+#else
+#define QK_X86 0
+#endif
+// The AVX2 kernels are compiled only where the baseline flags allow AVX2 + FMA + F16C (setup.py adds
+// them on x86); elsewhere the portable scalar kernels stand in for them.
+#if QK_X86 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QK_AVX2 1
+#else
+#define QK_AVX2 0
+#endif
 
 struct Isa {
   bool avx2 = false, fma = false, f16c = false, avx512f = false, avx512bw = false, avx512vl = false,
@@ -13,7 +28,7 @@ struct Isa {
 inline const Isa& isa() {
   static const Isa detected = [] {
     Isa s;
-#if defined(__x86_64__) || defined(__i386__)
+#if QK_X86
     __builtin_cpu_init();
     s.avx2 = __builtin_cpu_supports("avx2");
     s.fma = __builtin_cpu_supports("fma");
@@ -30,11 +45,37 @@ inline const Isa& isa() {
   return detected;
 }
 
-// AVX-512 kernels need F + BW + VL; QUANTKERN_NO_AVX512=1 forces the AVX2 path (for tests).
-bool use_avx512();
-// An opt-out switch such as QUANTKERN_NO_AVX512: set to anything but "" or "0". Read at each call, so
-// tests can flip it between calls.
-bool env_switch_on(const char* name);
+// What a kernel needs from the CPU (the "isa" column of the kernel table).
+enum class Need { generic, avx2, avx512, avx512vnni, amx };
+
+namespace qgemm {
+bool amx_detected();  // AMX-INT8 + GFNI and the OS granted the tile state, probed once (qgemm_amx.cpp)
+}
+
+inline bool cpu_has(Need n) {
+  const Isa& s = isa();
+  const bool avx2 = s.avx2 && s.fma && s.f16c;
+  const bool avx512 = s.avx512f && s.avx512bw && s.avx512vl;  // the AVX-512 kernels need F + BW + VL
+  switch (n) {
+    case Need::generic: return true;
+    case Need::avx2: return QK_AVX2 && avx2;
+    case Need::avx512: return QK_X86 && avx512;
+    case Need::avx512vnni: return QK_X86 && avx512 && s.avx512vnni;
+    case Need::amx: return QK_X86 && avx512 && qgemm::amx_detected();
+  }
+  return false;
+}
+
+inline const char* need_name(Need n) {
+  switch (n) {
+    case Need::generic: return "generic";
+    case Need::avx2: return "avx2";
+    case Need::avx512: return "avx512";
+    case Need::avx512vnni: return "avx512vnni";
+    case Need::amx: return "amx";
+  }
+  return "?";
+}
 
 inline std::vector<std::string> isa_names() {
   const Isa& s = isa();
@@ -46,5 +87,10 @@ inline std::vector<std::string> isa_names() {
   if (s.avxvnni) out.push_back("avxvnni");
   return out;
 }
+
+// The named kernels compiled into this build, with what each needs (qgemm.cpp, solver.cpp): Python's
+// kernel table (quantkern/kernels.py) must name exactly these (a test checks).
+std::vector<std::pair<std::string, std::string>> qgemm_kernels();
+std::vector<std::pair<std::string, std::string>> solver_kernels();
 
 }  // namespace qk::cpu

@@ -18,6 +18,7 @@
 // k-block's 4 x 8 positions).
 // GCC 12 flags the deliberately undefined upper lanes inside <avx512fintrin.h> (_mm512_undefined_*) a few
 // hundred times per build: a false positive in the compiler's own header.
+#if defined(__x86_64__) || defined(__i386__)  // (elsewhere: compiled out, see cpu_features.h)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,gfni,amx-tile,amx-int8")
 #include <immintrin.h>
@@ -292,3 +293,4 @@ void gemv_amx(const Layout& L, const AmxRuns& R, int B, const int8_t* xq, const 
 }
 
 }  // namespace qk::cpu::qgemm
+#endif  // x86

@@ -1,4 +1,7 @@
 // AVX2+FMA qgemm kernels (the baseline): a 16-row tile is two 8-lane halves. No ATen here.
+// Compiled only where the baseline flags include AVX2 + FMA + F16C (see QK_AVX2 in cpu_features.h);
+// elsewhere qgemm_generic.cpp's scalar kernels stand in.
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
 #include "qgemm_kernels.h"
@@ -132,3 +135,4 @@ void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t 
 }
 
 }  // namespace qk::cpu::qgemm
+#endif  // AVX2

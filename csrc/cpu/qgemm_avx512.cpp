@@ -3,6 +3,7 @@
 // lane, so a right shift alone extracts a code (no mask, no int->float convert).
 // GCC 12 flags the deliberately undefined upper lanes inside <avx512fintrin.h> (_mm512_undefined_*) a few
 // hundred times per build: a false positive in the compiler's own header.
+#if defined(__x86_64__) || defined(__i386__)  // (elsewhere: compiled out, see cpu_features.h)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
 #include <immintrin.h>
@@ -342,3 +343,4 @@ void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_
 }
 
 }  // namespace qk::cpu::qgemm
+#endif  // x86

@@ -96,11 +96,10 @@ void gemv_int8_avx512(const Layout& L, int B, int limbs, const int8_t* xq, int64
 
 // AMX-INT8 GEMV for 2/3-bit (csrc/cpu/qgemm_amx.cpp). x is quantized per run of <= kAmxRunBlocks k-blocks
 // of one group (step d per run and token, 3 signed base-128 digit planes, 22-bit fixed point); each run
-// is ceil(k-blocks / 2) chunks of 64 channels (one tile multiply). amx_available(): CPU has AMX-INT8 and
-// GFNI, the kernel granted the tile state, and QUANTKERN_NO_AMX is unset.
+// is ceil(k-blocks / 2) chunks of 64 channels (one tile multiply). amx_detected(): the CPU has AMX-INT8
+// and GFNI and the kernel granted the tile state.
 constexpr int kAmxRunBlocks = 4;  // 128 channels: the int32 merge of the digit sums stays < 2^31 at 3 bits
 constexpr int kMaxAmxBatch = 5;   // 3 digit planes per token, 16 A-tile rows
-constexpr int64_t kAmxMaxK1 = 8192;  // path 0 at 1 token: AMX up to this many (padded) input channels
 constexpr int kAmxTiles = 2;      // row tiles in flight (tile registers: 2 A + 2 * 2 B + 2 C of the 8)
 struct AmxRuns {
   int64_t G, runs, chunks;
@@ -109,8 +108,7 @@ struct AmxRuns {
   const int32_t* chunk_kb;   // [chunks]: first k-block of each chunk (2 k-blocks, or 1 at a run's odd end)
   const int32_t* chunk_run;  // [chunks]: the run of each chunk
 };
-bool amx_detected();   // the hardware + OS part, probed once (qgemm_amx.cpp)
-bool amx_available();  // amx_detected() and QUANTKERN_NO_AMX unset (qgemm.cpp)
+bool amx_detected();  // probed once (qgemm_amx.cpp; false where the file is compiled out)
 // one token: x [Kpad] native order -> digits, chunk c plane l (top digit first) at q + c * ldc + l * 64;
 // d [runs] steps; xsq [G] per-group sums of the represented x
 void quantize_x_amx(const float* x, const AmxRuns& R, int8_t* q, int64_t ldc, float* d, float* xsq);
@@ -125,5 +123,11 @@ void dequant_avx512(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_
                     int64_t ldw);
 void dequant_avx2(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt,
                     int64_t ldw);
+
+// Portable scalar kernels (qgemm_generic.cpp): the same contracts as gemv_avx2 / dequant_avx2, for CPUs
+// (or builds) without AVX2, and as a readable statement of what the SIMD kernels compute.
+void gemv_generic(const Layout& L, int B, const float* x, int64_t ldx, const float* xsum, const float* bias,
+                  float* out, int64_t ldo, int64_t t0, int64_t t1);
+void dequant_generic(const Layout& L, int64_t t0, int64_t t1, int64_t kb0, int64_t kb1, float* wt, int64_t ldw);
 
 }  // namespace qk::cpu::qgemm

@@ -7,11 +7,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include <vector>
 
 #include "cpu_features.h"
+
+#if QK_AVX2
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -25,6 +27,7 @@ constexpr int64_t kBlockFloats = 1 << 14;  // 64 KiB
 // by side, reaches 30-31), so one stream would understate the bandwidth a kernel can get.
 constexpr int kStreams = 8;
 
+#if QK_AVX2
 __attribute__((target("avx512f"))) void blocks_sum_avx512(const float* p, double* out) {
   constexpr int S = kStreams;
   constexpr int64_t n = kBlockFloats, stride = kBlockFloats;
@@ -52,6 +55,13 @@ double block_sum_avx2(const float* p, int64_t n) {
   for (float v : lanes) out += v;
   return out;
 }
+#else
+double block_sum_avx2(const float* p, int64_t n) {  // (no AVX2 in this build: a plain loop)
+  double out = 0;
+  for (int64_t k = 0; k < n; ++k) out += p[k];
+  return out;
+}
+#endif
 
 at::Tensor read_bandwidth_probe(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), "quantkern::read_bandwidth_probe: expected a CPU tensor, got one on ",
@@ -62,14 +72,16 @@ at::Tensor read_bandwidth_probe(const at::Tensor& t) {
   const float* p = t.data_ptr<float>();
   const int64_t n = t.numel();
   const int64_t nblocks = (n + kBlockFloats - 1) / kBlockFloats;
-  const bool avx512 = qk::cpu::use_avx512();
+  const bool avx512 = QK_AVX2 && qk::cpu::cpu_has(qk::cpu::Need::avx512);  // the hardware's widest loads
   std::vector<double> part(nblocks, 0.0);
   // one contiguous range of blocks per thread (at::parallel_for splits [0, nblocks) evenly)
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
     int64_t b = b0;
+#if QK_AVX2
     if (avx512)  // whole groups of kStreams full blocks
       for (; b + kStreams <= b1 && (b + kStreams) * kBlockFloats <= n; b += kStreams)
         blocks_sum_avx512(p + b * kBlockFloats, &part[b]);
+#endif
     for (; b < b1; ++b) {
       const int64_t s = b * kBlockFloats, e = std::min(n, s + kBlockFloats);
       const int64_t body = (e - s) / 64 * 64;

@@ -9,18 +9,27 @@
 // ksnrq_solve: per row, K beams; in-block states are double-buffered, parents/codes are recorded
 // per column and resolved at block end (so whole suffixes are never copied per step); the tail
 // update is one GEMM over all m*K beam rows, after gathering each beam's block-start ancestor.
+//
+// Named kernels (quantkern/kernels.py picks one and passes its name): gptq_block_{avx512,avx2,generic}
+// and ksnrq_{avx512,avx2,generic}. All give bit-identical results (the same IEEE operations in the same
+// order, no fma contraction); the generic ones are plain loops, for CPUs and builds without AVX2.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
+#include "kernel_table.h"
+#include "parallel.h"
+
+#if QK_AVX2
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "../common/solver.h"
@@ -37,6 +46,9 @@ constexpr int kRT = 64;  // rows per tile: 8 AVX2 / 4 AVX-512 vectors per tile c
 typedef float vrow __attribute__((vector_size(kRT * sizeof(float)), aligned(64)));
 static_assert(sizeof(vrow) == kRT * sizeof(float), "tile column size");
 
+constexpr int kSB = 16;  // columns per sub-block of the two-level in-block update
+
+#if QK_AVX2
 // Rank-1 update of one tile's block columns j in [jb, je): col_j -= e * u_j (- w * p_j), written
 // with intrinsics so each column is loaded, updated and stored exactly once (no spills).
 __attribute__((target("avx512f"))) static void update_avx512(float* w1, const float* e, const float* w,
@@ -133,8 +145,6 @@ static inline void minmax_row_avx2(const float* row, int64_t len, float* lo, flo
   *lo = a;
   *hi = b;
 }
-
-constexpr int kSB = 16;  // columns per sub-block of the two-level in-block update
 
 // cols[j] for j in [jb, je) (block-relative) -= e[t] * u[t*ldu + j] (- w[t] * p[t*ldu + j]) for
 // t = 0 .. ns-1 in ascending order, with the reference's roundings (a product, then a subtraction);
@@ -268,6 +278,49 @@ static inline __attribute__((always_inline)) void transpose8x8_bytes(const uint8
   }
 }
 
+#endif  // QK_AVX2
+
+// The portable versions of the helpers above (same operations, same order, so the same bits).
+static inline void update_generic(float* w1, const float* e, const float* w, const float* urow, const float* prow,
+                                  int64_t jb, int64_t je, int64_t i1) {
+  for (int64_t j = jb; j < je; ++j) {
+    float* cj = w1 + (j - i1) * kRT;
+    if (prow == nullptr) {
+      for (int r = 0; r < kRT; ++r) cj[r] = cj[r] - e[r] * urow[j];
+    } else {
+      for (int r = 0; r < kRT; ++r) cj[r] = cj[r] - (e[r] * urow[j] - w[r] * prow[j]);
+    }
+  }
+}
+
+static inline void minmax_row_generic(const float* row, int64_t len, float* lo, float* hi) {
+  float a = row[0], b = row[0];
+  for (int64_t j = 1; j < len; ++j) {
+    a = std::min(a, row[j]);
+    b = std::max(b, row[j]);
+  }
+  *lo = a;
+  *hi = b;
+}
+
+template <bool HasP>
+static inline void lazy_generic(float* cols, const float* e, const float* w, const float* u, const float* p,
+                                int64_t ldu, int64_t ns, int64_t jb, int64_t je) {
+  for (int64_t j = jb; j < je; ++j) {
+    float* cj = cols + j * kRT;
+    for (int64_t t = 0; t < ns; ++t) {
+      const float uc = u[t * ldu + j];
+      for (int r = 0; r < kRT; ++r) {
+        float d = e[t * kRT + r] * uc;
+        if constexpr (HasP) d = d - w[t * kRT + r] * p[t * ldu + j];
+        cj[r] = cj[r] - d;
+      }
+    }
+  }
+}
+
+enum class Simd { generic, avx2, avx512 };
+
 // Everything one row tile needs for one block. The chunk's working copy stays ROW-MAJOR ([mc, n],
 // row stride n) so neither W nor the codes are ever transposed as a whole: each tile transposes
 // its kRT x B slice into the block buffer ([column][row], kRT floats per column) on load, and its
@@ -293,16 +346,19 @@ struct TileArgs {
 };
 
 // The in-block loop of OP 1 (solver.h) for rows [r0, r0 + nr) (global ids), block columns [i1, i2).
-template <bool HasP, bool Avx512>
+template <bool HasP, Simd S>
 static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, int64_t r0, int64_t nr, int64_t i1,
                                                              int64_t i2, vrow* w1v) {
   const int64_t n = a.n, m = a.m, mc = a.mc, nb = i2 - i1, rl0 = r0 - a.c0;
   float* w1 = reinterpret_cast<float*>(w1v);
   const float* tsrc = a.src + rl0 * n;  // the tile's first row
   alignas(64) float w[kRT], s[kRT], z[kRT], c[kRT], q[kRT], e[kRT];
-  const int64_t nb8 = nr == kRT ? nb & ~int64_t{7} : 0;  // columns loaded/stored by 8x8 transposes
+  // columns loaded/stored by 8x8 transposes (the generic kernel loads and stores element by element)
+  const int64_t nb8 = S != Simd::generic && nr == kRT ? nb & ~int64_t{7} : 0;
+#if QK_AVX2
   for (int64_t j = 0; j < nb8; j += 8)
     for (int r = 0; r < kRT; r += 8) transpose8x8(tsrc + r * n + i1 + j, n, w1 + j * kRT + r, kRT);
+#endif
   for (int64_t j = nb8; j < nb; ++j)
     for (int r = 0; r < kRT; ++r) w1[j * kRT + r] = r < nr ? tsrc[r * n + i1 + j] : 0.f;
   double lsum[kRT] = {};
@@ -347,11 +403,11 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
         for (int r = 0; r < nr; ++r) {
           const float* row = tsrc + r * n + i;
           float lo, hi;
-          if constexpr (Avx512) {
-            minmax_row_avx512(row, len, &lo, &hi);
-          } else {
-            minmax_row_avx2(row, len, &lo, &hi);
-          }
+#if QK_AVX2
+          if constexpr (S == Simd::avx512) minmax_row_avx512(row, len, &lo, &hi);
+          if constexpr (S == Simd::avx2) minmax_row_avx2(row, len, &lo, &hi);
+#endif
+          if constexpr (S == Simd::generic) minmax_row_generic(row, len, &lo, &hi);
           qk::grid_params(lo, hi, a.bits, a.sym, &a.sc[g * m + r0 + r], &a.zr[g * m + r0 + r]);
         }
       }
@@ -396,41 +452,51 @@ static inline __attribute__((always_inline)) void tile_block(const TileArgs& a, 
       if (HasP) std::memcpy(&wv[(i - sb) * kRT], w, sizeof(w));
       const float* urow = a.u + i * a.n;
       const float* prow = HasP ? a.p + i * a.n : nullptr;
-      if constexpr (Avx512) {
-        update_avx512(w1, e, w, urow, prow, i + 1, se, i1);
-      } else {
-        update_avx2(w1, e, w, urow, prow, i + 1, se, i1);
-      }
+#if QK_AVX2
+      if constexpr (S == Simd::avx512) update_avx512(w1, e, w, urow, prow, i + 1, se, i1);
+      if constexpr (S == Simd::avx2) update_avx2(w1, e, w, urow, prow, i + 1, se, i1);
+#endif
+      if constexpr (S == Simd::generic) update_generic(w1, e, w, urow, prow, i + 1, se, i1);
     }
     const float* ub = a.u + sb * a.n + i1;
     const float* pb = HasP ? a.p + sb * a.n + i1 : nullptr;
-    if constexpr (Avx512) {
-      lazy_avx512<HasP>(w1, ev, wv, ub, pb, a.n, se - sb, se - i1, i2 - i1);
-    } else {
-      lazy_avx2<HasP>(w1, ev, wv, ub, pb, a.n, se - sb, se - i1, i2 - i1);
-    }
+#if QK_AVX2
+    if constexpr (S == Simd::avx512) lazy_avx512<HasP>(w1, ev, wv, ub, pb, a.n, se - sb, se - i1, i2 - i1);
+    if constexpr (S == Simd::avx2) lazy_avx2<HasP>(w1, ev, wv, ub, pb, a.n, se - sb, se - i1, i2 - i1);
+#endif
+    if constexpr (S == Simd::generic) lazy_generic<HasP>(w1, ev, wv, ub, pb, a.n, se - sb, se - i1, i2 - i1);
   }
   for (int r = 0; r < nr; ++r) a.ls[r0 + r] = lsum[r];
   uint8_t* tcodes = a.codes + rl0 * n + i1;
+#if QK_AVX2
   for (int64_t j = 0; j < nb8; j += 8)
     for (int r = 0; r < kRT; r += 8) transpose8x8_bytes(a.cbuf + j * kRT + r, kRT, tcodes + r * n + j, n);
+#endif
   for (int64_t j = nb8; j < nb; ++j)
     for (int r = 0; r < nr; ++r) tcodes[r * n + j] = a.cbuf[j * kRT + r];
 }
 
+// The gptq_block_solve kernels: one row tile, one block.
 using TileFn = void (*)(const TileArgs&, int64_t, int64_t, int64_t, int64_t, vrow*);
 
 template <bool HasP>
-void tile_block_avx2(const TileArgs& a, int64_t r0, int64_t nr, int64_t i1, int64_t i2, vrow* w1v) {
-  tile_block<HasP, false>(a, r0, nr, i1, i2, w1v);
+void gptq_block_generic(const TileArgs& a, int64_t r0, int64_t nr, int64_t i1, int64_t i2, vrow* w1v) {
+  tile_block<HasP, Simd::generic>(a, r0, nr, i1, i2, w1v);
+}
+
+#if QK_AVX2
+template <bool HasP>
+void gptq_block_avx2(const TileArgs& a, int64_t r0, int64_t nr, int64_t i1, int64_t i2, vrow* w1v) {
+  tile_block<HasP, Simd::avx2>(a, r0, nr, i1, i2, w1v);
 }
 
 template <bool HasP>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void tile_block_avx512(const TileArgs& a, int64_t r0,
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void gptq_block_avx512(const TileArgs& a, int64_t r0,
                                                                                      int64_t nr, int64_t i1,
                                                                                      int64_t i2, vrow* w1v) {
-  tile_block<HasP, true>(a, r0, nr, i1, i2, w1v);
+  tile_block<HasP, Simd::avx512>(a, r0, nr, i1, i2, w1v);
 }
+#endif
 
 // The once-per-block GEMM in the transposed layout: WT[i2:, :] += alpha * F[i1:i2, i2:]^T @ XT[:nb, :]
 // (F = U with the errors, or P with the quantized values). Shared by both ops.
@@ -445,16 +511,6 @@ void tail_update(at::Tensor& WT, const at::Tensor& F, const at::Tensor& XT, int6
 int64_t chunk_rows(int64_t m, int64_t K) {
   const int64_t beam_rows = 512;
   return std::max<int64_t>(1, std::min<int64_t>(m, beam_rows / K));
-}
-
-// Hand chunks to threads dynamically (an atomic counter), one parallel region in all.
-template <class F>
-void parallel_chunks(int64_t nchunks, const F& f) {
-  std::atomic<int64_t> next{0};
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), nchunks);
-  at::parallel_for(0, std::max<int64_t>(nt, 1), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) f(c);
-  });
 }
 
 struct Groups {
@@ -500,81 +556,7 @@ void check_common(const char* op, const at::Tensor& W, const at::Tensor& U, cons
   TORCH_CHECK(blocksize > 0, op, ": blocksize must be > 0, got ", blocksize);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
-    const at::Tensor& W_in, const at::Tensor& U_in, const std::optional<at::Tensor>& P_in, const at::Tensor& gidx_in,
-    const at::Tensor& scales_in, const at::Tensor& zeros_in, int64_t bits, bool sym, bool dynamic_groups,
-    int64_t blocksize) {
-  const char* op = "quantkern::gptq_block_solve";
-  check_common(op, W_in, U_in, gidx_in, scales_in, zeros_in, bits, blocksize);
-  const int64_t m = W_in.size(0), n = W_in.size(1), G = scales_in.size(0);
-  const bool has_p = P_in.has_value() && P_in->defined();
-  if (has_p)
-    TORCH_CHECK(P_in->dim() == 2 && P_in->size(0) == n && P_in->size(1) == n && P_in->scalar_type() == at::kFloat,
-                op, ": P must be fp32 [n, n] or None, got ", P_in->sizes());
-  const at::Tensor W = W_in.contiguous(), U = U_in.contiguous(), gidx = gidx_in.contiguous();  // row stride n below
-  const at::Tensor P = has_p ? P_in->contiguous() : at::Tensor();
-  at::Tensor scales = scales_in.clone(at::MemoryFormat::Contiguous);
-  at::Tensor zeros = zeros_in.clone(at::MemoryFormat::Contiguous);
-  at::Tensor codes = at::empty({m, n}, W_in.options().dtype(at::kByte));
-  at::Tensor loss = at::zeros({m}, W_in.options().dtype(at::kDouble));
-  if (m == 0 || n == 0) return {codes, scales, zeros, loss};
-  const Groups gr = group_runs(gidx, G, dynamic_groups, op);
-
-  const int64_t B = std::min<int64_t>(blocksize, n);
-  const float* u = U.data_ptr<float>();
-  const float* p = has_p ? P.data_ptr<float>() : nullptr;
-  float* sc = scales.data_ptr<float>();
-  float* zr = zeros.data_ptr<float>();
-  double* ls = loss.data_ptr<double>();
-  const float maxq = static_cast<float>((1 << bits) - 1);
-
-  // Rows never interact, so every chunk of rows runs the WHOLE blocked algorithm on its own,
-  // tail GEMMs included: no barrier per block (robust when the CPU is shared), chunks handed out
-  // dynamically.
-  const int64_t rows = chunk_rows(m, 1);
-  const bool avx512 = qk::cpu::use_avx512();
-  TileFn tile_fn = has_p ? (avx512 ? tile_block_avx512<true> : tile_block_avx2<true>)
-                         : (avx512 ? tile_block_avx512<false> : tile_block_avx2<false>);
-  parallel_chunks((m + rows - 1) / rows, [&](int64_t chunk) {
-    const int64_t c0 = chunk * rows, c1 = std::min(m, c0 + rows), mc = c1 - c0;
-    const at::Tensor Wchunk = W.slice(0, c0, c1);                      // [mc, n], row stride n
-    at::Tensor Wc = n > B ? at::empty({mc, n}, W_in.options()) : Wchunk;  // working copy, columns >= B used
-    at::Tensor ErrT = at::empty({B, mc}, W_in.options());
-    at::Tensor QT = has_p ? at::empty({B, mc}, W_in.options()) : at::Tensor();
-    // the tile block and the tile's codes, aligned by hand (std::vector does not promise over-aligned storage)
-    std::vector<char> w1buf(static_cast<size_t>(B) * (sizeof(vrow) + kRT) + 128);
-    vrow* w1v = reinterpret_cast<vrow*>((reinterpret_cast<uintptr_t>(w1buf.data()) + 127) & ~uintptr_t(127));
-    TileArgs ta{Wchunk.data_ptr<float>(), u, p, sc, zr, codes.data_ptr<uint8_t>() + c0 * n, ls,
-                ErrT.data_ptr<float>(), has_p ? QT.data_ptr<float>() : nullptr, reinterpret_cast<uint8_t*>(w1v + B),
-                gr.g.data(), gr.run_end.data(), n, m, mc, c0, static_cast<int>(bits), sym, dynamic_groups, maxq};
-    for (int64_t i1 = 0; i1 < n; i1 += B) {
-      const int64_t i2 = std::min(i1 + B, n);
-      for (int64_t r0 = c0; r0 < c1; r0 += kRT) tile_fn(ta, r0, std::min<int64_t>(kRT, c1 - r0), i1, i2, w1v);
-      if (i2 < n) {
-        at::Tensor tail = Wc.slice(1, i2, n);
-        if (i1 == 0) {  // the first block read W itself; the working copy starts here (plain row memcpys)
-          const float* wsrc = Wchunk.data_ptr<float>();
-          float* wdst = Wc.data_ptr<float>();
-          for (int64_t r = 0; r < mc; ++r) std::memcpy(wdst + r * n + i2, wsrc + r * n + i2, (n - i2) * sizeof(float));
-          ta.src = wdst;
-        }
-        tail.addmm_(ErrT.slice(0, 0, i2 - i1).t(), U.slice(0, i1, i2).slice(1, i2, n), 1.0, -1.0);
-        if (has_p) tail.addmm_(QT.slice(0, 0, i2 - i1).t(), P.slice(0, i1, i2).slice(1, i2, n), 1.0, 1.0);
-      }
-    }
-  });
-  return {codes, scales, zeros, loss};
-}
-
-// ------------------------------------------------------------------------------------------------
-struct Cand {
-  double score;
-  int64_t key;   // (parent << bits) + rank (rank 0 = the greedy code): the tie order of solver.h
-  float err;     // e_c as scored (kept so the winners need no second division)
-  int32_t code;
-  bool operator<(const Cand& o) const { return score < o.score || (score == o.score && key < o.key); }
-};
-
+#if QK_AVX2
 // In-place permutation of one tail row's beams, row[q] = row[gather[q]], where every beam's source
 // lies in its own row's K-group and K divides 16: one vpermps per 16 floats, idx precomputed.
 __attribute__((target("avx512f"))) static void permute_row_avx512(float* row, const int32_t* idx, int64_t ld) {
@@ -615,13 +597,130 @@ static void greedy_children(const float* w, int64_t K, float s, float z, float d
     inc0[b] = static_cast<double>(e0[b]) * static_cast<double>(e0[b]);
   }
 }
+#endif  // QK_AVX2
+
+// The same greedy children one beam at a time (the AVX2 loop's scalar tail).
+static void greedy_children_generic(const float* w, int64_t K, float s, float z, float d, float maxq, int32_t* cg,
+                                    float* e0, double* inc0) {
+  for (int64_t b = 0; b < K; ++b) {
+    const float c = qk::quant_code(w[b], s, z, maxq);
+    cg[b] = static_cast<int32_t>(c);
+    e0[b] = (w[b] - qk::dequant(c, s, z)) / d;
+    inc0[b] = static_cast<double>(e0[b]) * static_cast<double>(e0[b]);
+  }
+}
+
+// ---- the named kernels (quantkern/kernels.py): name, what it needs from the CPU, its parts ----------
+struct GptqKernel {
+  const char* name;
+  qk::cpu::Need need;
+  TileFn with_p, without_p;
+};
+const GptqKernel kGptqKernels[] = {
+#if QK_AVX2
+    {"gptq_block_avx512", qk::cpu::Need::avx512, gptq_block_avx512<true>, gptq_block_avx512<false>},
+    {"gptq_block_avx2", qk::cpu::Need::avx2, gptq_block_avx2<true>, gptq_block_avx2<false>},
+#endif
+    {"gptq_block_generic", qk::cpu::Need::generic, gptq_block_generic<true>, gptq_block_generic<false>},
+};
+
+struct KsnrqKernel {
+  const char* name;
+  qk::cpu::Need need;
+  void (*greedy)(const float*, int64_t, float, float, float, float, int32_t*, float*, double*);
+  void (*permute)(float*, const int32_t*, int64_t);  // null: the scalar gather
+};
+const KsnrqKernel kKsnrqKernels[] = {
+#if QK_AVX2
+    {"ksnrq_avx512", qk::cpu::Need::avx512, greedy_children, permute_row_avx512},
+    {"ksnrq_avx2", qk::cpu::Need::avx2, greedy_children, nullptr},
+#endif
+    {"ksnrq_generic", qk::cpu::Need::generic, greedy_children_generic, nullptr},
+};
+
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve(
+    const at::Tensor& W_in, const at::Tensor& U_in, const std::optional<at::Tensor>& P_in, const at::Tensor& gidx_in,
+    const at::Tensor& scales_in, const at::Tensor& zeros_in, int64_t bits, bool sym, bool dynamic_groups,
+    int64_t blocksize, c10::string_view kernel) {
+  const char* op = "quantkern::gptq_block_solve";
+  check_common(op, W_in, U_in, gidx_in, scales_in, zeros_in, bits, blocksize);
+  const GptqKernel& kern = qk::cpu::find_kernel(kGptqKernels, kernel, op);
+  const int64_t m = W_in.size(0), n = W_in.size(1), G = scales_in.size(0);
+  const bool has_p = P_in.has_value() && P_in->defined();
+  if (has_p)
+    TORCH_CHECK(P_in->dim() == 2 && P_in->size(0) == n && P_in->size(1) == n && P_in->scalar_type() == at::kFloat,
+                op, ": P must be fp32 [n, n] or None, got ", P_in->sizes());
+  const at::Tensor W = W_in.contiguous(), U = U_in.contiguous(), gidx = gidx_in.contiguous();  // row stride n below
+  const at::Tensor P = has_p ? P_in->contiguous() : at::Tensor();
+  at::Tensor scales = scales_in.clone(at::MemoryFormat::Contiguous);
+  at::Tensor zeros = zeros_in.clone(at::MemoryFormat::Contiguous);
+  at::Tensor codes = at::empty({m, n}, W_in.options().dtype(at::kByte));
+  at::Tensor loss = at::zeros({m}, W_in.options().dtype(at::kDouble));
+  if (m == 0 || n == 0) return {codes, scales, zeros, loss};
+  const Groups gr = group_runs(gidx, G, dynamic_groups, op);
+
+  const int64_t B = std::min<int64_t>(blocksize, n);
+  const float* u = U.data_ptr<float>();
+  const float* p = has_p ? P.data_ptr<float>() : nullptr;
+  float* sc = scales.data_ptr<float>();
+  float* zr = zeros.data_ptr<float>();
+  double* ls = loss.data_ptr<double>();
+  const float maxq = static_cast<float>((1 << bits) - 1);
+
+  // Rows never interact, so every chunk of rows runs the WHOLE blocked algorithm on its own,
+  // tail GEMMs included: no barrier per block (robust when the CPU is shared), chunks handed out
+  // dynamically.
+  const int64_t rows = chunk_rows(m, 1);
+  const TileFn tile_fn = has_p ? kern.with_p : kern.without_p;
+  qk::cpu::dynamic_each((m + rows - 1) / rows, [&](int64_t chunk) {
+    const int64_t c0 = chunk * rows, c1 = std::min(m, c0 + rows), mc = c1 - c0;
+    const at::Tensor Wchunk = W.slice(0, c0, c1);                      // [mc, n], row stride n
+    at::Tensor Wc = n > B ? at::empty({mc, n}, W_in.options()) : Wchunk;  // working copy, columns >= B used
+    at::Tensor ErrT = at::empty({B, mc}, W_in.options());
+    at::Tensor QT = has_p ? at::empty({B, mc}, W_in.options()) : at::Tensor();
+    // the tile block and the tile's codes, aligned by hand (std::vector does not promise over-aligned storage)
+    std::vector<char> w1buf(static_cast<size_t>(B) * (sizeof(vrow) + kRT) + 128);
+    vrow* w1v = reinterpret_cast<vrow*>((reinterpret_cast<uintptr_t>(w1buf.data()) + 127) & ~uintptr_t(127));
+    TileArgs ta{Wchunk.data_ptr<float>(), u, p, sc, zr, codes.data_ptr<uint8_t>() + c0 * n, ls,
+                ErrT.data_ptr<float>(), has_p ? QT.data_ptr<float>() : nullptr, reinterpret_cast<uint8_t*>(w1v + B),
+                gr.g.data(), gr.run_end.data(), n, m, mc, c0, static_cast<int>(bits), sym, dynamic_groups, maxq};
+    for (int64_t i1 = 0; i1 < n; i1 += B) {
+      const int64_t i2 = std::min(i1 + B, n);
+      for (int64_t r0 = c0; r0 < c1; r0 += kRT) tile_fn(ta, r0, std::min<int64_t>(kRT, c1 - r0), i1, i2, w1v);
+      if (i2 < n) {
+        at::Tensor tail = Wc.slice(1, i2, n);
+        if (i1 == 0) {  // the first block read W itself; the working copy starts here (plain row memcpys)
+          const float* wsrc = Wchunk.data_ptr<float>();
+          float* wdst = Wc.data_ptr<float>();
+          for (int64_t r = 0; r < mc; ++r) std::memcpy(wdst + r * n + i2, wsrc + r * n + i2, (n - i2) * sizeof(float));
+          ta.src = wdst;
+        }
+        tail.addmm_(ErrT.slice(0, 0, i2 - i1).t(), U.slice(0, i1, i2).slice(1, i2, n), 1.0, -1.0);
+        if (has_p) tail.addmm_(QT.slice(0, 0, i2 - i1).t(), P.slice(0, i1, i2).slice(1, i2, n), 1.0, 1.0);
+      }
+    }
+  });
+  return {codes, scales, zeros, loss};
+}
+
+// ------------------------------------------------------------------------------------------------
+struct Cand {
+  double score;
+  int64_t key;   // (parent << bits) + rank (rank 0 = the greedy code): the tie order of solver.h
+  float err;     // e_c as scored (kept so the winners need no second division)
+  int32_t code;
+  bool operator<(const Cand& o) const { return score < o.score || (score == o.score && key < o.key); }
+};
+
 
 std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at::Tensor& U_in,
                                                const at::Tensor& gidx_in, const at::Tensor& scales_in,
                                                const at::Tensor& zeros_in, int64_t bits, int64_t K,
-                                               int64_t blocksize) {
+                                               int64_t blocksize, c10::string_view kernel) {
   const char* op = "quantkern::ksnrq_solve";
   check_common(op, W_in, U_in, gidx_in, scales_in, zeros_in, bits, blocksize);
+  const KsnrqKernel& kern = qk::cpu::find_kernel(kKsnrqKernels, kernel, op);
   TORCH_CHECK(K >= 1, op, ": K must be >= 1, got ", K);
   const int64_t m = W_in.size(0), n = W_in.size(1), G = scales_in.size(0);
   const at::Tensor U = U_in.contiguous(), gidx = gidx_in.contiguous();
@@ -644,9 +743,8 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
   // As gptq_block_solve: every chunk of rows runs the whole search, its tail GEMMs included, in
   // the same transposed layout (so K = 1 runs exactly the greedy kernel's GEMMs).
   const int64_t rows = chunk_rows(m, K);
-  const bool avx512 = qk::cpu::use_avx512();
-  const bool vec_perm = avx512 && 16 % K == 0;  // a row's K beams never straddle a 16-float vector
-  parallel_chunks((m + rows - 1) / rows, [&](int64_t chunk) {
+  const bool vec_perm = kern.permute != nullptr && 16 % K == 0;  // a row's K beams never straddle a 16-float vector
+  qk::cpu::dynamic_each((m + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t c0 = chunk * rows, c1 = std::min(m, c0 + rows), mc = c1 - c0, ld = mc * K;
     // column (r - c0) * K + b of WkT [n, ld] is beam b of row r; only columns >= the block are live
     at::Tensor WkT = W_in.slice(0, c0, c1).unsqueeze(1).expand({mc, K, n}).reshape({ld, n}).t().contiguous();
@@ -707,7 +805,7 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
             return true;
           };
           for (int64_t b = 0; b < K; ++b) wcol[b] = cur[b * Bp + ii];
-          greedy_children(wcol.data(), K, s, z, d, maxq, cgv.data(), e0v.data(), inc0v.data());
+          kern.greedy(wcol.data(), K, s, z, d, maxq, cgv.data(), e0v.data(), inc0v.data());
           for (int64_t b = 0; b < K; ++b) {
             if (score[b] == inf) continue;  // dead beam: all its children are +inf
             const float w = wcol[b];
@@ -786,7 +884,7 @@ std::tuple<at::Tensor, at::Tensor> ksnrq_solve(const at::Tensor& W_in, const at:
         if (reorder) {  // beams' tails follow their block-start ancestors (one pass over the tail)
           if (vec_perm) {
             for (int64_t q = 0; q < ld; ++q) pidx[q] = gather[q] - (q & ~int64_t{15});
-            for (int64_t j = i2; j < n; ++j) permute_row_avx512(wk + j * ld, pidx.data(), ld);
+            for (int64_t j = i2; j < n; ++j) kern.permute(wk + j * ld, pidx.data(), ld);
           } else {
             for (int64_t j = i2; j < n; ++j) {
               float* row = wk + j * ld;
@@ -838,11 +936,19 @@ at::Tensor round_to_half_op(const at::Tensor& x) {
 
 }  // namespace
 
+std::vector<std::pair<std::string, std::string>> qk::cpu::solver_kernels() {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& k : kGptqKernels) out.emplace_back(k.name, need_name(k.need));
+  for (const auto& k : kKsnrqKernels) out.emplace_back(k.name, need_name(k.need));
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(quantkern, m) {
+  // kernel: a name from kGptqKernels / kKsnrqKernels on CPU tensors, "gptq_cuda" on CUDA tensors
   m.def("gptq_block_solve(Tensor W, Tensor U, Tensor? P, Tensor gidx, Tensor scales, Tensor zeros, int bits, "
-        "bool sym, bool dynamic_groups, int blocksize) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool sym, bool dynamic_groups, int blocksize, str kernel) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("ksnrq_solve(Tensor W, Tensor U, Tensor gidx, Tensor scales, Tensor zeros, int bits, int K, "
-        "int blocksize) -> (Tensor, Tensor)");
+        "int blocksize, str kernel) -> (Tensor, Tensor)");
   m.def("grid_params(Tensor vmin, Tensor vmax, int bits, bool sym) -> (Tensor, Tensor)");
   m.def("round_to_half(Tensor x) -> Tensor");
 }

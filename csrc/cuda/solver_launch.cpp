@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <optional>
 #include <set>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -39,9 +40,10 @@ at::Tensor run_ends(const at::Tensor& gidx_cpu, bool dynamic, const char* op) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_block_solve_cuda(
     const at::Tensor& W_in, const at::Tensor& U_in, const std::optional<at::Tensor>& P_in, const at::Tensor& gidx_in,
     const at::Tensor& scales_in, const at::Tensor& zeros_in, int64_t bits, bool sym, bool dynamic_groups,
-    int64_t blocksize) {
+    int64_t blocksize, c10::string_view kernel) {
   constexpr const char* op = "quantkern::gptq_block_solve (CUDA)";
   TORCH_CHECK(W_in.is_cuda(), op, ": expected CUDA tensors");
+  TORCH_CHECK(kernel == "gptq_cuda", op, ": the CUDA tensors' kernel is gptq_cuda, got '", std::string(kernel), "'");
   const c10::cuda::CUDAGuard guard(W_in.device());
   TORCH_CHECK(W_in.dim() == 2 && W_in.scalar_type() == at::kFloat, op, ": W must be 2-D fp32, got ", W_in.sizes());
   const int64_t m = W_in.size(0), n = W_in.size(1);

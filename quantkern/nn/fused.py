@@ -15,14 +15,40 @@ output row independently of the others (every quantkern backend does).
 """
 from __future__ import annotations
 
-import os
+import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from .. import switches
 from ..formats import bitstream
 from ..ops import qgemm as _qgemm
-from .quant_linear import QuantLinear, version_sum
+from .quant_linear import GroupSlot, QuantLinear, version_sum
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLayout:
+    """The concatenated weight's layout and bias, with the members' buffers it was built from."""
+
+    buffers: tuple  # every member's layout buffers and bias
+    versions: int
+    backend: str
+    device: torch.device
+    prepared: _qgemm.Prepared
+    bias: torch.Tensor | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FusedLean:
+    """The group's lean path (see QuantLinear's LeanPath)."""
+
+    buffers: tuple
+    versions: int
+    backend_env: str | bytes | None
+    device: torch.device
+    run: Callable
+    bias: torch.Tensor | None
 
 
 def concat_outputs(ts: list[dict], bits: int) -> dict:
@@ -53,14 +79,14 @@ class FusedGroup:
             bounds.append(bounds[-1] + m.out_features)
         self.bounds = bounds
         self.in_shape = torch.Size([members[0].in_features])
-        self._state = None  # (buffers, version sum, env, device, bound kernel, concatenated bias)
-        self._layout = None  # (buffers, version sum, backend, device, Prepared, bias): survives invalidate()
+        self._state: FusedLean | None = None
+        self._layout: FusedLayout | None = None  # survives invalidate()
         self._x = None  # the input last run, its version, the result, members still owed a slice
         self._xv = -1
         self._y = None
         self._owed: set[int] = set()
         for i, m in enumerate(members):
-            m._group = (self, i)
+            m._group = GroupSlot(self, i)
 
     def detach(self) -> None:
         """Give the members back their own forward."""
@@ -89,8 +115,8 @@ class FusedGroup:
         bufs = self._buffers()
         vs = version_sum(bufs)
         lay = self._layout
-        if not (lay is not None and lay[2] == backend and lay[3] == x.device and lay[1] == vs
-                and all(a is b for a, b in zip(lay[0], bufs)) and len(lay[0]) == len(bufs)):
+        if not (lay is not None and lay.backend == backend and lay.device == x.device and lay.versions == vs
+                and all(a is b for a, b in zip(lay.buffers, bufs)) and len(lay.buffers) == len(bufs)):
             bits = ms[0].spec.bits
             t = concat_outputs([dict(zip(("qweight", "qzeros", "scales", "g_idx"), m.layout_buffers())) for m in ms],
                                bits)
@@ -98,10 +124,10 @@ class FusedGroup:
             bias = None
             if any(m.bias is not None for m in ms):
                 bias = torch.cat([m.bias if m.bias is not None else m.scales.new_zeros(m.out_features) for m in ms])
-            lay = self._layout = (bufs, vs, backend, x.device, prep, bias)
+            lay = self._layout = FusedLayout(bufs, vs, backend, x.device, prep, bias)
         for m in ms:
             m.last_backend = backend
-        self._state = (bufs, vs, env, x.device, _qgemm.bind(backend, lay[4]), lay[5])
+        self._state = FusedLean(bufs, vs, env, x.device, _qgemm.bind(backend, lay.prepared), lay.bias)
         return lay
 
     def run(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -111,12 +137,12 @@ class FusedGroup:
             if not self._owed:
                 self._x = self._y = None
             return y[..., self.bounds[i]:self.bounds[i + 1]]
-        env = os.environ.get("QUANTKERN_BACKEND")
+        env = switches.backend_raw()
         st = self._state
         if (st is not None and type(x) is torch.Tensor and x.shape[-1:] == self.in_shape
-                and x.dtype in _qgemm.ACT_DTYPES and x.device == st[3] and env == st[2]
-                and version_sum(st[0]) == st[1]):
-            y = st[4](x, st[5])
+                and x.dtype in _qgemm.ACT_DTYPES and x.device == st.device and env == st.backend_env
+                and version_sum(st.buffers) == st.versions):
+            y = st.run(x, st.bias)
         else:
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"qgemm: x must be a torch.Tensor, got {type(x).__name__}")
@@ -127,7 +153,7 @@ class FusedGroup:
                     raise
                 self.detach()  # the members no longer share their input channel order: run them apart
                 return self.members[i](x)
-            y = _qgemm.qgemm(x, None, self.members[0].spec.bits, bias=lay[5], prepared=lay[4])
+            y = _qgemm.qgemm(x, None, self.members[0].spec.bits, bias=lay.bias, prepared=lay.prepared)
         self._x, self._xv, self._y = x, x._version, y
         self._owed = set(range(len(self.members))) - {i}
         return y[..., self.bounds[i]:self.bounds[i + 1]]
@@ -165,4 +191,4 @@ def fuse_quant_groups(model: nn.Module) -> list[FusedGroup]:
 def unfuse_quant_groups(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, QuantLinear) and m._group is not None:
-            m._group[0].detach()
+            m._group.group.detach()

@@ -9,19 +9,50 @@ the buffer or copy into it).
 forward() has a lean path for decode, where a 135M model makes ~200 small calls per token: the first
 call validates everything (qgemm.qgemm) and remembers what it checked; later calls re-check only what
 can change cheaply (the buffers' version counters, the input's width, dtype and device, the
-QUANTKERN_BACKEND override; replacing a buffer resets it through __setattr__) and go straight to the backend. Members of a FusedGroup
-(quantkern.nn.fused) hand their call to the group, which runs the whole group as one kernel call.
+QUANTKERN_BACKEND override; replacing a buffer resets it through __setattr__) and go straight to the
+backend. Members of a FusedGroup (quantkern.nn.fused) hand their call to the group, which runs the
+whole group as one kernel call.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
+from typing import Callable
 
 import torch
 from torch import nn
 
+from .. import switches
 from ..formats import bitstream, gptq
 from ..ops import qgemm as _qgemm
 from ..spec import QuantSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedLayout:
+    """A backend's layout of the buffers, with the buffers' identity and versions it was built from."""
+
+    key: tuple
+    prepared: _qgemm.Prepared
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeanPath:
+    """What the first validated call checked, so later calls re-check only what can change cheaply."""
+
+    buffers: tuple  # the layout's buffers (the same objects)
+    backend_env: str | bytes | None  # QUANTKERN_BACKEND as it was (switches.backend_raw)
+    device: torch.device
+    in_shape: torch.Size  # (in_features,)
+    versions: int  # version_sum(buffers)
+    run: Callable  # the backend's bound kernel: run(x, bias)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupSlot:
+    """This layer is member `index` of a FusedGroup."""
+
+    group: object
+    index: int
 
 
 class QuantLinear(nn.Module):
@@ -47,9 +78,9 @@ class QuantLinear(nn.Module):
         g_idx = torch.arange(n, device=device, dtype=torch.int32) // spec.group_len(n)
         self.register_buffer("g_idx", g_idx.to(torch.int32))
         self.register_buffer("bias", torch.zeros(m, dtype=dtype, device=device) if bias else None)
-        self._cache: dict[str, tuple[tuple, _qgemm.Prepared]] = {}
-        self._fast: tuple | None = None  # (buffers, env, device, (n,), version sum, bound kernel)
-        self._group = None  # (FusedGroup, index) once quantkern.nn.fused groups this layer with others
+        self._cache: dict[str, CachedLayout] = {}
+        self._fast: LeanPath | None = None
+        self._group: GroupSlot | None = None  # once quantkern.nn.fused groups this layer with others
         self.last_backend: str | None = None
 
     # ---- construction -------------------------------------------------------------------------
@@ -104,11 +135,10 @@ class QuantLinear(nn.Module):
         backend = backend or _qgemm.choose_backend(self.qweight.device)
         key = self._key()
         hit = self._cache.get(backend)
-        if hit is None or hit[0] != key:
+        if hit is None or hit.key != key:
             t = {k: getattr(self, k) for k in gptq.TENSOR_NAMES}
-            hit = (key, _qgemm.prepare(t, self.spec.bits, backend))
-            self._cache[backend] = hit
-        return hit[1]
+            hit = self._cache[backend] = CachedLayout(key, _qgemm.prepare(t, self.spec.bits, backend))
+        return hit.prepared
 
     def layout_buffers(self) -> tuple:
         """The buffers the kernel layout is built from (the bias is read per call)."""
@@ -116,27 +146,28 @@ class QuantLinear(nn.Module):
         return b["qweight"], b["qzeros"], b["scales"], b["g_idx"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._group is not None:
-            return self._group[0].run(self._group[1], x)
+        slot = self._group
+        if slot is not None:
+            return slot.group.run(slot.index, x)
         fast = self._fast
-        if (fast is not None and type(x) is torch.Tensor and x.shape[-1:] == fast[3]
-                and x.dtype in _qgemm.ACT_DTYPES and x.device == fast[2]
-                and os.environ.get("QUANTKERN_BACKEND") == fast[1] and version_sum(fast[0]) == fast[4]):
-            return fast[5](x, self._buffers["bias"])
+        if (fast is not None and type(x) is torch.Tensor and x.shape[-1:] == fast.in_shape
+                and x.dtype in _qgemm.ACT_DTYPES and x.device == fast.device
+                and switches.backend_raw() == fast.backend_env and version_sum(fast.buffers) == fast.versions):
+            return fast.run(x, self._buffers["bias"])
         return self._forward_checked(x)
 
     def _forward_checked(self, x: torch.Tensor) -> torch.Tensor:
         """The fully validated call; on success it arms the lean path for the next calls."""
         if isinstance(x, torch.Tensor) and x.device != self.qweight.device:
             raise ValueError(f"QuantLinear: input is on {x.device} but the layer is on {self.qweight.device}")
-        env = os.environ.get("QUANTKERN_BACKEND")
+        env = switches.backend_raw()
         backend = _qgemm.choose_backend(x.device)
         self.last_backend = backend
         prep = self.prepared(backend)
         y = _qgemm.qgemm(x, None, self.spec.bits, bias=self.bias, prepared=prep)
         refs = self.layout_buffers()
-        self._fast = (refs, env, x.device, torch.Size([self.in_features]), version_sum(refs),
-                      _qgemm.bind(backend, prep))
+        self._fast = LeanPath(refs, env, x.device, torch.Size([self.in_features]), version_sum(refs),
+                              _qgemm.bind(backend, prep))
         return y
 
     def invalidate(self) -> None:
@@ -144,7 +175,7 @@ class QuantLinear(nn.Module):
         d = self.__dict__
         d["_fast"] = None
         if d.get("_group") is not None:
-            d["_group"][0].invalidate()
+            d["_group"].group.invalidate()
 
     def __setattr__(self, name, value):
         if name in _LAYOUT_NAMES:  # a buffer replaced (setattr, load_state_dict(assign=True)): re-check
@@ -171,7 +202,6 @@ class QuantLinear(nn.Module):
             f"group_size={s.group_size}, sym={s.sym}, act_order={s.act_order}, bias={self.bias is not None}, "
             f"backend={backend}"
         )
-
 
 
 _LAYOUT_NAMES = frozenset(("qweight", "qzeros", "scales", "g_idx", "bias"))

@@ -14,7 +14,6 @@ so callers (QuantLinear) can cache it per backend and device.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from ..formats import gptq
 from . import registry
-from .. import _ext
+from .. import _ext, kernels
 
 OP = "qgemm"
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -158,9 +157,10 @@ class ReferenceBackend:
 class CpuBackend:
     """C++ kernels (csrc/cpu/qgemm*.cpp) on the layout of formats/native.py.
 
-    path (csrc/cpu/qgemm.cpp): 0 = choose; 1 FMA GEMV, 2 panels + BLAS, 3 LUT GEMV, 4 int8 GEMV (tests).
-    QUANTKERN_CPU_INT8_ACT=1 (read per call) opts in to the int8-activation VNNI GEMV for 4-bit decode:
-    faster, but x is rounded to int8 per 32 channels (relative error ~1e-3, not the exact fp32 path).
+    Each call runs the kernel quantkern.kernels picks for its batch (decode GEMVs up to 8 tokens, panel
+    kernels above), bits, ISA and the QUANTKERN_* switches; `kernel=` names one (tests, benchmarks).
+    QUANTKERN_CPU_INT8_ACT=1 opts in to the int8-activation VNNI GEMV for 4-bit decode: faster, but x is
+    rounded to int8 per 32 channels (relative error ~1e-3, not the exact fp32 path).
     """
 
     def prepare(self, t: dict, bits: int):
@@ -168,15 +168,13 @@ class CpuBackend:
 
         return native.cpu_layout(t, bits)
 
-    def run(self, x: torch.Tensor, prepared, bias: torch.Tensor | None, path: int = 0) -> torch.Tensor:
+    def run(self, x: torch.Tensor, prepared, bias: torch.Tensor | None, kernel: str | None = None) -> torch.Tensor:
         if x.device.type != "cpu":
             raise ValueError(f"qgemm cpu backend: x is on {x.device}; the CPU kernels need CPU tensors")
         L = prepared
-        if path == 0 and os.environ.get("QUANTKERN_CPU_INT8_ACT", "0") not in ("", "0"):
-            path = 4 if x.numel() // max(L.n, 1) <= 8 else 0
-        y = torch.ops.quantkern.qgemm_cpu(
-            x.reshape(-1, L.n), L.qw, L.sc, L.kb_start, L.x_index, L.bits, L.m, bias, path
-        )
+        x2 = x.reshape(-1, L.n)
+        name = kernel or kernels.cpu_qgemm(L.bits, x2.shape[0], L.x_index.shape[0])
+        y = torch.ops.quantkern.qgemm_cpu(x2, L.qw, L.sc, L.kb_start, L.x_index, L.bits, L.m, bias, name)
         return y.view(*x.shape[:-1], L.m)
 
     def bind(self, prepared):
@@ -185,15 +183,27 @@ class CpuBackend:
         op = torch.ops.quantkern.qgemm_cpu.default
         L = prepared
         qw, sc, kbs, xi, bits, m, n = L.qw, L.sc, L.kb_start, L.x_index, L.bits, L.m, L.n
-        env = os.environ
+        kpad = xi.shape[0]
+        pick = kernels.cpu_qgemm
 
         def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            path = 0
-            if env.get("QUANTKERN_CPU_INT8_ACT", "0") not in ("", "0"):
-                path = 4 if x.numel() // max(n, 1) <= 8 else 0
-            return op(x.reshape(-1, n), qw, sc, kbs, xi, bits, m, bias, path).view(*x.shape[:-1], m)
+            x2 = x.reshape(-1, n)
+            return op(x2, qw, sc, kbs, xi, bits, m, bias, pick(bits, x2.shape[0], kpad)).view(*x.shape[:-1], m)
 
         return run
+
+    def query(self, layout, batch: int, dtype: torch.dtype, device: torch.device) -> kernels.Query:
+        """What the kernel choice depends on: in_features is the layout's padded width."""
+        L = layout
+        return kernels.Query("qgemm", "cpu", L.bits, batch, dtype, L.x_index.shape[0], L.m, device)
+
+
+def query(prepared: Prepared, batch: int, dtype: torch.dtype, device: torch.device) -> kernels.Query:
+    """The kernel-table query of running `prepared` on `batch` rows of `dtype` (quantkern.explain)."""
+    b = _BACKENDS[prepared.backend]
+    if hasattr(b, "query"):
+        return b.query(prepared.layout, batch, dtype, device)
+    return kernels.Query(OP, prepared.backend, prepared.bits, batch, dtype, prepared.n, prepared.m, device)
 
 
 def bind(backend: str, prepared: Prepared):
@@ -211,5 +221,5 @@ if _ext.has_cpu():
     register_qgemm_backend("cpu", CpuBackend())
 
     @torch.library.register_fake("quantkern::qgemm_cpu")
-    def _qgemm_cpu_fake(x, qw, sc, kb_start, x_index, bits, m, bias, path=0):
+    def _qgemm_cpu_fake(x, qw, sc, kb_start, x_index, bits, m, bias, kernel):
         return x.new_empty((x.shape[0], m))

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .. import _ext
+from .. import _ext, switches
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 _IMPLS: dict[str, dict[str, Callable]] = {}
@@ -78,7 +78,7 @@ def _usable(backend: str, device: torch.device) -> bool:
 
 
 def forced_backend() -> str | None:
-    forced = os.environ.get("QUANTKERN_BACKEND", "").strip().lower() or None
+    forced = switches.backend()
     if forced is not None and forced not in BACKENDS:
         raise ValueError(f"QUANTKERN_BACKEND={forced!r} is not one of {BACKENDS}")
     return forced

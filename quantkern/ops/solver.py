@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import grid
+from .. import grid, kernels
 from . import registry
 
 register = registry.register
@@ -148,17 +148,12 @@ def ksnrq_solve_reference(W, U, gidx, scales, zeros, bits, K, blocksize=128):
     return C[ar[:, 0], best], S[ar[:, 0], best]
 
 
-def _cpu_ok():
-    from .. import _ext
-
-    return _ext.has_cpu() and hasattr(torch.ops.quantkern, "gptq_block_solve")
-
-
 @register("gptq_block_solve", "cpu")
 def gptq_block_solve_cpu(W, U, P, gidx, scales, zeros, bits, sym, dynamic_groups, blocksize=128):
     return torch.ops.quantkern.gptq_block_solve(
         W.contiguous(), U.contiguous(), None if P is None else P.contiguous(), gidx.to(torch.int32).contiguous(),
         scales.contiguous(), zeros.contiguous(), bits, sym, dynamic_groups, blocksize,
+        kernels.cpu_solver("gptq_block_solve"),
     )
 
 
@@ -166,7 +161,7 @@ def gptq_block_solve_cpu(W, U, P, gidx, scales, zeros, bits, sym, dynamic_groups
 def ksnrq_solve_cpu(W, U, gidx, scales, zeros, bits, K, blocksize=128):
     return torch.ops.quantkern.ksnrq_solve(
         W.contiguous(), U.contiguous(), gidx.to(torch.int32).contiguous(), scales.contiguous(),
-        zeros.contiguous(), bits, K, blocksize,
+        zeros.contiguous(), bits, K, blocksize, kernels.cpu_solver("ksnrq_solve"),
     )
 
 

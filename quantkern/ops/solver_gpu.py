@@ -17,5 +17,5 @@ def gptq_block_solve_cuda(W, U, P, gidx, scales, zeros, bits, sym, dynamic_group
 
     return torch.ops.quantkern.gptq_block_solve(
         W.contiguous(), U.contiguous(), None if P is None else P.contiguous(), gidx.to(torch.int32).contiguous(),
-        scales.contiguous(), zeros.contiguous(), bits, sym, dynamic_groups, blocksize,
+        scales.contiguous(), zeros.contiguous(), bits, sym, dynamic_groups, blocksize, "gptq_cuda",
     )

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import switches
 from ..formats import gpu_native
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -145,7 +146,7 @@ def qgemm(x: torch.Tensor, p: gpu_native.GpuQWeight, bias: torch.Tensor | None =
     gs = p.group_size if p.group_size > 0 else 0
     args = (x2, p.qweight, p.scales, p.zeros, p.g_idx, b, y, M, p.m, p.n, x2.stride(0), y.stride(0), _m_bucket(M))
     meta = dict(BITS=p.bits, GS=gs, HAS_BIAS=bias is not None, DOT_FP32=x.dtype == torch.float32)
-    if INTERPRET or x.device.type != "cuda" or os.environ.get("QUANTKERN_TRITON_AUTOTUNE", "1") == "0":
+    if INTERPRET or x.device.type != "cuda" or not switches.flag("QUANTKERN_TRITON_AUTOTUNE"):
         cfg = INTERPRET_CONFIG if INTERPRET else _fixed_gpu_config(M)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(p.m, cfg["BLOCK_N"]))
         _qgemm_kernel[grid](*args, **meta, **cfg)
