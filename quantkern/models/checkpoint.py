@@ -103,7 +103,8 @@ def quantize_config(model: nn.Module) -> dict:
         "bits": spec.bits, "group_size": spec.group_size, "desc_act": desc_act, "sym": spec.sym,
         # GPTQModel's key: the output projection is stored packed too
         "lm_head": isinstance(head, QuantLinear) and not rounded_at_load(head),
-        "static_groups": spec.static_groups, "damp_percent": spec.damp, "true_sequential": spec.true_sequential,
+        "static_groups": spec.static_groups, "damp_percent": spec.damp,
+        "true_sequential": True,  # GPTQ's key: quantkern's driver always solves a block's groups in order
         "quant_method": "gptq", "checkpoint_format": fmt, "pack_dtype": "int32",
         "meta": {
             "quantizer": "quantkern", "quantizer_version": __version__,

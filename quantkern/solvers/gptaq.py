@@ -12,7 +12,8 @@ import torch
 
 from .. import grid
 from . import core
-from .registry import register_method
+from ..methods import GPTAQ
+from .registry import register_solver
 
 
 def check_D(D, n):
@@ -31,7 +32,7 @@ def check_alpha(alpha):
     return float(alpha)
 
 
-@register_method("gptaq")
+@register_solver(GPTAQ)
 def gptaq(W, H, spec, log, D=None, alpha=0.25, backend=None):
     n = W.shape[1]
     D = check_D(D, n)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from .. import grid
 from . import core
-from .registry import register_method
+from ..methods import GPTQ, LDLQ
+from .registry import register_solver
 
 
-@register_method("gptq")
+@register_solver(GPTQ)
 def gptq(W, H, spec, log, backend=None):
     prep = core.Prepared(W, H, spec, spec.act_order, log)
     if spec.static_groups:
@@ -31,7 +32,7 @@ def gptq(W, H, spec, log, backend=None):
     return core.make_result(prep, codes_p, scales, zeros, gidx_p, loss, log, "gptq", {})
 
 
-@register_method("ldlq")
+@register_solver(LDLQ)
 def ldlq(W, H, spec, log, backend=None):
     prep = core.Prepared(W, H, spec, spec.act_order, log)
     gidx_p = prep.processing_groups()
