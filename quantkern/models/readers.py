@@ -29,10 +29,14 @@ class Verdict:
     why: str
     basis: str = "measured"  # "measured" (tests/interop) or "source" (read from the engine's code, not run)
 
-    def __str__(self) -> str:
+    @property
+    def word(self) -> str:
+        """The verdict without its reason: yes / NO / unknown (", by its source" where not run)."""
         word = {True: "yes", False: "NO", None: "unknown"}[self.ok]
-        if self.basis == "source":
-            word += ", by its source (not run here)"
+        return word + ", by its source" if self.basis == "source" else word
+
+    def __str__(self) -> str:
+        word = self.word + (" (not run here)" if self.basis == "source" else "")
         return f"{word} ({self.why})" if self.why else word
 
 
