@@ -146,7 +146,10 @@ def make_config(name: str, spec: QuantSpec | None = None, **options) -> MethodCo
     known = cls.option_names()
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise MethodOptionError(f"method {name!r} has no option(s) {unknown}; its options: {list(known)}")
+        elsewhere = {k: [m for m, c in METHODS.items() if k in c.option_names()] for k in unknown}
+        hint = "; ".join(f"{k} is an option of {', '.join(ms)}" for k, ms in elsewhere.items() if ms)
+        raise MethodOptionError(f"method {name!r} has no option(s) {unknown}; its options: {list(known)}"
+                                + (f" ({hint})" if hint else ""))
     grid = (spec or QuantSpec()).spec if isinstance(spec, MethodConfig) else (spec or QuantSpec())
     return cls(**grid.to_dict(), **options)
 
