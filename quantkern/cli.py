@@ -296,24 +296,9 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _prompt_ids(tok, prompt, raw):
-    if not raw and getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                       return_tensors="pt", return_dict=True)["input_ids"]
-    return tok(prompt, return_tensors="pt").input_ids
-
-
-def generate_text(model, tok, prompt, max_new_tokens=48, raw=False) -> str:
-    import torch
-
-    ids = _prompt_ids(tok, prompt, raw)
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
 def cmd_generate(args) -> int:
+    from .eval.generate import generate_text
+
     model, tok = load_any(args.model)
     print(generate_text(model, tok, args.prompt, args.max_new_tokens, args.raw))
     return 0

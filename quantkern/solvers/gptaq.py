@@ -37,7 +37,7 @@ def gptaq(W, H, spec, log, D=None, alpha=0.25, backend=None):
     n = W.shape[1]
     D = check_D(D, n)
     alpha = check_alpha(alpha)
-    prep = core.Prepared(W, H, spec, spec.act_order, log)
+    prep = core.LayerProblem(W, H, spec, spec.act_order, log)
     Dp = D.clone()
     Dp[:, prep.dead] = 0
     Dp = prep.permute_sym(Dp)

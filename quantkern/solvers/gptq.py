@@ -16,7 +16,7 @@ from .registry import register_solver
 
 @register_solver(GPTQ)
 def gptq(W, H, spec, log, backend=None):
-    prep = core.Prepared(W, H, spec, spec.act_order, log)
+    prep = core.LayerProblem(W, H, spec, spec.act_order, log)
     if spec.static_groups:
         scales, zeros = grid.group_params(prep.unpermute_cols(prep.W), spec)  # original order
         gidx_p = prep.natural_groups_in_processing_order()
@@ -34,7 +34,7 @@ def gptq(W, H, spec, log, backend=None):
 
 @register_solver(LDLQ)
 def ldlq(W, H, spec, log, backend=None):
-    prep = core.Prepared(W, H, spec, spec.act_order, log)
+    prep = core.LayerProblem(W, H, spec, spec.act_order, log)
     gidx_p = prep.processing_groups()
     scales, zeros = prep.static_params_processing(prep.W)
     codes_p, scales, zeros, loss = core.run_block_solve(prep.W, prep.U, None, gidx_p, scales, zeros, spec, False,

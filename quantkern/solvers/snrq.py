@@ -194,7 +194,7 @@ def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backe
         D = torch.zeros(n, n, dtype=torch.float32, device=W.device)
     D = check_D(D, n)
     spec = spec.replace(act_order=True)
-    prep = core.Prepared(W, H, spec, True, log, perm=perm)
+    prep = core.LayerProblem(W, H, spec, True, log, perm=perm)
     WDp = permuted_mismatch_product(prep, D)
     params = {"alpha": alpha, "K": K, "cd_passes": cd_passes}
     if grid_kind != "minmax":

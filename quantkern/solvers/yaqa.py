@@ -16,7 +16,7 @@ oac's h_mix, solvers.hessian.blend; D is scaled by 1 - h_mix). out_damp: relativ
 (default spec.damp); a larger value trusts a noisy H_O less (out_damp -> inf is H_O = I).
 out_order=True decides rows in descending diag(H_O) (act-order on the output side; our option). Both Hessians are
 damped and factorised by the same robust ladder as every other method (solvers/hessian.py); the
-input side also supplies act-order and dead-column masking (core.Prepared). With H_O = I the codes
+input side also supplies act-order and dead-column masking (core.LayerProblem). With H_O = I the codes
 are GPTQ's (same grid, same order of decisions), which the tests check.
 
 Differences from the paper's code, on purpose: no random Hadamard transforms and no trellis
@@ -83,7 +83,7 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
     H = blend(H, H_fisher, h_mix)
     if grid_from == "snrq":
         spec = spec.replace(act_order=True)
-    prep = core.Prepared(W, H, spec, spec.act_order, log)
+    prep = core.LayerProblem(W, H, spec, spec.act_order, log)
     target = prep.W
     if grid_from == "snrq":
         Dm = torch.zeros(n, n, device=W.device) if D is None else D.detach().to(W.device).float()
