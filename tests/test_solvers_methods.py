@@ -251,7 +251,7 @@ def test_exports_and_registry():
     try:
         res = solve(torch.randn(4, 8), torch.eye(8), QuantSpec(bits=4, group_size=-1), "test_identity_rtn")
         assert res.codes.shape == (4, 8)
-        assert torch.equal(solve(torch.ones(4, 8), torch.eye(8), Identity(bits=4, group_size=-1)).codes, 
+        assert torch.equal(solve(torch.ones(4, 8), torch.eye(8), Identity(bits=4, group_size=-1)).codes,
                            solve(torch.ones(4, 8), None, QuantSpec(bits=4, group_size=-1), "rtn").codes)
         with pytest.raises(ValueError, match="registered twice"):
             methods.register("test_identity_rtn")(type("Other", (methods.MethodConfig,), {}))

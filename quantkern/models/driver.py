@@ -803,7 +803,7 @@ def _widest_input(blocks, chosen, model, head_name=None) -> int:
 
 def calibration_advice(plugin, n_max: int, nsamples: int, seqlen: int) -> str | None:
     """One line recommending more calibration data when nsamples x seqlen tokens are few for inputs n_max
-    wide (or for the method's own needs, `Method.min_sequences`); None when the amount is fine."""
+    wide (or for the method's own needs, `Plugin.min_sequences`); None when the amount is fine."""
     tokens = nsamples * seqlen
     need_seq = int(getattr(plugin, "min_sequences", 0) or 0)
     if n_max <= 0 or (tokens >= MIN_TOKENS_PER_INPUT * n_max and nsamples >= need_seq):
