@@ -196,6 +196,9 @@ def config_from_dict(d: dict | None) -> MethodConfig | None:
 _frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 _ALPHA = "weight of the full-precision stream in the target, X_q + alpha (X_f - X_q)"
 _UNIT = number(0, 1)
+_LABELS = "gradient targets: 'data' (next tokens) or 'sample' (drawn from the model)"
+_GRAD_KIND = "statistics collected: this method's, or 'both' (a cache file OAC and YAQA share)"
+_BEAM = "beam width of the K-best decode (1 = greedy)"
 
 
 @register("rtn")
@@ -230,7 +233,7 @@ class SNRQ(MethodConfig):
     alpha: float | str = option(0.25, _ALPHA + "; 'sample' (SNRQ-S) or 'optimize' (closed form, one-layer lag)",
                                 number(0, 1, also=("sample", "optimize")))
     mixup: float = option(5.0, "alpha='sample': alpha ~ Beta(mixup, mixup) per sequence", number(0, lo_open=True))
-    K: int = option(1, "beam width of the K-best decode (1 = greedy)", number(1, integer=True))
+    K: int = option(1, _BEAM, number(1, integer=True))
     cd_passes: int = option(0, "coordinate-descent passes after the decode", number(0, integer=True))
     alpha_init: float = option(0.25, "alpha='optimize': the first layer's alpha", _UNIT)
     grid: str = option("minmax", "group params: minmax, mse, dynamic, union, or select/guard among them",
@@ -244,7 +247,7 @@ class SNRQ(MethodConfig):
 @_frozen
 class KSNRQ(SNRQ):
     """K-SNRQ: SNRQ with a bounded K-best search per row (K defaults to 4)."""
-    K: int = option(4, "beam width of the K-best decode (1 = greedy)", number(1, integer=True))
+    K: int = option(4, _BEAM, number(1, integer=True))
 
 
 @register("adaround")
@@ -264,8 +267,7 @@ class AdaRound(MethodConfig):
 @_frozen
 class _Gradient(MethodConfig):
     """Options shared by the methods on model-loss gradients (models/grad_methods.py)."""
-    labels: str = option("data", "gradient targets: 'data' (next tokens) or 'sample' (drawn from the model)",
-                         one_of("data", "sample"))
+    labels: str = option("data", _LABELS, one_of("data", "sample"))
     grad_nsamples: int | None = option(None, "calibration sequences used for gradients (None: all)",
                                        number(1, integer=True, also=(None,)))
     grad_batch: int = option(1, "sequences per gradient forward/backward", number(1, integer=True))
@@ -285,11 +287,10 @@ class _Gradient(MethodConfig):
 @_frozen
 class OAC(_Gradient):
     """OAC (Edalati et al.): the output-adaptive Hessian E_s[G_s^T G_s] in a GPTQ or SNRQ core."""
-    grad_kind: str = option("oac", "statistics collected: this method's, or 'both' (a cache file OAC and YAQA share)",
-                            one_of("oac", "both"))
+    grad_kind: str = option("oac", _GRAD_KIND, one_of("oac", "both"))
     core: str = option("gptq", "the rounding core", one_of("gptq", "snrq"))
     row_groups: int = option(1, "one Fisher per block of output rows (needs fisher='token')", number(1, integer=True))
-    K: int = option(1, "SNRQ core: beam width", number(1, integer=True))
+    K: int = option(1, "SNRQ core: " + _BEAM, number(1, integer=True))
     cd_passes: int = option(0, "SNRQ core: coordinate-descent passes", number(0, integer=True))
 
     def uses_snrq(self) -> bool:
@@ -312,10 +313,8 @@ class OAC(_Gradient):
 @_frozen
 class YAQA(_Gradient):
     """YAQA (Tseng et al.): two-sided Kronecker rounding with the output-side Fisher factor."""
-    labels: str = option("sample", "gradient targets: 'data' (next tokens) or 'sample' (drawn from the model)",
-                         one_of("data", "sample"))
-    grad_kind: str = option("yaqa", "statistics collected: this method's, or 'both' (a cache file OAC and YAQA share)",
-                            one_of("yaqa", "both"))
+    labels: str = option("sample", _LABELS, one_of("data", "sample"))
+    grad_kind: str = option("yaqa", _GRAD_KIND, one_of("yaqa", "both"))
     grid_from: str = option("gptq", "whose grid and target: gptq, rtn, or snrq (shifted target, SNRQ grid)",
                             one_of("gptq", "rtn", "snrq"))
     tile: int = option(32, "Kronecker LDLQ tile size", number(1, integer=True))
