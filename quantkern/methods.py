@@ -150,22 +150,24 @@ def make_config(name: str, spec: QuantSpec | None = None, **options) -> MethodCo
         hint = "; ".join(f"{k} is an option of {', '.join(ms)}" for k, ms in elsewhere.items() if ms)
         raise MethodOptionError(f"method {name!r} has no option(s) {unknown}; its options: {list(known)}"
                                 + (f" ({hint})" if hint else ""))
-    grid = (spec or QuantSpec()).spec if isinstance(spec, MethodConfig) else (spec or QuantSpec())
+    spec = QuantSpec() if spec is None else spec
+    grid = spec.spec if isinstance(spec, MethodConfig) else spec  # a config's grid, not its options
     return cls(**grid.to_dict(), **options)
 
 
 def _legacy_spellings(name: str, kw: dict) -> dict:
-    if "alpha_mode" in kw and "alpha_mode" not in config_class(name).option_names():
+    cls = config_class(name)
+    if "alpha_mode" in kw and "alpha_mode" not in cls.option_names():
         mode = kw.pop("alpha_mode")
         if mode not in ("fixed", "sample", "optimize"):
             raise ValueError(f"alpha_mode must be 'fixed', 'sample' or 'optimize', got {mode!r}")
         if mode != "fixed":
             kw["alpha"] = mode
-    if "h_in" in kw and name in ("oac", "yaqa"):
+    if "h_in" in kw and issubclass(cls, _Gradient):
         h_in = kw.pop("h_in")
         if h_in not in (None, "fisher", "act"):
             raise ValueError(f"h_in must be 'fisher' or 'act', got {h_in!r}")
-        if name == "oac" and h_in == "act":
+        if issubclass(cls, OAC) and h_in == "act":
             raise ValueError("oac uses the output-adaptive Hessian; h_in='act' would be plain GPTQ (use h_mix)")
         if h_in is not None:
             if "h_mix" in kw:
