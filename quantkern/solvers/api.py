@@ -20,7 +20,7 @@ def solve(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec | MethodConfi
 
     spec: a QuantSpec (the grid; then `method` names the method, default "gptq", and params are its options)
         or a method config (quantkern.methods, e.g. SNRQ(bits=2, alpha=0.5): its grid, method and options).
-    method: a name in quantkern.methods.METHODS ("rtn", "gptq", "ldlq", "gptaq", "snrq", "ksnrq", ...).
+    method: a name in quantkern.methods.METHODS (e.g. "gptq", "snrq").
     params: method options and per-layer inputs, e.g. D=..., alpha=0.25 | "sample" | "optimize", K=4.
     An all-zero H (no calibration signal) or a Hessian nothing can factorise falls back to RTN for
     this layer with a warning and log["fallback"] = "rtn". Bad input raises ValueError.
