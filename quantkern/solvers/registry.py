@@ -31,8 +31,7 @@ def register_solver(config: type[MethodConfig]):
 
 
 def get_solver(name: str) -> Callable:
-    cls = config_class(name)
-    fn = cls.__dict__.get("solver")
+    fn = config_class(name).solver  # (a config subclass without its own solver runs its parent's)
     if fn is None:
         raise ValueError(f"method {name!r} has no solver registered (import its module in quantkern/solvers/__init__.py)")
-    return fn.__func__
+    return fn
