@@ -187,3 +187,14 @@ def test_quantize_names_readers_that_would_misload(tmp_path, capsys):
     assert cli.main([*common, "--output", str(tmp_path / "auto")]) == 0
     out, err = capsys.readouterr()
     assert "warning" not in err and "loads in: quantkern yes, GPTQModel yes, transformers yes, vLLM yes, by its source" in out
+
+
+def test_every_method_and_recipe_reachable_from_the_command_line():
+    from quantkern.methods import with_grid
+
+    parse = cli.build_parser().parse_args
+    for name, cls in METHODS.items():
+        assert cli.config_from_args(parse(["quantize", "--method", name, "--bits", "2", "--output", "o"])) == cls(bits=2)
+    for name, config in RECIPES.items():
+        got = cli.config_from_args(parse(["quantize", "--recipe", name, "--bits", "2", "--output", "o"]))
+        assert got == with_grid(config, quantkern.QuantSpec(bits=2))
