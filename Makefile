@@ -12,7 +12,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
 export MAX_JOBS ?= 2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv build test test-triton test-interop peers demo bench cuda-check cuda-build clean
+.PHONY: venv build test test-triton test-interop peers demo bench bench-quick cuda-check cuda-build clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -58,8 +58,15 @@ test-interop: build peers
 demo: build
 	$(PY) -m quantkern demo
 
+# pytest-benchmark suites (benchmarks/bench_qgemm.py, bench_solver.py, bench_decode.py: each quantkern case
+# timed interleaved with its baselines) + the end-to-end run -> benchmarks/results/<machine>/ (JSON, .md
+# tables, .png, SUMMARY.md); bench-quick: qgemm + solver on fewer shapes, minutes (docs/benchmarks.md).
+# BENCH_ARGS: e.g. --quiet, --threads 2, -k w4
 bench: build
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+bench-quick: build
+	$(PY) benchmarks/run_all.py --quick $(BENCH_ARGS)
 
 # compile every .cu (no torch headers) for sm_80 and sm_90a with the CUDA toolkit
 cuda-check:

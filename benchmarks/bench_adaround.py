@@ -1,7 +1,7 @@
 """AdaRound per-iteration cost: closed-form gradient (quantkern) vs autograd through the loss (the
 previous implementation, kept as the reference in tests/test_adaround.py), side by side in one process.
 
-    flock /work/cpu.lock python benchmarks/bench_adaround.py --json benchmarks/results/adaround_speed.json
+    flock /work/cpu.lock python benchmarks/bench_adaround.py --quiet --json benchmarks/results/adaround_speed.json
 
 For each SmolLM2-sized shape m x n (W [m, n], H [n, n], 2-bit group-64 RTN grid) both run the full
 solver at `lo` and `hi` iterations; the per-iteration time is the slope (t_hi - t_lo) / (hi - lo), so
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
+from machine import machine_info  # noqa: E402
 from quantkern import grid  # noqa: E402
 from quantkern.solvers.adaround import adaround  # noqa: E402
 from quantkern.spec import QuantSpec  # noqa: E402
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--hi", type=int, default=25)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--quiet", action="store_true", help="the run holds the CPU to itself (recorded as contended=false)")
     a = p.parse_args(argv)
     old = reference()
     gen = torch.Generator().manual_seed(0)
@@ -77,9 +79,11 @@ def main(argv=None) -> int:
         print(f"{m}x{n}: closed form {1e3 * it_new:.1f} ms/iter, autograd {1e3 * it_old:.1f} ms/iter, "
               f"speed-up {it_old / it_new:.2f}x; one matmul {1e3 * mm:.1f} ms", flush=True)
     if a.json:
-        info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
-                "note": "run under the shared CPU lock (quiet)"}
-        Path(a.json).write_text(json.dumps({"machine": info, "lo": a.lo, "hi": a.hi, "rows": rows}, indent=2))
+        info = machine_info(contended=not a.quiet)
+        kernels = {"closed_form": "torch: quantkern.solvers.adaround (closed-form gradient)",
+                   "autograd": "torch: tests/test_adaround.py adaround_autograd"}
+        Path(a.json).write_text(json.dumps({"machine": info, "kernels": kernels, "lo": a.lo, "hi": a.hi, "rows": rows},
+                                           indent=2))
     return 0
 
 

@@ -25,22 +25,21 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 import quantkern  # noqa: E402
+from machine import decode_kernels, machine_info  # noqa: E402
 from quantkern.calibration.data import calibration_samples, evaluation_tokens  # noqa: E402
 from quantkern.eval.perplexity import perplexity  # noqa: E402
 from quantkern.eval.speed import decode_tokens_per_s  # noqa: E402
 from quantkern.models.head import LM_HEAD_AUTO_SPEC  # noqa: E402
-from quantkern.models.recipes import RECIPES  # noqa: E402
+from quantkern.models.recipes import recipe  # noqa: E402
 from quantkern.models.zoo import load_fp  # noqa: E402
 
 # name -> (driver method, QuantSpec overrides, method kwargs)
@@ -61,8 +60,8 @@ METHODS = {
 # blocks, far worse on the whole model at 2 bits, so not used by oac/yaqa).
 GRAD = {"labels": "data", "grad_kind": "both"}  # one shared set of gradient statistics for OAC and YAQA
 METHODS.update({
-    "oac": (RECIPES["oac-snrq"][0], {}, RECIPES["oac-snrq"][1]),
-    "yaqa": (RECIPES["yaqa-snrq"][0], {}, RECIPES["yaqa-snrq"][1]),
+    "oac": (recipe("oac-snrq")[0], {}, recipe("oac-snrq")[1]),
+    "yaqa": (recipe("yaqa-snrq")[0], {}, recipe("yaqa-snrq")[1]),
     "oac-paper": ("oac", {}, dict(GRAD)),
     "snrq-mse": ("snrq", {}, {"alpha": 0.25, "grid": "mse"}),
     "adaround": ("adaround", {}, {"iters": 200}),
@@ -70,23 +69,11 @@ METHODS.update({
     # (dynamic), union and MSE grids; grid="guard": min/max unless another grid lowers the objective >= 4x
     # (a clamp cliff) (docs/methods_beyond_proxy.md, "Grid selection")
     "snrq-select": ("snrq", {}, {"alpha": 0.25, "grid": "select"}),
-    **{name: (RECIPES[name][0], {}, RECIPES[name][1]) for name in ("snrq-guard", "oac-guard", "yaqa-guard")},
+    **{name: (recipe(name)[0], {}, recipe(name)[1]) for name in ("snrq-guard", "oac-guard", "yaqa-guard")},
 })
 GRADIENT_METHODS = ("oac", "yaqa")  # driver methods that take grad_stats_path
 REFERENCE = {"fp": 42.2, "rtn": {4: 59.4, 3: 213}, "gptq": {4: 53.5, 3: 142}, "gptq-act": {4: 50.9, 3: 82.6, 2: 2.3e5},
              "snrq": {4: 47.5, 3: 71.3, 2: 307}}
-
-
-def machine_info() -> dict:
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except Exception:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "quantkern": quantkern.__version__,
-            "backends": {k: v["available"] for k, v in quantkern.backends().items()},
-            "note": "measured on a shared CPU (other work may have run at the same time)"}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -128,7 +115,7 @@ def measure_decode(results, fp, tok, prompt, a) -> None:
         dec[f"w{bits}"] = {"decode_tps_packed": tps_q, "decode_tps_fp32": before, "decode_tps_fp32_after": after,
                            "decode_speedup": tps_q / max(before, after),
                            "lm_head": "{bits}-bit RTN g{group_size}".format(**LM_HEAD_AUTO_SPEC.to_dict()),
-                           "group_size": a.group_size}
+                           "group_size": a.group_size, "kernels": decode_kernels(fp, bits)}
         print(f"decode w{bits}: packed {tps_q:.1f} tok/s vs fp32 {before:.1f} / {after:.1f} -> "
               f"{dec[f'w{bits}']['decode_speedup']:.2f}x (against the faster fp32 measurement)", flush=True)
 
@@ -149,6 +136,7 @@ def main(argv=None) -> int:
                    help="calibration sample seed; runs with a seed other than 0 are keyed NAME/wBITS/seedS in the "
                         "same results file (the seed-0 rows keep their keys)")
     p.add_argument("--fresh", action="store_true", help="ignore finished runs in the results file")
+    p.add_argument("--quiet", action="store_true", help="the run holds the CPU to itself (recorded as contended=false)")
     p.add_argument("--out", default=None)
     p.add_argument("--grad-cache", default=None, metavar="DIR",
                    help="keep OAC/YAQA gradient statistics in DIR and reuse them across runs and bit widths")
@@ -174,7 +162,8 @@ def main(argv=None) -> int:
         if old.get("settings") == settings:
             results = old
             print(f"resuming {out}: {len(results['runs'])} runs done")
-    results["machine"] = machine_info()
+    results["machine"] = machine_info(contended=not a.quiet)
+    results["machine"]["backends"] = {k: v["available"] for k, v in quantkern.backends().items()}
 
     def save():
         tmp = out.with_suffix(".tmp")
@@ -225,7 +214,7 @@ def main(argv=None) -> int:
                 "forward_share": rep.forward_s / wall, "solve_share": rep.solve_s / wall,
                 "decode_tps_packed": tps_q, "decode_tps_fp32": tps_fp, "decode_speedup": tps_q / tps_fp,
                 "fallback_modules": fallbacks, "modules": len(rep.modules), "method_meta": rep.method_meta,
-                "lm_head": a.lm_head,
+                "lm_head": a.lm_head, "decode_kernels": decode_kernels(fp, bits),
             }
             chosen = [m for m in rep.modules if "grid" in m]
             if chosen:  # grid="select": which grid each module kept, and every candidate's objective

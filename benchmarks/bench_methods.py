@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quantkern  # noqa: E402
+from machine import machine_info  # noqa: E402
 from quantkern.calibration.data import calibration_samples, evaluation_tokens  # noqa: E402
 from quantkern.eval.perplexity import perplexity  # noqa: E402
 from quantkern.models import quantize_model  # noqa: E402
@@ -67,12 +69,16 @@ def main(argv=None):
     p.add_argument("--fp", action="store_true", help="also measure the full-precision model")
     p.add_argument("--tag", default="", help="free text stored with every row")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--quiet", action="store_true", help="the run holds the CPU to itself (recorded as contended=false)")
     args = p.parse_args(argv)
     runs = [parse_run(r) for r in args.runs]
     fp, tok = load_fp("default")
     calib = calibration_samples(tok, "shakespeare", args.nsamples, args.seqlen, seed=0)
     docs = evaluation_tokens(tok, "shakespeare", args.eval_tokens)
+    info = machine_info(contended=not args.quiet)
     base = dict(machine=platform.machine(), threads=torch.get_num_threads(), quantkern=quantkern.__version__,
+                cpu=info["cpu"], isa_flags=info["isa_flags"], read_GBps=info["read_bandwidth"]["GBps"],
+                contended=info["contended"],
                 note="2-core CPU shared with other work; run under the shared CPU lock (quiet) unless noted",
                 nsamples=args.nsamples, seqlen=args.seqlen, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen,
                 layers=args.layers or "all", group_size=args.group_size, sym=True, tag=args.tag)

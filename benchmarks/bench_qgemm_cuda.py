@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from machine import machine_info, read_bandwidth_gbs  # noqa: E402
 
 from quantkern import _ext  # noqa: E402
 from quantkern.formats import gptq, gpu_native  # noqa: E402
@@ -170,6 +173,8 @@ def main():
         "group_size": GROUP,
         "batches": args.batches,
         "note": "fp16 activations; CUDA events; weights rotated to defeat L2",
+        "machine": machine_info(contended=False),  # the host; a borrowed GPU runs alone
+        "gpu_read_bandwidth": read_bandwidth_gbs(device="cuda"),
     }
     print("shape        batch bits impl                  us    x_fp16 path")
     for r in results:

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_e2e import machine_info  # noqa: E402
+from machine import machine_info  # noqa: E402
 from quantkern.calibration.data import calibration_samples, evaluation_tokens  # noqa: E402
 from quantkern.eval.perplexity import perplexity  # noqa: E402
 from quantkern.models import quantize_model  # noqa: E402

@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import console
 from .methods import METHODS, MethodConfig, MethodOptionError, make_config
 from .models.recipes import RECIPES
 from .spec import QuantSpec
@@ -43,8 +44,13 @@ def _flag(option: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantkern", description="Post-training weight quantization of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
+    talk = argparse.ArgumentParser(add_help=False)  # the long commands' output level (quantkern.console)
+    level = talk.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", action="store_true", help="print only errors, warnings and the final result")
+    level.add_argument("-v", "--verbose", action="store_true",
+                      help="also print one row per quantized module (always in the checkpoint's quant_log.jsonl)")
 
-    q = sub.add_parser("quantize", help="quantize a model layer by layer and save a GPTQ v1 checkpoint")
+    q = sub.add_parser("quantize", parents=[talk], help="quantize a model layer by layer and save a GPTQ checkpoint")
     q.add_argument("--model", default="default", help="a local transformers model dir, or 'default' (SmolLM2-135M)")
     q.add_argument("--method", default="gptq", choices=list(METHODS),
                    help="quantization method (quantkern.methods; its options below)")
@@ -95,16 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="split the weights into safetensors shards of at most SIZE (e.g. 2GB, 500MB) with "
                         "transformers' index file (default %(default)s)")
-    q.add_argument("--quiet", action="store_true")
 
-    e = sub.add_parser("eval", help="perplexity on held-out text")
+    e = sub.add_parser("eval", parents=[talk], help="perplexity on held-out text")
     e.add_argument("--model", default="default", help="quantized checkpoint, fp model dir, or 'default'")
     e.add_argument("--text", nargs="+", default=None, help="text files (default: held-out Hamlet + Macbeth)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-tokens", type=int, default=8192)
     e.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="start every window with the BOS token (default: as the tokenizer does)")
-    e.add_argument("--fp", action="store_true", help="also evaluate the fp model named by the checkpoint's source (default SmolLM2)")
+    e.add_argument("--fp", action="store_true", help="also evaluate the fp model the checkpoint was quantized from (meta.source; SmolLM2 if not recorded)")
 
     g = sub.add_parser("generate", help="generate text")
     g.add_argument("--model", default="default")
@@ -116,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
 
-    b = sub.add_parser("bench", help="decode tokens/s at batch 1: packed weights vs the fp32 model")
+    b = sub.add_parser("bench", parents=[talk], help="decode tokens/s at batch 1: packed weights vs the fp32 model")
     b.add_argument("--model", default=None, help="quantized checkpoint (default: RTN 4-bit g64 of SmolLM2, in memory)")
     b.add_argument("--fp-model", default="default")
     b.add_argument("--tokens", type=int, default=32)
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quantize-lm-head", dest="lm_head", action="store_const", const="same",
                    help="same as --lm-head same (4-bit lm_head: faster, costs perplexity, see README)")
 
-    x = sub.add_parser("export", help="write a checkpoint as one GGUF file (llama.cpp / Ollama / LM Studio), exactly")
+    x = sub.add_parser("export", parents=[talk], help="write a checkpoint as one GGUF file (llama.cpp / Ollama / LM Studio), exactly")
     x.add_argument("checkpoint")
     x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="output file (written atomically)")
     x.add_argument("--embed-type", default="auto", choices=("auto", "f32", "f16", "q8_0"),
@@ -135,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--tokenizer-pre", default=None, metavar="NAME",
                    help="llama.cpp pre-tokenizer name, for a tokenizer it does not recognise (e.g. llama-bpe, smollm)")
 
-    d = sub.add_parser("demo", help="quantize SmolLM2 with SNRQ 4-bit g64 and report the story")
+    d = sub.add_parser("demo", parents=[talk], help="quantize SmolLM2 with SNRQ 4-bit g64 and report the story")
     d.add_argument("--nsamples", type=int, default=None)
     d.add_argument("--seqlen", type=int, default=None)
     d.add_argument("--eval-tokens", type=int, default=None)
@@ -242,14 +247,16 @@ def cmd_quantize(args) -> int:
         if why:
             raise SystemExit(f"quantkern quantize: --gguf-type {args.gguf_type} needs groups in channel order, but "
                              f"{why}; use --method gptq, gptaq, ldlq or rtn")
+    level = console.level_from(args.quiet, args.verbose)
     model, tok = load_fp(args.model)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f".{out.name}.quant_log.jsonl"
     log.unlink(missing_ok=True)
     report = quantize(model, config, tokenizer=tok, calib=args.calib or "shakespeare", nsamples=args.nsamples,
-                      seqlen=args.seqlen, seed=args.seed, layers=args.layers, log_path=log, progress=not args.quiet,
-                      lm_head=args.lm_head, safety_net=args.safety_net, shrink=args.shrink, bos=args.bos)
+                      seqlen=args.seqlen, seed=args.seed, layers=args.layers, log_path=log,
+                      progress=level >= console.NORMAL, verbose=level >= console.VERBOSE, lm_head=args.lm_head,
+                      safety_net=args.safety_net, shrink=args.shrink, bos=args.bos)
     if args.gguf_type:
         from .export.gguf_presets import check_model
 
@@ -259,26 +266,63 @@ def cmd_quantize(args) -> int:
                   + "; ".join(bad[:3]), file=sys.stderr)
         else:
             model.quantkern_info["gguf_type"] = args.gguf_type
+    model.quantkern_info["source"] = _source_name(args.model)
     save_quantized(model, out, tokenizer=tok, log_path=log, max_shard_size=args.max_shard_size)
     log.unlink(missing_ok=True)
-    net = f", safety net kept RTN for {report.safety_fallbacks}" if report.safety_net else ", safety net off"
-    print(f"saved {out}  ({len(report.modules)} linears, {report.total_s:.0f} s: forward {report.forward_s:.0f} s, "
-          f"solve {report.solve_s:.0f} s{net})")
-    _print_readers(out, warn_only=args.quiet)
+    readers = _readers(out)
+    if level >= console.NORMAL:
+        print(quantize_summary(args, config.spec, config.name, report, out, readers))
+    else:
+        print(out)
     return 0
 
 
-def _print_readers(path, warn_only=False) -> None:
+def _source_name(model: str) -> str:
+    """How a checkpoint names the fp model it came from: 'default' or the absolute directory."""
+    return "default" if model in (None, "default", "smollm2") else str(Path(model).resolve())
+
+
+def quantize_summary(args, spec, method, report, out, readers) -> str:
+    """The closing table of `quantkern quantize`: settings, time, memory, sizes, who loads it, where it is."""
+    from .models.checkpoint import checkpoint_size
+    from .models.zoo import resolve_model_dir
+
+    before = checkpoint_size(resolve_model_dir(args.model))["total"]
+    after = checkpoint_size(out)["total"]
+    head = {"auto": "8-bit RTN g128", "fp": "float", "same": f"as the body ({method})"}.get(
+        args.lm_head, f"{args.lm_head}-bit RTN")
+    settings = (f"{args.recipe or method}, {spec.bits}-bit, group {spec.group_size}, {'sym' if spec.sym else 'asym'}"
+                f"{', act-order' if spec.act_order else ''}; lm_head {head}"
+                f"{'; GGUF grid ' + args.gguf_type if args.gguf_type else ''}")
+    calib = (f"{report.nsamples} x {report.seqlen} tokens ({' '.join(args.calib or ['shakespeare'])})"
+             if report.nsamples else "none (round to nearest)")
+    net = (f"kept RTN for {report.safety_fallbacks} of {len(report.modules)} modules" if report.safety_net
+           else "off (--no-safety-net)")
+    rows = [
+        ("model", f"{args.model} -> {out}"),
+        ("settings", settings),
+        ("calibration", calib),
+        ("time", f"{console.seconds(report.total_s)} (block forwards {console.seconds(report.forward_s)}, "
+                 f"solving {console.seconds(report.solve_s)})"),
+        ("peak memory", console.size(console.peak_memory_bytes())),
+        ("size", f"{console.size(before)} -> {console.size(after)} ({before / max(after, 1):.1f}x smaller)"),
+        ("safety net", net),
+        ("loads in", ", ".join(f"{k} {v.word}" for k, v in readers.items())),
+        ("module log", f"{out / 'quant_log.jsonl'} ({len(report.modules)} rows; --verbose prints them)"),
+    ]
+    return "\nquantized\n" + console.table(rows)
+
+
+def _readers(path) -> dict:
     """Which engines load the checkpoint; a reader that would misload it is always named (on stderr)."""
     from .models.checkpoint import read_quantize_config
     from .models.readers import reader_support
 
     table = reader_support(read_quantize_config(path))
-    if not warn_only:
-        print("loads in: " + ", ".join(f"{k} {v.word}" for k, v in table.items()))
     for reader, v in table.items():
         if v.ok is False:
             print(f"warning: {reader}: {v}", file=sys.stderr)
+    return table
 
 
 def cmd_eval(args) -> int:
@@ -286,14 +330,29 @@ def cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
 
     rows = []
-    names = [args.model] + (["default"] if args.fp else [])
+    names = [args.model] + ([_fp_source(args.model)] if args.fp else [])
     for name in names:
         model, tok = load_any(name)
         docs = evaluation_tokens(tok, args.text or "shakespeare", args.max_tokens)
-        r = perplexity(model, docs, args.seqlen, progress=True, bos_id=resolve_bos(tok, args.bos))
+        r = perplexity(model, docs, args.seqlen, progress=not args.quiet, bos_id=resolve_bos(tok, args.bos),
+                       desc=f"perplexity {name}")
         rows.append((name, r))
-        print(f"{name}: perplexity {r['ppl']:.3f} over {r['tokens']} tokens ({r['windows']} windows of {r['seqlen']})")
+        print(f"{name}: perplexity {r['ppl']:.3f} over {r['tokens']} tokens ({r['windows']} windows of {r['seqlen']}, "
+              f"{r['seconds']:.0f} s)")
+        del model
+    if len(rows) == 2 and not args.quiet:
+        (_, q), (_, f) = rows
+        print(f"quantized vs fp: {q['ppl']:.3f} vs {f['ppl']:.3f} ({q['ppl'] / f['ppl'] - 1:+.1%})")
     return 0
+
+
+def _fp_source(name) -> str:
+    """The fp model a checkpoint was quantized from (its meta.source), 'default' when not recorded."""
+    if name in (None, "default", "smollm2") or not is_quantized_dir(name):
+        raise SystemExit(f"quantkern eval: --fp compares a quantized checkpoint with its source; {name} is not one")
+    from .models.checkpoint import read_quantize_config
+
+    return (read_quantize_config(name).get("meta") or {}).get("source") or "default"
 
 
 def cmd_generate(args) -> int:
@@ -434,7 +493,8 @@ def cmd_export(args) -> int:
     except ExportError as e:
         print(f"quantkern export: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {r['path']}  ({r['file_type']}; tensors {r['tensors']}; pre-tokenizer {r['tokenizer_pre']})")
+    print(r["path"] if args.quiet else
+          f"wrote {r['path']}  ({r['file_type']}; tensors {r['tensors']}; pre-tokenizer {r['tokenizer_pre']})")
     return 0
 
 
@@ -443,7 +503,7 @@ def cmd_demo(args) -> int:
 
     kw = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen), ("eval_tokens", args.eval_tokens),
                             ("output", args.output)) if v is not None}
-    run_demo(**kw)
+    run_demo(level=console.level_from(args.quiet, args.verbose), **kw)
     return 0
 
 
@@ -457,8 +517,10 @@ def main(argv=None) -> int:
     from .models.checkpoint import CheckpointError
     from .models.errors import UnsupportedModelError
 
+    console.quiet_libraries()
     try:
-        return COMMANDS[args.command](args)
+        with console.one_line_warnings():
+            return COMMANDS[args.command](args)
     except (MissingDataError, CheckpointError, FileNotFoundError, MethodOptionError, UnsupportedModelError) as e:
         print(f"quantkern {args.command}: error: {e}", file=sys.stderr)
         return 2

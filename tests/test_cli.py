@@ -186,7 +186,8 @@ def test_quantize_names_readers_that_would_misload(tmp_path, capsys):
     assert table["transformers"].startswith("NO") and table["GPTQModel"].startswith("yes")
     assert cli.main([*common, "--output", str(tmp_path / "auto")]) == 0
     out, err = capsys.readouterr()
-    assert "warning" not in err and "loads in: quantkern yes, GPTQModel yes, transformers yes, vLLM yes, by its source" in out
+    assert "warning" not in err
+    assert "loads in     quantkern yes, GPTQModel yes, transformers yes, vLLM yes (by its source)" in out
 
 
 def test_every_method_and_recipe_reachable_from_the_command_line():

@@ -237,7 +237,7 @@ def collect_grad_stats(model: nn.Module, samples, names: list[str], kind: str = 
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=f"grad stats ({kind}, {labels})", leave=False)
+        it = tqdm(it, desc=f"grad stats ({kind}, {labels})", leave=False, disable=None)  # None: terminals only
     try:
         for p in model.parameters():
             p.requires_grad_(emb is None)  # without an embedding hook, let params carry the graph

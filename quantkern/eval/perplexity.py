@@ -38,7 +38,7 @@ def perplexity(model, docs, seqlen: int = 512, progress: bool = False, desc: str
     wins = windows(docs, seqlen, bos_id)
     total, count = 0.0, 0
     t0 = time.perf_counter()
-    for w in tqdm(wins, desc=desc, disable=not progress, leave=False):
+    for w in tqdm(wins, desc=desc, disable=None if progress else True, leave=False):  # None: terminals only
         logits = model(input_ids=w[None].to(device), use_cache=False).logits[0, :-1].float()
         total += F.cross_entropy(logits, w[1:].to(device), reduction="sum").item()
         count += w.numel() - 1

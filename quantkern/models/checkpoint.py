@@ -126,6 +126,8 @@ def quantize_config(model: nn.Module) -> dict:
         dynamic[f"-:^{re.escape(name)}$"] = {}
     if rounded_at_load(head):  # stored in float; quantkern rounds it to this grid at load
         out["meta"]["lm_head_at_load"] = {"method": "rtn", **head.spec.to_dict()}
+    if info.get("source"):  # the fp model quantized ("default" or a directory): `quantkern eval --fp` compares with it
+        out["meta"]["source"] = info["source"]
     if info.get("gguf_type"):  # quantize --gguf-type: every linear verified to have this exact llama.cpp twin
         out["meta"]["gguf_type"] = info["gguf_type"]
     if dynamic:  # GPTQModel's per-module overrides: regex on the module name -> its own bits/group/sym/desc_act

@@ -30,6 +30,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .. import console
 from ..calibration.data import calibration_samples, resolve_bos
 from ..calibration.shrinkage import shrink_to_diagonal
 from .. import methods
@@ -66,6 +67,7 @@ class Plugin:
     needs_activations = True  # False: no calibration forwards at all (RTN)
     shrink = True
     min_sequences = 0  # the preflight asks for at least this many calibration sequences
+    progress = True  # before_layers may draw its own bar (quantize(progress=...) sets it)
 
     def __init__(self, config: MethodConfig, seed: int = 0):
         self.config, self.spec, self.name, self.seed = config, config.spec, config.name, seed
@@ -301,6 +303,7 @@ def check_linears(blocks, chosen, spec: QuantSpec) -> None:
 def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | MethodConfig | dict | None = None,
                    method: str | None = None, calib="shakespeare", nsamples: int = 32, seqlen: int = 512,
                    seed: int = 0, layers: int | Iterable[int] | None = None, log_path=None, progress: bool = True,
+                   verbose: bool = False,
                    lm_head="auto", fuse: bool = True, quantize_lm_head: bool | None = None, safety_net: bool = True,
                    shrink: bool = True, moe_min_tokens: int | None = None, bos: bool | None = None,
                    **method_kwargs):
@@ -319,20 +322,22 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | MethodCon
     if quantize_lm_head is not None:
         lm_head = True if quantize_lm_head else None
     report = quantize(model, config, tokenizer=tokenizer, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                      layers=layers, log_path=log_path, progress=progress, lm_head=lm_head, fuse=fuse,
+                      layers=layers, log_path=log_path, progress=progress, verbose=verbose, lm_head=lm_head, fuse=fuse,
                       safety_net=safety_net, shrink=shrink, moe_min_tokens=moe_min_tokens, bos=bos)
     return model, report
 
 
 def quantize(model: nn.Module, config: MethodConfig, *, tokenizer=None, calib="shakespeare", nsamples: int = 32,
              seqlen: int = 512, seed: int = 0, layers: int | Iterable[int] | None = None, log_path=None,
-             progress: bool = True, lm_head="auto", fuse: bool = True, safety_net: bool = True, shrink: bool = True,
-             moe_min_tokens: int | None = None, bos: bool | None = None) -> "QuantReport":
+             progress: bool = True, verbose: bool = False, lm_head="auto", fuse: bool = True, safety_net: bool = True,
+             shrink: bool = True, moe_min_tokens: int | None = None, bos: bool | None = None) -> "QuantReport":
     """Quantize the decoder blocks of `model` in place with `config` (a method config from quantkern.methods,
     e.g. SNRQ(bits=4, group_size=64, alpha=0.25): the grid, the method and its options); returns the QuantReport.
 
     calib: a built-in corpus name, paths, strings (need `tokenizer`) or a token tensor [N, T].
     layers: quantize only these block indices (an int N = the first N blocks); others stay fp.
+    progress: one progress bar (on a terminal) and one-line notes; verbose: also one row per module on
+        stdout (the rows always go to `log_path` as JSON lines, and into the report).
     lm_head: what happens to the output projection (see `resolve_lm_head`):
         "auto" (default): 8-bit RTN, group 128 (as llama.cpp keeps output.weight at 6-8 bits): it is the
             largest single matrix of a small model and the last fp32 read of every decoded token; at 8
@@ -391,9 +396,11 @@ def quantize(model: nn.Module, config: MethodConfig, *, tokenizer=None, calib="s
         if advice:
             warnings.warn(advice, UserWarning, stacklevel=2)
     if chosen or head_mode != "fp":
-        run = _Run(plugin, report, log_path, progress, safety_net)
+        run = _Run(plugin, report, log_path, console.VERBOSE if progress and verbose else
+                   console.NORMAL if progress else console.QUIET, safety_net)
         run.moe_min_tokens = moe_min_tokens
         try:
+            plugin.progress = progress  # gradient statistics (OAC / YAQA) draw their own bar
             with torch.enable_grad():
                 plugin.before_layers(model, samples)
             with torch.no_grad():
@@ -446,8 +453,8 @@ def quantize(model: nn.Module, config: MethodConfig, *, tokenizer=None, calib="s
 class _Run:
     """Per-run state: timers, the JSONL log, progress rows, and the solve call with its bookkeeping."""
 
-    def __init__(self, plugin, report, log_path, progress, safety_net=True):
-        self.plugin, self.report, self.progress, self.safety_net = plugin, report, progress, safety_net
+    def __init__(self, plugin, report, log_path, level=console.NORMAL, safety_net=True):
+        self.plugin, self.report, self.level, self.safety_net = plugin, report, level, safety_net
         self.log = open(log_path, "a") if log_path else None
         self.fwd, self.slv = _Timer(), _Timer()
         self.moe_min_tokens = None
@@ -475,9 +482,7 @@ class _Run:
         return res
 
     def record(self, li, name, lin, res, dt, net=None, shrink_log=None):
-        """The module's row: in the report, the JSONL log and (with progress) the terminal."""
-        from tqdm.auto import tqdm
-
+        """The module's row: in the report, the JSONL log and (verbose) the terminal."""
         row = {"layer": li, "module": name, "out": lin.out_features, "in": lin.in_features,
                "loss": float(res.loss), "damp": float(res.log.get("damp", float("nan"))),
                "retries": int(res.log.get("retries", 0) or 0), "fallback": res.log.get("fallback"),
@@ -492,14 +497,14 @@ class _Run:
         if self.log:
             self.log.write(json.dumps(row) + "\n")
             self.log.flush()
-        if self.progress:
+        if self.level >= console.VERBOSE:
             loss = f"{row['loss']:>10.4g}" if row["loss"] == row["loss"] else f"{'-':>10}"  # RTN: no H, no loss
             damp = f"{row['damp']:.3g}" if row["damp"] == row["damp"] else "-"
             kept_rtn = net is not None and net["kept"] == "rtn"
-            tqdm.write(f"  layer {'-' if li is None else li:>3}  {name:<18} loss {loss}  damp {damp}"
+            console.write(f"  layer {'-' if li is None else li:>3}  {name:<18} loss {loss}  damp {damp}"
                        f"{'  FALLBACK ' + str(row['fallback']) if row['fallback'] else ''}  {dt:6.2f}s"
                        f"{'  grid ' + row['grid'] if 'grid' in row else ''}"
-                       f"{'  SAFETY: kept RTN (' + _ratio(net) + ')' if kept_rtn else ''}")
+                       f"{'  SAFETY: kept RTN (' + _ratio(net) + ')' if kept_rtn else ''}", self.level)
 
     def close(self):
         if self.log:
@@ -526,8 +531,8 @@ def _summarise_safety(report, progress) -> None:
                       f"was worse on their own calibration statistics): "
                       f"{', '.join(str(r['layer']) + '.' + r['module'] for r in fell[:6])}{' ...' if len(fell) > 6 else ''}",
                       RuntimeWarning, stacklevel=3)
-    if progress and rows:
-        print(f"safety net: {len(fell)} of {len(rows)} modules kept RTN", flush=True)
+    if rows:
+        console.write(f"safety net: {len(fell)} of {len(rows)} modules kept RTN", console.NORMAL if progress else console.QUIET)
 
 
 def _swap_in_quantized(block, results):
@@ -538,21 +543,21 @@ def _swap_in_quantized(block, results):
 def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
     """Quantize the chosen blocks; returns the (quantized, fp) streams after the last block run (all
     blocks with `through_all`, for lm_head's statistics; fp is None unless the method needs it)."""
-    from tqdm.auto import tqdm
-
     plugin, spec, fwd = run.plugin, run.plugin.spec, run.fwd
     t0 = time.perf_counter()
     inps, _ = _capture_first_block(model, blocks[0], samples)
     kws = _block_kwargs(model, blocks, samples[0])
     run.report.capture_s = time.perf_counter() - t0
     fp_inps = [x.clone() for x in inps] if plugin.needs_fp_inputs else None
-    _preflight(model, blocks, chosen, inps, kws[0], plugin, run.progress)
+    console.write(_preflight(model, blocks, chosen, inps, kws[0], plugin), run.level)
 
     last = len(blocks) - 1 if through_all else chosen[-1]
-    bar = tqdm(range(last + 1), desc=f"{plugin.name} {spec.bits}b g{spec.group_size}", disable=not run.progress)
+    bar = console.bar(range(last + 1), run.level, desc=f"{plugin.name} {spec.bits}-bit g{spec.group_size}", unit="block")
     for li in bar:
+        stage = _Stage(bar)
         block, kw = blocks[li], kws[li]
         if li not in chosen:
+            stage("forward")
             with fwd:
                 inps = [_block_out(block(x, **kw)) for x in inps]
                 if fp_inps is not None:
@@ -561,6 +566,7 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
         groups = linear_groups(model, block, lambda: block(inps[0], **kw))
         fp_group_inputs, fp_expert_inputs = None, {}
         if fp_inps is not None:
+            stage("fp stream")
             with fwd:
                 (fp_group_inputs, fp_expert_inputs), fp_inps = _run_fp_stream(block, groups, fp_inps, kw)
         results = {}
@@ -573,6 +579,7 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
                        if run.safety_net and not hasattr(collector, "H") else None)
                 stats.append((collector, net))
             if any(c is not None or n is not None for c, n in stats):
+                stage("statistics")
                 with fwd:
                     if expert_of(groups[unit[0]][0]):
                         stats = _collect_experts(block, [groups[gi] for gi in unit], inps, kw, plugin, stats,
@@ -582,15 +589,28 @@ def _layer_loop(model, blocks, chosen, samples, run, through_all=False):
                         gi = unit[0]
                         _collect(block, block.get_submodule(groups[gi][0]), inps, kw, plugin, stats[0][0],
                                  None if fp_group_inputs is None else fp_group_inputs[gi], stats[0][1])
+            stage("solve")
             for gi, (collector, net) in zip(unit, stats):
                 for name in groups[gi]:
                     results[name] = run.solve(li, name, block.get_submodule(name), collector, net_stats=net)
             del stats, collector, net
+        stage("forward")
         with fwd:
             inps = [_block_out(block(x, **kw)) for x in inps]
         _swap_in_quantized(block, results)
         del results, fp_group_inputs
     return inps, fp_inps
+
+
+class _Stage:
+    """The bar's postfix: what the current block is doing and the process's peak memory so far."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, name: str) -> None:
+        if not self.bar.disable:
+            self.bar.set_postfix_str(f"{name}, peak {console.size(console.peak_memory_bytes())}")
 
 
 def _quantize_lm_head(model, name, run, inps, fp_inps):
@@ -766,7 +786,7 @@ def _run_fp_stream(block, groups, fp_inps, kw):
     return (cache, expert_inputs), outs
 
 
-def _preflight(model, blocks, chosen, inps, kw, plugin, progress):
+def _preflight(model, blocks, chosen, inps, kw, plugin) -> str:
     """One line: activation memory and a forward-time estimate, from timing block 0 once."""
     t0 = time.perf_counter()
     blocks[0](inps[0], **kw)
@@ -783,8 +803,6 @@ def _preflight(model, blocks, chosen, inps, kw, plugin, progress):
     msg = (f"preflight: {len(blocks)} blocks, quantizing {nq} (up to block {last}), {n} x {inps[0].shape[-2]} tokens, "
            f"method {plugin.name}; activations ~{mem / 2**20:.0f} MiB; block forwards ~{est:.0f} s "
            f"({tb * 1e3:.0f} ms each) + solving {nlin} linears")
-    if progress:
-        print(msg, flush=True)
     return msg
 
 

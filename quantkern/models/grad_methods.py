@@ -74,7 +74,7 @@ class GradientPlugin(Plugin):
         stats = self._load(key)
         if stats is None:
             stats = collect_grad_stats(model, use, names, kind=self.grad_kind, labels=self.labels,
-                                       batch_size=self.grad_batch, seed=self.seed, progress=True,
+                                       batch_size=self.grad_batch, seed=self.seed, progress=self.progress,
                                        row_groups=self.row_groups)
             if self.grad_stats_path:
                 torch.save({"key": key, "stats": stats}, self.grad_stats_path)
@@ -112,7 +112,7 @@ class GradientPlugin(Plugin):
     def stats_for(self, name, weight):
         st = self._stats.get(weight.data_ptr())
         if st is None:
-            raise RuntimeError(f"{self.name}: no gradient statistics for {name!r} (prepare() not run, or the driver "
+            raise RuntimeError(f"{self.name}: no gradient statistics for {name!r} (before_layers() not run, or the driver "
                                "passed a copy of the weight: gradient methods need an fp32 model)")
         return st
 

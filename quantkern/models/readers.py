@@ -31,12 +31,14 @@ class Verdict:
 
     @property
     def word(self) -> str:
-        """The verdict without its reason: yes / NO / unknown (", by its source" where not run)."""
+        """The verdict in a word or two: yes / NO / unknown, and whether it was read from source."""
         word = {True: "yes", False: "NO", None: "unknown"}[self.ok]
-        return word + ", by its source" if self.basis == "source" else word
+        return word + (" (by its source)" if self.basis == "source" else "")
 
     def __str__(self) -> str:
-        word = self.word + (" (not run here)" if self.basis == "source" else "")
+        word = {True: "yes", False: "NO", None: "unknown"}[self.ok]
+        if self.basis == "source":
+            word += ", by its source (not run here)"
         return f"{word} ({self.why})" if self.why else word
 
 
