@@ -120,20 +120,25 @@ class Overfit(driver.Plugin):
         return quantkern.solve(weight, H2, self.spec, method="gptq")
 
 
-@methods.register("test-overfit")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OverfitConfig(methods.MethodConfig):
     """GPTQ's grid, solved by the Overfit plug-in."""
 
 
-driver.register_plugin(OverfitConfig, Overfit)
+@pytest.fixture
+def overfit():
+    """The method "test-overfit", registered for one test (the registry is global)."""
+    methods.register("test-overfit")(OverfitConfig)
+    driver.register_plugin(OverfitConfig, Overfit)
+    yield
+    del methods.METHODS["test-overfit"]
 
 
 def _linears(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def test_driver_logs_fallbacks_in_rows_report_jsonl_and_meta(tmp_path):
+def test_driver_logs_fallbacks_in_rows_report_jsonl_and_meta(tmp_path, overfit):
     log = tmp_path / "log.jsonl"
     with pytest.warns(RuntimeWarning, match="safety net: .* kept RTN"):
         model, rep = quantkern.quantize_model(tiny_llama(), None, SPEC2, method="test-overfit",
@@ -162,7 +167,7 @@ def _dequant(q: QuantLinear) -> torch.Tensor:
     return grid.dequantize_groups(codes, scales.float(), zeros.float(), g_idx)
 
 
-def test_switch_off_keeps_the_method_result():
+def test_switch_off_keeps_the_method_result(overfit):
     fp = tiny_llama()
     calib = tiny_tokens(4, 32)
     with warnings.catch_warnings():
