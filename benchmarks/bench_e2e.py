@@ -39,7 +39,7 @@ from quantkern.calibration.data import calibration_samples, evaluation_tokens  #
 from quantkern.eval.perplexity import perplexity  # noqa: E402
 from quantkern.eval.speed import decode_tokens_per_s  # noqa: E402
 from quantkern.models.head import LM_HEAD_AUTO_SPEC  # noqa: E402
-from quantkern.models.recipes import RECIPES  # noqa: E402
+from quantkern.models.recipes import recipe  # noqa: E402
 from quantkern.models.zoo import load_fp  # noqa: E402
 
 # name -> (driver method, QuantSpec overrides, method kwargs)
@@ -60,8 +60,8 @@ METHODS = {
 # blocks, far worse on the whole model at 2 bits, so not used by oac/yaqa).
 GRAD = {"labels": "data", "grad_kind": "both"}  # one shared set of gradient statistics for OAC and YAQA
 METHODS.update({
-    "oac": (RECIPES["oac-snrq"][0], {}, RECIPES["oac-snrq"][1]),
-    "yaqa": (RECIPES["yaqa-snrq"][0], {}, RECIPES["yaqa-snrq"][1]),
+    "oac": (recipe("oac-snrq")[0], {}, recipe("oac-snrq")[1]),
+    "yaqa": (recipe("yaqa-snrq")[0], {}, recipe("yaqa-snrq")[1]),
     "oac-paper": ("oac", {}, dict(GRAD)),
     "snrq-mse": ("snrq", {}, {"alpha": 0.25, "grid": "mse"}),
     "adaround": ("adaround", {}, {"iters": 200}),
@@ -69,7 +69,7 @@ METHODS.update({
     # (dynamic), union and MSE grids; grid="guard": min/max unless another grid lowers the objective >= 4x
     # (a clamp cliff) (docs/methods_beyond_proxy.md, "Grid selection")
     "snrq-select": ("snrq", {}, {"alpha": 0.25, "grid": "select"}),
-    **{name: (RECIPES[name][0], {}, RECIPES[name][1]) for name in ("snrq-guard", "oac-guard", "yaqa-guard")},
+    **{name: (recipe(name)[0], {}, recipe(name)[1]) for name in ("snrq-guard", "oac-guard", "yaqa-guard")},
 })
 GRADIENT_METHODS = ("oac", "yaqa")  # driver methods that take grad_stats_path
 REFERENCE = {"fp": 42.2, "rtn": {4: 59.4, 3: 213}, "gptq": {4: 53.5, 3: 142}, "gptq-act": {4: 50.9, 3: 82.6, 2: 2.3e5},

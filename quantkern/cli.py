@@ -13,15 +13,32 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from . import console
+from .methods import METHODS, MethodConfig, MethodOptionError, make_config
+from .models.recipes import RECIPES
+from .spec import QuantSpec
 
-from .models.recipes import RECIPES, recipe
+_DEFAULT = QuantSpec()  # the CLI's grid defaults are QuantSpec's
 
-METHOD_CHOICES = ("rtn", "gptq", "gptaq", "snrq", "ksnrq", "adaround", "oac", "yaqa")
+
+def method_options() -> dict[str, dict]:
+    """Every method option over the registry: name -> {"help": ..., "defaults": {method: default}}."""
+    out: dict[str, dict] = {}
+    for method, cls in METHODS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in cls.option_names():
+                row = out.setdefault(f.name, {"help": f.metadata.get("help", ""), "defaults": {}})
+                row["defaults"][method] = f.default
+    return out
+
+
+def _flag(option: str) -> str:
+    return "--" + option.lower().replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,19 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", parents=[talk], help="quantize a model layer by layer and save a GPTQ checkpoint")
     q.add_argument("--model", default="default", help="a local transformers model dir, or 'default' (SmolLM2-135M)")
-    q.add_argument("--method", default="gptq", choices=METHOD_CHOICES)
+    q.add_argument("--method", default="gptq", choices=list(METHODS),
+                   help="quantization method (quantkern.methods; its options below)")
     q.add_argument("--recipe", default=None, choices=sorted(RECIPES),
                    help="a named method + options (quantkern.models.recipes; overrides --method), e.g. yaqa-guard: "
                         "the best 2-bit result on SmolLM2")
-    q.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    q.add_argument("--group-size", type=int, default=128, help="-1 = one group per output row")
-    q.add_argument("--alpha", type=float, default=None, help="GPTAQ/SNRQ alpha (default 0.25)")
-    q.add_argument("--alpha-mode", choices=("fixed", "sample", "optimize"), default=None,
-                   help="SNRQ alpha: fixed (--alpha), sampled per sequence (SNRQ-S) or closed-form optimum")
-    q.add_argument("--k", type=int, default=None, help="K-SNRQ beam width (K=1 is SNRQ; ksnrq defaults to 4)")
-    q.add_argument("--option", type=method_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="any other keyword of the method (repeatable; VALUE parsed as JSON, else a string), e.g. "
-                        "--method yaqa --option grid_from=snrq --option grid=guard (docs/methods_beyond_proxy.md)")
+    q.add_argument("--bits", type=int, default=_DEFAULT.bits, choices=(2, 3, 4, 8))
+    q.add_argument("--group-size", type=int, default=_DEFAULT.group_size, help="-1 = one group per output row")
+    opts = q.add_argument_group(
+        "method options", "each method's own options, from its config in quantkern.methods [method: default]; "
+        "VALUE is read as JSON (numbers, true/false, null), else as a string. An option the chosen method does not "
+        "have is an error, before any work.")
+    for name, row in method_options().items():
+        defaults = ", ".join(f"{m}: {d!r}" for m, d in row["defaults"].items())
+        opts.add_argument(_flag(name), dest=f"opt_{name}", type=option_value, default=argparse.SUPPRESS,
+                          metavar="VALUE", help=f"{row['help']} [{defaults}]".replace("%", "%%"))
+    opts.add_argument("--alpha-mode", choices=("fixed", "sample", "optimize"), default=None,
+                      help="SNRQ alpha: fixed (--alpha), sampled per sequence (SNRQ-S) or closed-form optimum "
+                           "(the older spelling of --alpha sample / --alpha optimize)")
+    opts.add_argument("--option", type=method_option, action="append", default=[], metavar="KEY=VALUE",
+                      help="any option by its config field name (repeatable), e.g. --method yaqa --option "
+                           "grid_from=snrq --option grid=guard (docs/methods_beyond_proxy.md)")
     q.add_argument("--nsamples", type=int, default=32)
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
@@ -56,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ act-order (desc_act)")
     q.add_argument("--static-groups", action="store_true")
     q.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
-    q.add_argument("--damp", type=float, default=0.01)
+    q.add_argument("--damp", type=float, default=_DEFAULT.damp)
     q.add_argument("--layers", type=int, default=None, help="quantize only the first N blocks (debugging)")
     q.add_argument("--lm-head", type=lm_head_arg, default="auto", metavar="{auto,fp,same,BITS}",
                    help="output projection: auto = 8-bit RTN g128 (default; ppl unchanged, faster decode), fp = keep "
@@ -138,47 +163,50 @@ def lm_head_arg(text: str):
     return bits
 
 
+def option_value(text: str):
+    """A method option's VALUE: JSON (numbers, true/false, null) if it parses, else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def method_option(text: str) -> tuple[str, object]:
-    """--option KEY=VALUE: (key, value), value parsed as JSON (numbers, true/false, null) else kept a string."""
+    """--option KEY=VALUE: (key, value), value as option_value reads it."""
     key, sep, raw = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a keyword name, got {text!r}")
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
+    return key, option_value(raw)
 
 
-def spec_from_args(args):
-    from .spec import QuantSpec
-
+def spec_from_args(args) -> QuantSpec:
     spec = QuantSpec(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order,
                      static_groups=args.static_groups, damp=args.damp)
     if getattr(args, "gguf_type", None):
         from .export.gguf_presets import apply_preset
 
-        p = build_parser().parse_args(["quantize", "--output", "o"])  # the defaults, to tell what was asked
-        try:
-            spec = apply_preset(spec, args.gguf_type, QuantSpec(bits=p.bits, group_size=p.group_size))
+        try:  # the defaults tell apply_preset what was not asked for
+            spec = apply_preset(spec, args.gguf_type, _DEFAULT)
         except ValueError as e:
             raise SystemExit(f"quantkern quantize: {e}") from None
     return spec
 
 
-def method_from_args(args) -> tuple[str, dict]:
-    """(driver method, its kwargs): the --recipe's (if any), then --alpha/--alpha-mode/--k/--option on top."""
-    method, kw = recipe(args.recipe) if args.recipe else (args.method, {})
-    return method, {**kw, **method_kwargs_from_args(args)}
+def config_from_args(args) -> MethodConfig:
+    """The method config: --recipe's (if any) or --method's, on the grid flags, with the given options on top.
+    MethodOptionError for an option the method does not have, ValueError for a value it does not allow."""
+    given = method_kwargs_from_args(args)
+    if args.recipe:
+        base = RECIPES[args.recipe]
+        return make_config(base.name, spec_from_args(args), **{**base.options(), **given})
+    return make_config(args.method, spec_from_args(args), **given)
 
 
 def method_kwargs_from_args(args) -> dict:
-    kw = {}
-    if args.alpha is not None:
-        kw["alpha"] = args.alpha
+    """The method options given on the command line (option flags, --alpha-mode, --option)."""
+    kw = {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_")}
     if args.alpha_mode is not None:
         kw["alpha_mode"] = args.alpha_mode
-    if args.k is not None:
-        kw["K"] = args.k
     for key, value in args.option:
         if key in kw:
             raise SystemExit(f"quantkern: --option {key}= repeats a setting already given ({key}={kw[key]!r})")
@@ -207,17 +235,17 @@ def load_any(name):
 
 
 def cmd_quantize(args) -> int:
-    from .models import quantize_model, save_quantized
-    from .models.driver import make_method
+    from .models import quantize, save_quantized
     from .models.zoo import load_fp
 
-    spec = spec_from_args(args)
-    method, method_kwargs = method_from_args(args)
-    make_method(method, spec, seed=args.seed, **method_kwargs)  # bad options fail here, before the model loads
+    try:  # bad options fail here, before the model loads
+        config = config_from_args(args)
+    except ValueError as e:  # a value the option does not allow: one line, as for an unknown option
+        raise MethodOptionError(str(e)) from None
     if args.gguf_type:
         from .export.gguf_presets import reorders_groups
 
-        why = reorders_groups(method, method_kwargs)
+        why = reorders_groups(config.name, config.options())
         if why:
             raise SystemExit(f"quantkern quantize: --gguf-type {args.gguf_type} needs groups in channel order, but "
                              f"{why}; use --method gptq, gptaq, ldlq or rtn")
@@ -227,11 +255,10 @@ def cmd_quantize(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f".{out.name}.quant_log.jsonl"
     log.unlink(missing_ok=True)
-    _, report = quantize_model(model, tok, spec, method=method, calib=args.calib or "shakespeare",
-                               nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
-                               log_path=log, progress=level >= console.NORMAL, verbose=level >= console.VERBOSE,
-                               lm_head=args.lm_head,
-                               safety_net=args.safety_net, shrink=args.shrink, bos=args.bos, **method_kwargs)
+    report = quantize(model, config, tokenizer=tok, calib=args.calib or "shakespeare", nsamples=args.nsamples,
+                      seqlen=args.seqlen, seed=args.seed, layers=args.layers, log_path=log,
+                      progress=level >= console.NORMAL, verbose=level >= console.VERBOSE, lm_head=args.lm_head,
+                      safety_net=args.safety_net, shrink=args.shrink, bos=args.bos)
     if args.gguf_type:
         from .export.gguf_presets import check_model
 
@@ -246,7 +273,7 @@ def cmd_quantize(args) -> int:
     log.unlink(missing_ok=True)
     readers = _readers(out)
     if level >= console.NORMAL:
-        print(quantize_summary(args, spec, method, report, out, readers))
+        print(quantize_summary(args, config.spec, config.name, report, out, readers))
     else:
         print(out)
     return 0
@@ -330,45 +357,35 @@ def _fp_source(name) -> str:
     return (read_quantize_config(name).get("meta") or {}).get("source") or "default"
 
 
-def _prompt_ids(tok, prompt, raw):
-    if not raw and getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                       return_tensors="pt", return_dict=True)["input_ids"]
-    return tok(prompt, return_tensors="pt").input_ids
-
-
-def generate_text(model, tok, prompt, max_new_tokens=48, raw=False) -> str:
-    import torch
-
-    ids = _prompt_ids(tok, prompt, raw)
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
 def cmd_generate(args) -> int:
+    from .eval.generate import generate_text
+
     model, tok = load_any(args.model)
     print(generate_text(model, tok, args.prompt, args.max_new_tokens, args.raw))
     return 0
 
 
 def inspect_checkpoint(path) -> dict:
-    from .models.checkpoint import (ZERO_POINT_CONVENTIONS, checkpoint_size, checkpoint_tensor_names,
-                                    read_quantize_config, spec_from_config)
     from .formats.gptq_config import checkpoint_format
+    from .models.checkpoint import (ZERO_POINT_CONVENTIONS, checkpoint_size, checkpoint_tensors, read_quantize_config,
+                                    spec_from_config)
     from .models.readers import reader_support
-    from .ops import registry
+    from .ops import qgemm, registry
 
     qc = read_quantize_config(path)
     spec = spec_from_config(qc)
     meta = qc.get("meta", {})
-    here = registry.backends()
-    tensors = checkpoint_tensor_names(path)
-    gemm_ops = [op for op in registry._IMPLS if "gemm" in op]
+    tensors = checkpoint_tensors(path)  # one pass over the safetensors headers
+
+    def has_qgemm(backend):
+        try:
+            return registry.implementation(qgemm.OP, backend) is not None
+        except KeyError:
+            return False
+
     quantkern_backends = {}
-    for b, st in here.items():
-        has = any(b in registry._IMPLS[op] for op in gemm_ops) if gemm_ops else b == "reference"
+    for b, st in registry.backends().items():
+        has = has_qgemm(b)
         quantkern_backends[b] = ("yes" if st["available"] and has else "no") + f" ({st['reason']})" + (
             "" if has else " [no qgemm kernel registered]")
     dynamic = qc.get("dynamic") or {}
@@ -378,6 +395,7 @@ def inspect_checkpoint(path) -> dict:
         "sym": spec.sym, "static_groups": spec.static_groups,
         "checkpoint_format": fmt, "zero_point_convention": ZERO_POINT_CONVENTIONS.get(fmt, "?"),
         "method": meta.get("method"), "alpha": meta.get("alpha"), "K": meta.get("K"),
+        "config": meta.get("config") or NO_CONFIG,
         "quantizer": f"{meta.get('quantizer', '?')} {meta.get('quantizer_version', '')}".strip(),
         "quantized_modules": sum(1 for k in tensors if k.endswith(".qweight")),  # what the files hold
         "lm_head": _lm_head_line(qc, spec),
@@ -386,9 +404,24 @@ def inspect_checkpoint(path) -> dict:
         "kept in float": {k: v for k, v in (meta.get("kept_float") or {}).items()},
         "experts": _experts_line(meta.get("experts") or {}),
         "calibration BOS": (meta.get("calibration") or {}).get("bos", "not recorded"),
-        "size_bytes": checkpoint_size(path), "quantkern_backends_here": quantkern_backends,
+        "size_bytes": checkpoint_size(path, tensors), "quantkern_backends_here": quantkern_backends,
         "loads_in (tests/interop)": {k: str(v) for k, v in reader_support(qc).items()},
     }
+
+
+NO_CONFIG = "not recorded (written before quantkern recorded method configs)"
+
+
+def config_line(config) -> str:
+    """The checkpoint's method config as the constructor call that rebuilds it (quantkern.methods)."""
+    from .methods import config_from_dict
+
+    if not isinstance(config, dict):
+        return str(config)
+    try:
+        return repr(config_from_dict(config))
+    except (TypeError, ValueError) as e:
+        return f"{json.dumps(config)} (not readable here: {e})"
 
 
 def _experts_line(experts: dict) -> str:
@@ -427,7 +460,9 @@ def cmd_inspect(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     for k, v in info.items():
-        if isinstance(v, dict):
+        if k == "config":
+            print(f"config: {config_line(v)}")
+        elif isinstance(v, dict):
             print(f"{k}:")
             for kk, vv in v.items():
                 print(f"  {kk}: {vv:,}" if isinstance(vv, int) else f"  {kk}: {vv}")
@@ -491,7 +526,6 @@ def main(argv=None) -> int:
     from .calibration.data import MissingDataError
     from .models.checkpoint import CheckpointError
     from .models.errors import UnsupportedModelError
-    from .solvers.registry import MethodOptionError
 
     console.quiet_libraries()
     try:

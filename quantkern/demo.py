@@ -28,7 +28,7 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
     import quantkern
     from quantkern import console
     from quantkern.calibration.data import evaluation_tokens, resolve_bos
-    from quantkern.cli import generate_text
+    from quantkern.eval.generate import generate_text
     from quantkern.eval.perplexity import perplexity
     from quantkern.eval.speed import decode_tokens_per_s
     from quantkern.models.checkpoint import checkpoint_size

@@ -1,4 +1,5 @@
-"""QuantSpec: what grid a weight is quantized onto, and the knobs every solver shares."""
+"""QuantSpec: what grid a weight is quantized onto, and the knobs every solver shares (the method configs in
+quantkern.methods extend it with each method's own options)."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,17 +28,16 @@ class QuantSpec:
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01
-    true_sequential: bool = True
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"QuantSpec: bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+            raise ValueError(f"{type(self).__name__}: bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or not (
             self.group_size == -1 or self.group_size > 0
         ):
-            raise ValueError(f"QuantSpec: group_size must be -1 or a positive int, got {self.group_size!r}")
+            raise ValueError(f"{type(self).__name__}: group_size must be -1 or a positive int, got {self.group_size!r}")
         if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
-            raise ValueError(f"QuantSpec: damp must be a finite number >= 0, got {self.damp!r}")
+            raise ValueError(f"{type(self).__name__}: damp must be a finite number >= 0, got {self.damp!r}")
 
     @property
     def maxq(self) -> int:

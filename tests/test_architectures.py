@@ -306,8 +306,8 @@ def test_snrq_expert_inputs_pair_fp_and_quantized_by_token(monkeypatch):
         h.remove()
     fp_rows = torch.cat(fp_rows)
     pairs = []
-    real = driver.Asymmetric.add
-    monkeypatch.setattr(driver.Asymmetric, "add", lambda self, c, xq, xf: (pairs.append((xq, xf)), real(self, c, xq, xf)))
+    real = driver.AsymmetricPlugin.add
+    monkeypatch.setattr(driver.AsymmetricPlugin, "add", lambda self, c, xq, xf: (pairs.append((xq, xf)), real(self, c, xq, xf)))
     _quantize(name, "snrq", moe_min_tokens=0)
     routed_in = [(q, f) for q, f in pairs if q.shape[-1] == 64 and q.shape[-2] != CALIB.shape[1]]
     down = [(q, f) for q, f in pairs if q.shape[-1] == 32]

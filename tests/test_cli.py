@@ -1,11 +1,15 @@
 """CLI: argument parsing, and quantize -> inspect -> eval -> generate on a tiny random Llama directory."""
+import dataclasses
 import json
 
 import pytest
 
 from driver_tiny import tiny_model_dir
 
+import quantkern
 from quantkern import cli
+from quantkern.methods import METHODS
+from quantkern.models.recipes import RECIPES
 
 TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(300))
 
@@ -20,6 +24,7 @@ def test_quantize_arguments():
     spec = cli.spec_from_args(a)
     assert (spec.bits, spec.group_size, spec.sym, spec.act_order) == (3, 64, False, True)
     assert cli.method_kwargs_from_args(a) == {"alpha": 0.5, "K": 4}
+    assert cli.config_from_args(a) == quantkern.SNRQ(bits=3, group_size=64, sym=False, act_order=True, alpha=0.5, K=4)
 
 
 def test_method_options():
@@ -31,14 +36,51 @@ def test_method_options():
     for bad in ("grid", "=3", "not-a-name=1"):
         with pytest.raises(SystemExit):
             parse(["quantize", "--option", bad, "--output", "o"])
-    r = parse("quantize --recipe yaqa-guard --option out_damp=2 --output o".split())
-    method, kw = cli.method_from_args(r)
-    assert method == "yaqa" and kw["grid"] == "guard" and kw["grid_from"] == "snrq" and kw["out_damp"] == 2
-    assert cli.method_from_args(parse("quantize --method snrq --k 2 --output o".split())) == ("snrq", {"K": 2})
+    r = parse("quantize --recipe yaqa-guard --option out_damp=2 --bits 2 --output o".split())
+    config = cli.config_from_args(r)
+    assert config == dataclasses.replace(RECIPES["yaqa-guard"], bits=2, out_damp=2)
+    assert config.grid == "guard" and config.grid_from == "snrq" and config.out_damp == 2
+    assert cli.config_from_args(parse("quantize --method snrq --k 2 --output o".split())) == quantkern.SNRQ(K=2)
+    assert cli.config_from_args(parse("quantize --method ldlq --output o".split())) == quantkern.LDLQ()
+    assert cli.config_from_args(parse("quantize --method snrq --alpha-mode sample --output o".split())).alpha == "sample"
     with pytest.raises(SystemExit):
         parse("quantize --recipe nope --output o".split())
     with pytest.raises(SystemExit, match="alpha"):
         cli.method_kwargs_from_args(parse("quantize --alpha 0.5 --option alpha=0.3 --output o".split()))
+
+
+def test_help_lists_every_method_and_option(capsys):
+    """--help shows every registered method and, for each option of each method, its flag and default."""
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name, cls in METHODS.items():
+        assert name in out
+        for opt in cls.option_names():
+            assert cli._flag(opt) + " VALUE" in out and f"{name}: {getattr(cls(), opt)!r}" in out, (name, opt)
+    assert "--k VALUE" in out and "ksnrq: 4" in out
+
+
+@pytest.mark.parametrize("argv,bad", [
+    (["--method", "gptq", "--alpha", "0.3"], "alpha"),  # another method's option
+    (["--method", "rtn", "--grid", "guard"], "grid"),
+    (["--method", "snrq", "--option", "alhpa=0.3"], "alhpa"),  # misspelt
+])
+def test_option_the_method_lacks_fails_before_work(tmp_path, capsys, argv, bad):
+    out = tmp_path / "q"
+    rc = cli.main(["quantize", "--model", str(tmp_path / "no-such-model"), *argv, "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"no option(s) ['{bad}']" in err and not out.exists()
+
+
+def test_misspelt_flag_and_bad_value_fail_before_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # argparse: unrecognized arguments
+        cli.main(["quantize", "--method", "snrq", "--alhpa", "0.3", "--output", str(tmp_path / "q")])
+    assert "--alhpa" in capsys.readouterr().err
+    rc = cli.main(["quantize", "--model", str(tmp_path / "no-such-model"), "--method", "snrq", "--grid", "nope",
+                   "--output", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "SNRQ: grid must be one of" in err and "'nope'" in err and not (tmp_path / "q").exists()
 
 
 def test_defaults_and_errors(capsys):
@@ -83,6 +125,11 @@ def test_quantize_inspect_eval_generate(tmp_path, capsys):
     assert cli.main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["bits"], info["group_size"], info["act_order (desc_act)"], info["method"]) == (4, 32, True, "gptq")
+    assert info["config"] == {"version": 1, "method": "gptq", "bits": 4, "group_size": 32, "sym": True,
+                              "act_order": True, "static_groups": False, "damp": 0.01, "options": {}}
+    assert cli.main(["inspect", str(out)]) == 0
+    assert "config: GPTQ(bits=4, group_size=32, sym=True, act_order=True, static_groups=False, damp=0.01)" in (
+        capsys.readouterr().out)
     assert info["zero_point_convention"] == "v1 (stored zero-1)" and info["checkpoint_format"] == "gptq"
     assert info["quantized_modules"] == 14  # counted in the files: the default head is stored in float
     assert info["lm_head"] == "float in the files; quantkern rounds it to 8-bit RTN, group 128 at load"
@@ -141,3 +188,14 @@ def test_quantize_names_readers_that_would_misload(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "warning" not in err
     assert "loads in     quantkern yes, GPTQModel yes, transformers yes, vLLM yes (by its source)" in out
+
+
+def test_every_method_and_recipe_reachable_from_the_command_line():
+    from quantkern.methods import with_grid
+
+    parse = cli.build_parser().parse_args
+    for name, cls in METHODS.items():
+        assert cli.config_from_args(parse(["quantize", "--method", name, "--bits", "2", "--output", "o"])) == cls(bits=2)
+    for name, config in RECIPES.items():
+        got = cli.config_from_args(parse(["quantize", "--recipe", name, "--bits", "2", "--output", "o"]))
+        assert got == with_grid(config, quantkern.QuantSpec(bits=2))

@@ -80,11 +80,20 @@ def test_quantized_forward_is_finite_and_changed():
 
 
 def test_registered_method_plugin_is_used():
-    calls = {"prepare": 0, "add": 0, "solve": []}
+    import dataclasses
 
-    class Counting(driver.Method):
-        def prepare(self, model, samples):
-            calls["prepare"] += 1
+    from quantkern import methods
+
+    calls = {"before_layers": 0, "add": 0, "solve": []}
+
+    @methods.register("counting")
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class CountingConfig(methods.MethodConfig):
+        pass
+
+    class Counting(driver.Plugin):
+        def before_layers(self, model, samples):
+            calls["before_layers"] += 1
             assert torch.is_grad_enabled()
 
         def add(self, collector, x_q, x_f):
@@ -95,17 +104,19 @@ def test_registered_method_plugin_is_used():
             calls["solve"].append(name)
             return quantkern.solve(weight, collector.H, self.spec, method="gptq")
 
-    driver.register_method("counting", Counting)
+    driver.register_plugin(CountingConfig, Counting)
     try:
         quantkern.quantize_model(tiny_llama(), None, SPEC3, method="counting", calib=tiny_tokens(3, 16),
                                  progress=False)
     finally:
-        del driver.METHODS["counting"]
-    assert calls["prepare"] == 1 and calls["add"] == 2 * 4 * 3  # blocks x groups x samples
+        del methods.METHODS["counting"]
+    assert calls["before_layers"] == 1 and calls["add"] == 2 * 4 * 3  # blocks x groups x samples
     assert len(calls["solve"]) == 14 and calls["solve"][:3] == ["self_attn.q_proj", "self_attn.k_proj",
                                                                  "self_attn.v_proj"]
     with pytest.raises(TypeError):
-        driver.register_method("bad", object)
+        driver.register_plugin(methods.GPTQ, object)
+    with pytest.raises(TypeError, match="registered"):
+        driver.register_plugin(CountingConfig, Counting)  # no longer in the registry
 
 
 def test_jsonl_log(tmp_path):

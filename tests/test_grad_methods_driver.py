@@ -8,6 +8,7 @@ import torch
 from quantkern.models import driver  # noqa: E402
 
 import quantkern  # noqa: E402
+from quantkern import methods  # noqa: E402
 from quantkern.models import grad_methods  # noqa: E402,F401  (registers oac, yaqa, adaround)
 from quantkern.spec import QuantSpec  # noqa: E402
 
@@ -32,8 +33,8 @@ def test_methods_run_through_driver_and_checkpoint(tmp_path, method, kw):
     q, rep = _quantize(method, **kw)
     assert len(rep.modules) == 15 and all(r["fallback"] is None for r in rep.modules)
     assert rep.modules[-1]["module"] == "lm_head"  # the default 8-bit RTN head
-    assert isinstance(driver.make_method(method, SPEC), grad_methods.__dict__.get(
-        {"oac": "OAC", "yaqa": "YAQA", "adaround": "AdaRound"}[method]))
+    plugin = driver.make_plugin(methods.make_config(method, SPEC))
+    assert type(plugin) is (driver.Plugin if method == "adaround" else grad_methods.GradientPlugin)
     save_quantized(q, tmp_path / "ck")
     cfg = json.loads((tmp_path / "ck" / "quantize_config.json").read_text())
     assert cfg["meta"]["method"] == method and cfg["bits"] == 2
@@ -78,22 +79,24 @@ def test_grad_stats_cache_is_shared_between_methods(tmp_path):
         _quantize("yaqa", labels="sample", grad_stats_path=str(path))
 
 
+@pytest.mark.parametrize("name,kw,match", [
+    ("yaqa", {"h_in": "nope"}, "h_in"), ("oac", {"h_in": "act"}, "oac"), ("oac", {"h_mix": 2.0}, "h_mix"),
+    ("yaqa", {"fisher": "nope"}, "fisher"), ("oac", {"grad_kind": "yaqa"}, "grad_kind"),
+    ("oac", {"row_groups": 2}, "row_groups > 1 needs fisher='token'"), ("oac", {"grid": "guard"}, "core='snrq'"),
+    ("yaqa", {"alpha": 0.5}, "grid_from='snrq'")])
+def test_bad_option_values(name, kw, match):
+    with pytest.raises(ValueError, match=match):
+        methods.make_config(name, SPEC, **kw)
+
+
 def test_bad_options():
-    with pytest.raises(ValueError, match="h_in"):
-        driver.make_method("yaqa", SPEC, h_in="nope")
-    with pytest.raises(ValueError, match="oac"):
-        driver.make_method("oac", SPEC, h_in="act")
-    with pytest.raises(ValueError, match="h_mix"):
-        driver.make_method("oac", SPEC, h_mix=2.0)
-    with pytest.raises(ValueError, match="fisher"):
-        driver.make_method("yaqa", SPEC, fisher="nope")
-    with pytest.raises(ValueError, match="grad_kind"):
-        driver.make_method("oac", SPEC, grad_kind="yaqa")
-    # keywords neither the plug-in nor the solver takes fail at construction, naming the solver's options
+    make = methods.make_config
+    # keywords the method does not take fail at construction, naming its options
     for name, kw in (("yaqa", {"gird": "mse"}), ("snrq", {"Kk": 2}), ("gptq", {"alpha": 0.3}), ("rtn", {"K": 2})):
-        with pytest.raises(ValueError, match=rf"has no option\(s\) \['{next(iter(kw))}'\]"):
-            driver.make_method(name, SPEC, **kw)
-    driver.make_method("yaqa", SPEC, grid_from="snrq", grid="guard", labels="data", out_damp=1.0)  # all known
-    m = driver.make_method("oac", SPEC)
+        with pytest.raises(methods.MethodOptionError, match=rf"has no option\(s\) \['{next(iter(kw))}'\]"):
+            make(name, SPEC, **kw)
+    assert make("yaqa", SPEC, h_in="act").h_mix == 0.0 and make("yaqa", SPEC, h_in="fisher").h_mix == 1.0
+    make("yaqa", SPEC, grid_from="snrq", grid="guard", labels="data", out_damp=1.0)  # all known
+    m = driver.make_plugin(make("oac", SPEC))
     with pytest.raises(RuntimeError, match="no gradient statistics"):
         m.solve("x", torch.randn(4, 8), None)

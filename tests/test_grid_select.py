@@ -26,7 +26,7 @@ def outlier_problem(seed, m=24, n=96, outliers=2, scale=40.0, uniform=False):
 
 def target_in_processing_order(W, H, D, spec, alpha=0.25):
     """SNRQ's W_ref, the damped H and the order, in processing order (from the solver's own pipeline)."""
-    prep = core.Prepared(W, H, spec.replace(act_order=True), True, {})
+    prep = core.LayerProblem(W, H, spec.replace(act_order=True), True, {})
     Wref, _, _, _ = shifted_target(prep, permuted_mismatch_product(prep, D), alpha, None)
     return Wref, prep.Hd, prep.perm
 

@@ -74,8 +74,8 @@ def test_quickstart_in_python(my_model, tmp_path):
     from quantkern.models.zoo import load_fp
 
     model, tok = load_fp(str(my_model))
-    model, report = quantkern.quantize_model(model, tok, quantkern.QuantSpec(bits=4, group_size=128), method="gptq",
-                                             nsamples=4, seqlen=64, progress=False)
+    report = quantkern.quantize(model, quantkern.GPTQ(bits=4, group_size=128), tokenizer=tok, nsamples=4, seqlen=64,
+                                progress=False)
     quantkern.save_quantized(model, tmp_path / "q4", tokenizer=tok)
     qmodel = quantkern.load(tmp_path / "q4")
     ids = torch.tensor([[5, 6, 7]])

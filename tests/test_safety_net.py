@@ -1,6 +1,7 @@
 """Issue 24: never worse than round-to-nearest. The driver's safety net (models/safety.py), shrinkage of
 few-token statistics (calibration/shrinkage.py) and the calibration-size preflight, on a tiny random Llama."""
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -11,7 +12,7 @@ from driver_tiny import tiny_llama, tiny_tokens
 
 import quantkern
 import quantkern.models.grad_methods  # noqa: F401  (registers oac / yaqa / adaround)
-from quantkern import cli
+from quantkern import cli, methods
 from quantkern.calibration.fisher import GradStats
 from quantkern.calibration.shrinkage import effective_samples, oas_intensity, shrink_to_diagonal
 from quantkern.calibration.stats import HessianAccumulator
@@ -108,7 +109,7 @@ def test_winner_is_returned_untouched():
 
 # --------------------------------------------------------------------------- in the driver
 
-class Overfit(driver.Method):
+class Overfit(driver.Plugin):
     """GPTQ on degenerate statistics: the collector's H with an outlier column and rank 2 kept."""
 
     def solve(self, name, weight, collector):
@@ -119,14 +120,25 @@ class Overfit(driver.Method):
         return quantkern.solve(weight, H2, self.spec, method="gptq")
 
 
-driver.register_method("test-overfit", Overfit)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OverfitConfig(methods.MethodConfig):
+    """GPTQ's grid, solved by the Overfit plug-in."""
+
+
+@pytest.fixture
+def overfit():
+    """The method "test-overfit", registered for one test (the registry is global)."""
+    methods.register("test-overfit")(OverfitConfig)
+    driver.register_plugin(OverfitConfig, Overfit)
+    yield
+    del methods.METHODS["test-overfit"]
 
 
 def _linears(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def test_driver_logs_fallbacks_in_rows_report_jsonl_and_meta(tmp_path):
+def test_driver_logs_fallbacks_in_rows_report_jsonl_and_meta(tmp_path, overfit):
     log = tmp_path / "log.jsonl"
     with pytest.warns(RuntimeWarning, match="safety net: .* kept RTN"):
         model, rep = quantkern.quantize_model(tiny_llama(), None, SPEC2, method="test-overfit",
@@ -155,7 +167,7 @@ def _dequant(q: QuantLinear) -> torch.Tensor:
     return grid.dequantize_groups(codes, scales.float(), zeros.float(), g_idx)
 
 
-def test_switch_off_keeps_the_method_result():
+def test_switch_off_keeps_the_method_result(overfit):
     fp = tiny_llama()
     calib = tiny_tokens(4, 32)
     with warnings.catch_warnings():
@@ -231,11 +243,11 @@ def test_every_method_with_4_tokens_is_finite_and_no_worse_than_rtn(method, kw):
 
 def test_preflight_recommends_more_calibration():
     spec = QuantSpec(bits=4)
-    gptq = driver.make_method("gptq", spec)
+    gptq = driver.make_plugin(methods.GPTQ(**spec.to_dict()))
     line = driver.calibration_advice(gptq, 1536, 16, 256)
     assert line and "16 x 256 = 4096 tokens" in line and "1536" in line and "\n" not in line
     assert "nsamples=48 at seqlen=256" in line  # 8 tokens per feature
     assert driver.calibration_advice(gptq, 1536, 32, 512) is None
-    oac = driver.make_method("oac", spec)
+    oac = driver.make_plugin(methods.OAC(**spec.to_dict()))
     assert "wants >= 32 sequences" in driver.calibration_advice(oac, 64, 8, 2048)
     assert driver.calibration_advice(oac, 1536, 32, 512) is None

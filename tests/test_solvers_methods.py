@@ -231,20 +231,52 @@ def test_to_gptq_roundtrip(method):
 
 
 def test_exports_and_registry():
-    from quantkern.solvers import METHODS, register_method
+    import dataclasses
 
-    assert quantkern.solve is solve and quantkern.SolveResult is not None
+    from quantkern import methods
+    from quantkern.solvers import METHODS, register_solver
+
+    assert quantkern.solve is solve and quantkern.SolveResult is not None and METHODS is methods.METHODS
     assert {"rtn", "gptq", "ldlq", "gptaq", "snrq", "ksnrq"} <= set(METHODS)
 
-    @register_method("test_identity_rtn")
+    @methods.register("test_identity_rtn")
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Identity(methods.MethodConfig):
+        pass
+
+    @register_solver(Identity)
     def _m(W, H, spec, log):
         return solve(W, None, spec, "rtn")
 
     try:
         res = solve(torch.randn(4, 8), torch.eye(8), QuantSpec(bits=4, group_size=-1), "test_identity_rtn")
         assert res.codes.shape == (4, 8)
+        assert torch.equal(solve(torch.ones(4, 8), torch.eye(8), Identity(bits=4, group_size=-1)).codes,
+                           solve(torch.ones(4, 8), None, QuantSpec(bits=4, group_size=-1), "rtn").codes)
+        with pytest.raises(ValueError, match="registered twice"):
+            methods.register("test_identity_rtn")(type("Other", (methods.MethodConfig,), {}))
+        with pytest.raises(ValueError, match="already has a solver"):
+            register_solver(Identity)(lambda W, H, spec, log: None)
     finally:
         del METHODS["test_identity_rtn"]
+    with pytest.raises(ValueError, match="unknown method 'test_identity_rtn'"):
+        solve(torch.randn(4, 8), torch.eye(8), QuantSpec(), "test_identity_rtn")
+
+
+@pytest.mark.parametrize("name", ["gptq", "ldlq", "gptaq", "snrq", "ksnrq"])
+def test_solve_with_a_config_equals_solve_with_a_name(name):
+    """solve(W, H, Config(...)) is solve(W, H, spec, method=name, **options): the same codes."""
+    from quantkern.methods import METHODS
+
+    W, H, D = correlated(24, 70, seed=5)
+    spec = QuantSpec(bits=3, group_size=16)
+    opts = {"alpha": 0.5} if name in ("gptaq", "snrq", "ksnrq") else {}
+    extra = {"D": D} if opts else {}
+    a = solve(W, H, METHODS[name](**spec.to_dict(), **opts), **extra)
+    b = solve(W, H, spec, name, **opts, **extra)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.g_idx, b.g_idx)
+    with pytest.raises(ValueError, match="pass one of them"):
+        solve(W, H, METHODS[name](), method="rtn")
 
 
 def test_reference_backend_gives_same_codes(monkeypatch):

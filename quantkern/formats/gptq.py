@@ -124,42 +124,71 @@ def dequantize(t: dict, bits: int) -> torch.Tensor:
     return dequantize_groups(codes, scales.float(), zeros.float(), g_idx)
 
 
+def _stored_zeros(t: dict, bits: int) -> torch.Tensor:
+    """qzeros unpacked: the stored values [G, m] as int64 (zero - 1 in v1, the zero in v2)."""
+    m, _, _ = check_tensors(t, bits)
+    return _pack_ops.unpack_dim0(t["qzeros"].t().contiguous(), bits, m).t().to(torch.int64)
+
+
+def _store_zeros(t: dict, zeros: torch.Tensor, bits: int, dst: str) -> dict:
+    """t with qzeros re-packed from zero points [G, m] in format `dst`; ValueError where one cannot be stored."""
+    stored = zeros - CHECKPOINT_FORMATS[dst]
+    bad = (stored < 0) | (stored > (1 << bits) - 1)
+    if bad.any():
+        raise ValueError(f"a zero point of {int(zeros[bad][0])} cannot be stored as {dst!r} at {bits} bits (it stores "
+                         f"zero - {CHECKPOINT_FORMATS[dst]} in [0, {(1 << bits) - 1}])")
+    return {**t, "qzeros": _pack_ops.pack_dim0(stored.t().contiguous(), bits).t().contiguous()}
+
+
+def _check_format(*formats) -> None:
+    for f in formats:
+        if f not in CHECKPOINT_FORMATS:
+            raise ValueError(f"unknown GPTQ checkpoint_format {f!r}; known: {sorted(CHECKPOINT_FORMATS)}")
+
+
+def _check_v1_asym(stored: torch.Tensor, bits: int) -> None:
+    if (stored == (1 << bits) - 1).any():
+        raise ValueError(f"a zero point of 0 wrapped around in an asymmetric v1 checkpoint (stored {(1 << bits) - 1}); "
+                         "v1 cannot hold it, and quantkern's kernels need zero points >= 1")
+
+
+def _check_sym(zeros: torch.Tensor, bits: int) -> None:
+    bad = zeros != (1 << (bits - 1))
+    if bad.any():
+        raise ValueError(f"the config says sym=true but a zero point is {int(zeros[bad][0])}, not {1 << (bits - 1)}: "
+                         "a wrong sym or checkpoint_format (v1 stores zero - 1, gptq_v2 the zero itself)")
+
+
 def convert_qzeros(t: dict, bits: int, src: str, dst: str) -> dict:
     """The same tensors with qzeros re-stored from checkpoint_format `src` to `dst` (e.g. "gptq" -> "gptq_v2").
     Raises ValueError when a zero point cannot be stored in `dst` (0 in v1)."""
-    for f in (src, dst):
-        if f not in CHECKPOINT_FORMATS:
-            raise ValueError(f"unknown GPTQ checkpoint_format {f!r}; known: {sorted(CHECKPOINT_FORMATS)}")
-    delta = CHECKPOINT_FORMATS[src] - CHECKPOINT_FORMATS[dst]
-    if delta == 0:
+    _check_format(src, dst)
+    if CHECKPOINT_FORMATS[src] == CHECKPOINT_FORMATS[dst]:
         return t
-    m, _, _ = check_tensors(t, bits)
-    stored = _pack_ops.unpack_dim0(t["qzeros"].t().contiguous(), bits, m).to(torch.int64) + delta
-    bad = (stored < 0) | (stored > (1 << bits) - 1)
-    if bad.any():
-        zero = int(stored[bad][0]) + CHECKPOINT_FORMATS[dst]
-        raise ValueError(f"a zero point of {zero} cannot be stored as {dst!r} at {bits} bits (it stores "
-                         f"zero - {CHECKPOINT_FORMATS[dst]} in [0, {(1 << bits) - 1}])")
-    return {**t, "qzeros": _pack_ops.pack_dim0(stored, bits).t().contiguous()}
+    return _store_zeros(t, _stored_zeros(t, bits) + CHECKPOINT_FORMATS[src], bits, dst)
 
 
 def check_v1_asym_zeros(t: dict, bits: int) -> None:
     """An asymmetric v1 checkpoint storing maxq holds a zero point of 0 wrapped around (0 - 1), not maxq + 1,
     which no min/max grid produces: writers that subtract 1 word-wise (GPTQModel's v2 -> v1) then also
     borrow from the neighbouring zero. Raise ValueError rather than read either one wrong."""
-    m, _, _ = check_tensors(t, bits)
-    stored = _pack_ops.unpack_dim0(t["qzeros"].t().contiguous(), bits, m)
-    if (stored == (1 << bits) - 1).any():
-        raise ValueError(f"a zero point of 0 wrapped around in an asymmetric v1 checkpoint (stored {(1 << bits) - 1}); "
-                         "v1 cannot hold it, and quantkern's kernels need zero points >= 1")
+    _check_v1_asym(_stored_zeros(t, bits), bits)
 
 
 def check_sym_zeros(t: dict, bits: int) -> None:
     """v1 tensors of a symmetric grid hold the zero point 2^(bits-1) everywhere; anything else means the
     config lies (sym, or a v1/v2 checkpoint_format off by one), so raise ValueError naming it."""
-    m, _, _ = check_tensors(t, bits)
-    zeros = _pack_ops.unpack_dim0(t["qzeros"].t().contiguous(), bits, m).to(torch.int64) + 1
-    bad = zeros != (1 << (bits - 1))
-    if bad.any():
-        raise ValueError(f"the config says sym=true but a zero point is {int(zeros[bad][0])}, not {1 << (bits - 1)}: "
-                         "a wrong sym or checkpoint_format (v1 stores zero - 1, gptq_v2 the zero itself)")
+    _check_sym(_stored_zeros(t, bits) + CHECKPOINT_FORMATS["gptq"], bits)
+
+
+def read_qzeros(t: dict, bits: int, fmt: str, sym: bool) -> dict:
+    """A checkpoint module's tensors with qzeros as quantkern keeps them in memory (v1, the kernels'
+    convention), checked as check_v1_asym_zeros / check_sym_zeros do, from one unpack of qzeros."""
+    _check_format(fmt)
+    stored = _stored_zeros(t, bits)
+    if fmt == "gptq" and not sym:
+        _check_v1_asym(stored, bits)
+    zeros = stored + CHECKPOINT_FORMATS[fmt]
+    if sym:
+        _check_sym(zeros, bits)
+    return t if fmt == "gptq" else _store_zeros(t, zeros, bits, "gptq")

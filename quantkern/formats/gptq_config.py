@@ -57,7 +57,6 @@ def spec_from_config(qcfg: dict) -> QuantSpec:
         return QuantSpec(bits=bits, group_size=group_size, sym=bool(qcfg.get("sym", True)),
                          act_order=bool(qcfg.get("desc_act", False)),
                          static_groups=bool(qcfg.get("static_groups", False)),
-                         damp=float(qcfg.get("damp_percent", 0.01)),
-                         true_sequential=bool(qcfg.get("true_sequential", True)))
+                         damp=float(qcfg.get("damp_percent", 0.01)))
     except (TypeError, ValueError) as e:
         raise GPTQConfigError(f"quantize_config: {e}") from e

@@ -4,7 +4,8 @@ Directory layout:
     model.safetensors        <module>.qweight/.qzeros/.scales/.g_idx(/.bias) for quantized linears, every
                              other tensor of the model as is (tied copies stored once); a head rounded
                              to nearest is stored in float and rounded again at load (models/head.py)
-    quantize_config.json     GPTQ keys + a `meta` object (quantizer, method, alpha, K, zero-point
+    quantize_config.json     GPTQ keys + a `meta` object (quantizer, method, alpha, K, the method config
+                             (`config`: quantkern.methods MethodConfig.to_dict(), versioned), zero-point
                              convention, the head's load-time grid, per-module damp/fallback log);
                              mirrored into config.json as `quantization_config`
 
@@ -103,12 +104,14 @@ def quantize_config(model: nn.Module) -> dict:
         "bits": spec.bits, "group_size": spec.group_size, "desc_act": desc_act, "sym": spec.sym,
         # GPTQModel's key: the output projection is stored packed too
         "lm_head": isinstance(head, QuantLinear) and not rounded_at_load(head),
-        "static_groups": spec.static_groups, "damp_percent": spec.damp, "true_sequential": spec.true_sequential,
+        "static_groups": spec.static_groups, "damp_percent": spec.damp,
+        "true_sequential": True,  # GPTQ's key: quantkern's driver always solves a block's groups in order
         "quant_method": "gptq", "checkpoint_format": fmt, "pack_dtype": "int32",
         "meta": {
             "quantizer": "quantkern", "quantizer_version": __version__,
             "method": method.pop("method", None), "alpha": method.pop("alpha", None), "K": method.pop("K", None),
-            "method_options": method, "zero_point_convention": ZERO_POINT_CONVENTIONS[fmt],
+            "method_options": method, "config": info.get("config"),  # MethodConfig.to_dict(), versioned
+            "zero_point_convention": ZERO_POINT_CONVENTIONS[fmt],
             "quantized_modules": sorted(qmods), "modules": info.get("modules", {}),
             # linears inside the blocks left in float (routers, gates) and why
             "kept_float": info.get("kept_float", {}),
@@ -362,11 +365,7 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
             raise CheckpointError(f"{path}: {name}'s scales hold {G} groups, but group_size {mspec.group_size} "
                                   f"over {n} inputs means {mspec.num_groups(n)}: config and tensors disagree")
         try:  # in memory everything is v1 (the kernels' convention)
-            if fmt == "gptq" and not mspec.sym:
-                gptq.check_v1_asym_zeros(packed, mspec.bits)
-            packed = gptq.convert_qzeros(packed, mspec.bits, fmt, "gptq")
-            if mspec.sym:
-                gptq.check_sym_zeros(packed, mspec.bits)
+            packed = gptq.read_qzeros(packed, mspec.bits, fmt, mspec.sym)
         except ValueError as e:
             raise CheckpointError(f"{path}: {name}: {e}") from e
         sd[f"{name}.qzeros"] = packed["qzeros"]
@@ -395,6 +394,7 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
             raise CheckpointError(f"{path}: meta.lm_head_at_load {head_at_load}: {e}") from e
         round_head(model, head_spec)
     model.quantkern_info = {"spec": spec.to_dict(), "method": {"method": qcfg.get("meta", {}).get("method")},
+                            "config": qcfg.get("meta", {}).get("config"),  # absent before quantkern recorded it
                             "modules": qcfg.get("meta", {}).get("modules", {}), "quantize_config": qcfg,
                             "kept_float": qcfg.get("meta", {}).get("kept_float", {})}
     if qcfg.get("meta", {}).get("experts"):
@@ -427,34 +427,36 @@ def weight_files(path) -> list[Path]:
     return files
 
 
-def checkpoint_tensor_names(path) -> list[str]:
-    """Every tensor name in the checkpoint's safetensors files (headers only: nothing is loaded)."""
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
+
+
+def checkpoint_tensors(path) -> dict[str, int]:
+    """Every tensor in the checkpoint's weight files (weight_files: the index's shards) -> its bytes, from the
+    safetensors headers only (nothing is loaded)."""
     from safetensors import safe_open
 
-    names = []
+    out = {}
     for f in weight_files(path):
-        with safe_open(str(f), "pt") as sf:
-            names.extend(sf.keys())
-    return names
-
-
-def checkpoint_size(path) -> dict:
-    """Bytes on disk: total, and the packed tensors vs everything else in the weights."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    total = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    packed = other = 0
-    for f in path.glob("*.safetensors"):
         with safe_open(str(f), "pt") as sf:
             for k in sf.keys():
                 t = sf.get_slice(k)
-                nbytes = 1
+                nbytes = _DTYPE_BYTES.get(t.get_dtype(), 4)
                 for d in t.get_shape():
                     nbytes *= d
-                nbytes *= {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1}.get(t.get_dtype(), 4)
-                if k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx"):
-                    packed += nbytes
-                else:
-                    other += nbytes
-    return {"total": total, "packed_linears": packed, "other_tensors": other}
+                out[k] = nbytes
+    return out
+
+
+def checkpoint_tensor_names(path) -> list[str]:
+    """Every tensor name in the checkpoint's safetensors files (headers only: nothing is loaded)."""
+    return list(checkpoint_tensors(path))
+
+
+def checkpoint_size(path, tensors: dict[str, int] | None = None) -> dict:
+    """Bytes on disk: total, and the packed tensors vs everything else in the weights (`tensors`: the
+    checkpoint_tensors of `path`, if already read)."""
+    path = Path(path)
+    tensors = checkpoint_tensors(path) if tensors is None else tensors
+    total = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    packed = sum(b for k, b in tensors.items() if k.rsplit(".", 1)[-1] in gptq.TENSOR_NAMES)
+    return {"total": total, "packed_linears": packed, "other_tensors": sum(tensors.values()) - packed}

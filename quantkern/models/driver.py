@@ -1,6 +1,7 @@
 """Layer-by-layer quantization of a transformers causal LM.
 
-    model, report = quantize_model(model, tokenizer, QuantSpec(bits=4, group_size=64), method="snrq")
+    report = quantize(model, SNRQ(bits=4, group_size=64, alpha=0.25), tokenizer=tok)   # quantkern.quantize
+    model, report = quantize_model(model, tok, QuantSpec(bits=4, group_size=64), method="snrq")  # keyword form
 
 Flow (one block's activations in memory at a time):
 1. Cut calibration samples (quantkern.calibration.data) and capture the inputs of the first block,
@@ -12,9 +13,9 @@ Flow (one block's activations in memory at a time):
    collector, solve each linear of the group and put its dequantized weight in place. Finally run
    the quantized block to get the next block's inputs and swap its linears for QuantLinear.
 
-Methods plug in through `Method` (see `register_method`): a method says whether it needs the fp
-stream, makes a per-group statistics collector, and turns (weight, collector) into a SolveResult.
-`Method.prepare(model, samples)` runs once before the layer loop with gradients enabled: the hook
+Methods are configs (quantkern.methods); each runs through a `Plugin` (see `register_plugin`): it says
+whether the method needs the fp stream, makes a per-group statistics collector, and turns (weight,
+collector) into a SolveResult. `Plugin.before_layers(model, samples)` runs once before the layer loop with gradients enabled: the hook
 point for methods that need model-loss gradients w.r.t. each linear's output (OAC, YAQA), e.g. a
 full-model backward with hooks on the linears, storing per-linear statistics for `solve` to use.
 """
@@ -32,11 +33,12 @@ import torch.nn as nn
 from .. import console
 from ..calibration.data import calibration_samples, resolve_bos
 from ..calibration.shrinkage import shrink_to_diagonal
+from .. import methods
+from ..methods import METHODS, MethodConfig, make_config
 from ..spec import QuantSpec
 from ..calibration.stats import AsymAccumulator, HessianAccumulator
 from ..nn import QuantLinear
 from ..solvers import solve
-from ..solvers.registry import METHODS as SOLVER_METHODS, check_options
 from . import safety
 from .arch import find_blocks, kept_float, linear_groups, quantizable_linears
 from .errors import UnsupportedModelError
@@ -48,25 +50,27 @@ class _StopForward(Exception):
     """Raised by a hook once it has what it needs, to skip the rest of a block's forward."""
 
 
-# ----------------------------------------------------------------------------------- methods
+# ----------------------------------------------------------------------------------- plug-ins
 
-class Method:
-    """A quantization method as the driver sees it. Subclass and `register_method` to add one.
+class Plugin:
+    """A method as the driver sees it: how its statistics are collected and its solver called. The default
+    plug-in (activation H only, `quantkern.solve` with the config) serves GPTQ, LDLQ, AdaRound and any method
+    registered without one; subclass and `register_plugin(Config, cls)` for others.
 
     needs_fp_inputs: the collector also receives X_f, the input the full-precision model sees.
     shrink: statistics are shrunk towards their diagonal by how many tokens estimated them
-    (calibration.shrinkage; quantize_model(shrink=False) turns it off); `shrink_log` gets the rho of
+    (calibration.shrinkage; quantize(shrink=False) turns it off); `shrink_log` gets the rho of
     each one the last solve used.
     """
 
     needs_fp_inputs = False
     needs_activations = True  # False: no calibration forwards at all (RTN)
-    solver_method: str | None = None  # name passed to quantkern.solve (defaults to the registry name)
     shrink = True
     min_sequences = 0  # the preflight asks for at least this many calibration sequences
+    progress = True  # before_layers may draw its own bar (quantize(progress=...) sets it)
 
-    def __init__(self, name: str, spec: QuantSpec, seed: int = 0, **kwargs):
-        self.name, self.spec, self.seed, self.kwargs = name, spec, seed, kwargs
+    def __init__(self, config: MethodConfig, seed: int = 0):
+        self.config, self.spec, self.name, self.seed = config, config.spec, config.name, seed
         self.shrink_log: dict[str, float] = {}
 
     def shrunk(self, key: str, H: torch.Tensor, nsamples: float | None) -> torch.Tensor:
@@ -86,7 +90,7 @@ class Method:
         a = res.log.get("alpha")
         return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else 0.0
 
-    def prepare(self, model: nn.Module, samples: torch.Tensor) -> None:
+    def before_layers(self, model: nn.Module, samples: torch.Tensor) -> None:
         """Once, before the layer loop (gradients enabled). Default: nothing."""
 
     def collector(self, n: int):
@@ -96,14 +100,16 @@ class Method:
         collector.add_batch(x_q)
 
     def solve(self, name: str, weight: torch.Tensor, collector):
-        return solve(weight, self.hessian(collector), self.spec, method=self.solver_method or self.name, **self.kwargs)
+        return solve(weight, self.hessian(collector), self.config)
 
     def meta(self) -> dict:
-        """What the checkpoint records about the method (JSON-serialisable)."""
-        return {"method": self.name, **{k: v for k, v in self.kwargs.items() if isinstance(v, (int, float, str, bool))}}
+        """What the checkpoint records about the run (JSON-serialisable): the method, its scalar options, and
+        what the plug-in learned (subclasses add)."""
+        return {"method": self.name,
+                **{k: v for k, v in self.config.options().items() if isinstance(v, (int, float, str, bool))}}
 
 
-class RTN(Method):
+class RTNPlugin(Plugin):
     needs_activations = False
 
     def collector(self, n: int):
@@ -113,73 +119,62 @@ class RTN(Method):
         pass
 
     def solve(self, name, weight, collector):
-        return solve(weight, None, self.spec, method="rtn")
+        return solve(weight, None, self.config)
 
 
-class Asymmetric(Method):
+class AsymmetricPlugin(Plugin):
     """GPTAQ / SNRQ / K-SNRQ: H = (2/N) sum Xq Xq^T and D = (2/N) sum (Xf - Xq) Xq^T.
 
-    alpha: a number (fixed, default 0.25), "sample" (SNRQ-S: each sequence's D term is scaled by
-    min(a, 1-a), a ~ Beta(mixup, mixup), inside the accumulator) or "optimize" (SNRQ/K-SNRQ: closed-form
-    alpha* with the authors' one-layer lag: each module uses the alpha* its namesake in the previous
-    block reported). K: beam width for snrq/ksnrq (ksnrq defaults to 4).
+    alpha="sample" (SNRQ-S): each sequence's D term is scaled by min(a, 1-a), a ~ Beta(mixup, mixup), inside
+    the accumulator. alpha="optimize": closed-form alpha* with the authors' one-layer lag: each module uses the
+    alpha* its namesake in the previous block reported.
     """
 
     needs_fp_inputs = True
 
-    def __init__(self, name, spec, seed=0, alpha=0.25, mixup=5.0, K=None, alpha_mode=None, **kwargs):
-        if alpha_mode is not None:  # CLI spelling: --alpha-mode sample
-            if alpha_mode not in ("fixed", "sample", "optimize"):
-                raise ValueError(f"alpha_mode must be 'fixed', 'sample' or 'optimize', got {alpha_mode!r}")
-            alpha = alpha if alpha_mode == "fixed" else alpha_mode
-        if name in ("snrq", "ksnrq"):
-            kwargs["K"] = K if K is not None else (4 if name == "ksnrq" else 1)
-        elif K not in (None, 1):
-            raise ValueError(f"{name} has no K (beam width); use snrq/ksnrq")
-        super().__init__(name, spec, seed, alpha=alpha, **kwargs)
-        self.mixup = mixup
+    def __init__(self, config, seed=0):
+        super().__init__(config, seed)
         self._alpha_lag: dict[str, float] = {}
 
     def collector(self, n):
-        mode = "sample" if self.kwargs["alpha"] == "sample" else "fixed"
-        return AsymAccumulator(n, alpha_mode=mode, mixup=self.mixup, seed=self.seed)
+        if self.config.alpha == "sample":
+            return AsymAccumulator(n, alpha_mode="sample", mixup=self.config.mixup, seed=self.seed)
+        return AsymAccumulator(n, alpha_mode="fixed", seed=self.seed)
 
     def add(self, collector, x_q, x_f):
         collector.add_batch(x_q, x_f)
 
     def solve(self, name, weight, collector):
-        kw = dict(self.kwargs)
-        if kw["alpha"] == "optimize" and name in self._alpha_lag:
-            kw["alpha_prev"] = self._alpha_lag[name]
-        res = solve(weight, self.hessian(collector), self.spec, method=self.solver_method or self.name, D=collector.D,
-                    **kw)
-        if kw["alpha"] == "optimize":
+        lag = {}
+        if self.config.alpha == "optimize" and name in self._alpha_lag:
+            lag["alpha_prev"] = self._alpha_lag[name]
+        res = solve(weight, self.hessian(collector), self.config, D=collector.D, **lag)
+        if self.config.alpha == "optimize":
             nxt = res.log.get("alpha_next", res.log.get("alpha"))
             if nxt is not None:
                 self._alpha_lag[name] = float(nxt)
         return res
 
-    def meta(self):
-        return {**super().meta(), "mixup": self.mixup} if self.kwargs["alpha"] == "sample" else super().meta()
+
+def register_plugin(config: type[MethodConfig], plugin: type[Plugin]) -> None:
+    """Make the driver run method `config` (a registered MethodConfig subclass) with `plugin`."""
+    if not (isinstance(plugin, type) and issubclass(plugin, Plugin)):
+        raise TypeError("register_plugin needs a quantkern.models.driver.Plugin subclass")
+    if not (isinstance(config, type) and issubclass(config, MethodConfig) and METHODS.get(config.name) is config):
+        raise TypeError(f"register_plugin needs a config class registered in quantkern.methods, got {config!r}")
+    config.plugin = plugin
 
 
-METHODS: dict[str, type[Method]] = {"rtn": RTN, "gptq": Method, "gptaq": Asymmetric, "snrq": Asymmetric,
-                                    "ksnrq": Asymmetric}
+for _config, _plugin in ((methods.RTN, RTNPlugin), (methods.GPTQ, Plugin), (methods.LDLQ, Plugin),
+                         (methods.GPTAQ, AsymmetricPlugin), (methods.SNRQ, AsymmetricPlugin),
+                         (methods.KSNRQ, AsymmetricPlugin)):
+    register_plugin(_config, _plugin)
 
 
-def register_method(name: str, cls: type[Method]) -> None:
-    """Make `quantize_model(..., method=name)` use `cls` (a Method subclass)."""
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise TypeError("register_method needs a quantkern.models.driver.Method subclass")
-    METHODS[name] = cls
-
-
-def make_method(name: str, spec: QuantSpec, seed: int = 0, **kwargs) -> Method:
-    # unknown names still go to quantkern.solve with H: solvers registered there work without a driver entry
-    plugin = METHODS.get(name, Method)(name, spec, seed=seed, **kwargs)
-    if (plugin.solver_method or name) in SOLVER_METHODS:  # (a plug-in may solve its own way under its own name)
-        check_options(plugin.solver_method or name, plugin.kwargs)
-    return plugin
+def make_plugin(config: MethodConfig, seed: int = 0) -> Plugin:
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"expected a method config (quantkern.methods, e.g. SNRQ(bits=4)), got {type(config).__name__}")
+    return (type(config).plugin or Plugin)(config, seed=seed)
 
 
 # ----------------------------------------------------------------------------------- report
@@ -200,6 +195,7 @@ class QuantReport:
     safety_net: bool = True
     safety_fallbacks: int = 0  # modules whose method lost to RTN on their own statistics (RTN kept)
     experts: dict = dataclasses.field(default_factory=dict)  # "layer.container.e" -> routed tokens, side pass
+    config: dict | None = None  # the method config, MethodConfig.to_dict() (versioned)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -304,13 +300,39 @@ def check_linears(blocks, chosen, spec: QuantSpec) -> None:
                           stacklevel=3)
 
 
-def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | None = None, method: str = "gptq",
-                   calib="shakespeare", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
-                   layers: int | Iterable[int] | None = None, log_path=None, progress: bool = True, verbose: bool = False,
+def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | MethodConfig | dict | None = None,
+                   method: str | None = None, calib="shakespeare", nsamples: int = 32, seqlen: int = 512,
+                   seed: int = 0, layers: int | Iterable[int] | None = None, log_path=None, progress: bool = True,
+                   verbose: bool = False,
                    lm_head="auto", fuse: bool = True, quantize_lm_head: bool | None = None, safety_net: bool = True,
                    shrink: bool = True, moe_min_tokens: int | None = None, bos: bool | None = None,
                    **method_kwargs):
-    """Quantize the decoder blocks of `model` in place; returns (model, QuantReport).
+    """The keyword form of `quantize`, kept for existing callers: returns (model, QuantReport).
+
+    The config is `make_config(method, spec, **method_kwargs)` (method default "gptq"; a config as `spec`
+    is used as given, `method_kwargs` on top); quantize_lm_head is the older spelling of lm_head=True (True) /
+    lm_head=None (False). Everything else as `quantize`.
+    """
+    if isinstance(spec, MethodConfig):
+        name = method or spec.name
+        config = spec if name == spec.name and not method_kwargs else make_config(
+            name, spec, **({**spec.options(), **method_kwargs} if name == spec.name else method_kwargs))
+    else:
+        config = make_config(method or "gptq", QuantSpec(**spec) if isinstance(spec, dict) else spec, **method_kwargs)
+    if quantize_lm_head is not None:
+        lm_head = True if quantize_lm_head else None
+    report = quantize(model, config, tokenizer=tokenizer, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                      layers=layers, log_path=log_path, progress=progress, verbose=verbose, lm_head=lm_head, fuse=fuse,
+                      safety_net=safety_net, shrink=shrink, moe_min_tokens=moe_min_tokens, bos=bos)
+    return model, report
+
+
+def quantize(model: nn.Module, config: MethodConfig, *, tokenizer=None, calib="shakespeare", nsamples: int = 32,
+             seqlen: int = 512, seed: int = 0, layers: int | Iterable[int] | None = None, log_path=None,
+             progress: bool = True, verbose: bool = False, lm_head="auto", fuse: bool = True, safety_net: bool = True,
+             shrink: bool = True, moe_min_tokens: int | None = None, bos: bool | None = None) -> "QuantReport":
+    """Quantize the decoder blocks of `model` in place with `config` (a method config from quantkern.methods,
+    e.g. SNRQ(bits=4, group_size=64, alpha=0.25): the grid, the method and its options); returns the QuantReport.
 
     calib: a built-in corpus name, paths, strings (need `tokenizer`) or a token tensor [N, T].
     layers: quantize only these block indices (an int N = the first N blocks); others stay fp.
@@ -328,7 +350,6 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
         A rounded head is saved in float (tied where the model ties it) and rounded again at load, so every
         GPTQ reader loads it (quantkern.models.head). A "same" head is untied first (the input embedding
         keeps its float table) and saved packed: GPTQModel and quantkern load it, transformers does not.
-    quantize_lm_head: the older spelling of lm_head=True (True) / lm_head=None (False).
     fuse: run linears that read the same input (q/k/v, gate/up) as one kernel call (quantkern.nn.fused).
     safety_net: after each solve, score the result and RTN's on the layer's own activation statistics
         and keep RTN's codes where the method lost or is not finite (models/safety.py); logged per module
@@ -340,11 +361,10 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
         through that expert alone; the block's output still follows the router). Recorded per expert.
     bos: calibration samples start with the BOS token (True), never (False), or as the tokenizer does by
         default (None: calibration.data.resolve_bos); a token-tensor `calib` is used as given. Recorded.
-    method_kwargs go to the method (e.g. alpha=0.25, K=4, alpha="sample").
     """
     t_start = time.perf_counter()
-    spec = QuantSpec(**spec) if isinstance(spec, dict) else (spec or QuantSpec())
-    plugin = make_method(method, spec, seed=seed, **method_kwargs)
+    plugin = make_plugin(config, seed=seed)
+    spec = config.spec
     plugin.shrink = bool(shrink)
     model.eval()
     # everything that can refuse the model does so here, before any calibration work
@@ -362,16 +382,14 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
             raise ValueError("quantize_model needs a tokenizer to cut calibration text (or pass calib as a token tensor)")
         bos_id = resolve_bos(tokenizer, bos)
         samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed, bos=bos_id is not None)
-    if quantize_lm_head is not None:
-        lm_head = True if quantize_lm_head else None
     if lm_head == "auto" and len(chosen) < len(blocks):
         lm_head = None  # a partial run (debugging, experiments) changes only the blocks it was asked to
     head_mode, head_spec = resolve_lm_head(lm_head, spec, model)
     # a solved head needs its own weight (the solver writes into it); a rounded one keeps the float (tied) one
     head_name = untie_lm_head(model) if head_mode == "same" else None
     calibrated_head = head_mode == "same"
-    report = QuantReport(method, spec.to_dict(), plugin.meta(), samples.shape[0], samples.shape[1], chosen,
-                         safety_net=bool(safety_net))
+    report = QuantReport(config.name, spec.to_dict(), plugin.meta(), samples.shape[0], samples.shape[1], chosen,
+                         safety_net=bool(safety_net), config=config.to_dict())
     if plugin.needs_activations and (chosen or calibrated_head):
         advice = calibration_advice(plugin, _widest_input(blocks, chosen, model, head_name if calibrated_head else None),
                                     samples.shape[0], samples.shape[1])
@@ -384,7 +402,7 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
         try:
             plugin.progress = progress  # gradient statistics (OAC / YAQA) draw their own bar
             with torch.enable_grad():
-                plugin.prepare(model, samples)
+                plugin.before_layers(model, samples)
             with torch.no_grad():
                 if plugin.needs_activations and (chosen or calibrated_head):
                     inps, fp_inps = _layer_loop(model, blocks, chosen, samples, run, through_all=calibrated_head)
@@ -410,7 +428,7 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
     report.total_s = time.perf_counter() - t_start
     _summarise_safety(report, progress)
     model.quantkern_info = {
-        "spec": spec.to_dict(), "method": report.method_meta, "block_path": block_path,
+        "spec": spec.to_dict(), "method": report.method_meta, "config": report.config, "block_path": block_path,
         "lm_head": {"mode": head_mode, "spec": head_spec.to_dict() if head_spec is not None else None},
         "modules": {(r["module"] if r["layer"] is None else f"{block_path}.{r['layer']}.{r['module']}"):
                     {k: r[k] for k in ("damp", "retries", "fallback", "loss", "safety", "shrink") if k in r}
@@ -429,7 +447,7 @@ def quantize_model(model: nn.Module, tokenizer=None, spec: QuantSpec | dict | No
         from ..nn import fuse_quant_groups
 
         fuse_quant_groups(model)
-    return model, report
+    return report
 
 
 class _Run:
@@ -803,7 +821,7 @@ def _widest_input(blocks, chosen, model, head_name=None) -> int:
 
 def calibration_advice(plugin, n_max: int, nsamples: int, seqlen: int) -> str | None:
     """One line recommending more calibration data when nsamples x seqlen tokens are few for inputs n_max
-    wide (or for the method's own needs, `Method.min_sequences`); None when the amount is fine."""
+    wide (or for the method's own needs, `Plugin.min_sequences`); None when the amount is fine."""
     tokens = nsamples * seqlen
     need_seq = int(getattr(plugin, "min_sequences", 0) or 0)
     if n_max <= 0 or (tokens >= MIN_TOKENS_PER_INPUT * n_max and nsamples >= need_seq):

@@ -1,7 +1,7 @@
 """Driver plug-ins for the methods beyond the layer-wise proxy: OAC, YAQA (need model-loss gradients)
 and AdaRound (needs only H). Registered with the layer-by-layer driver under "oac", "yaqa", "adaround".
 
-OAC / YAQA: `prepare` runs once before the layer loop on the still full-precision model (cross-layer
+OAC / YAQA: `before_layers` runs once before the layer loop on the still full-precision model (cross-layer
 independence, as both papers do): a forward + backward of the summed next-token cross-entropy per
 calibration sequence, with hooks on every linear of the blocks to be quantized
 (quantkern.calibration.fisher). Then, per linear:
@@ -32,50 +32,32 @@ import time
 import torch
 import torch.nn as nn
 
-from ..calibration.fisher import FISHER_KINDS, collect_grad_stats
+from ..calibration.fisher import collect_grad_stats
 from ..calibration.stats import AsymAccumulator, HessianAccumulator
 from ..solvers import solve
 from .arch import find_blocks
-from .driver import Method, register_method
+from ..methods import OAC, YAQA, AdaRound
+from .driver import Plugin, register_plugin
 
 
-class GradientMethod(Method):
-    kind = "oac"
-    default_labels = "data"
+class GradientPlugin(Plugin):
+    """OAC / YAQA: gradient statistics once before the layer loop, then one solve per linear (options: the
+    config's, quantkern.methods.OAC / YAQA)."""
 
-    def __init__(self, name, spec, seed=0, labels=None, grad_nsamples=None, grad_batch=1, h_in=None,
-                 grad_stats_path=None, fisher="sequence", h_mix=None, grad_kind=None, row_groups=1, **kwargs):
-        if h_in not in (None, "fisher", "act"):
-            raise ValueError(f"h_in must be 'fisher' or 'act', got {h_in!r}")
-        if name == "oac" and h_in == "act":
-            raise ValueError("oac uses the output-adaptive Hessian; h_in='act' would be plain GPTQ (use h_mix)")
-        if h_in is not None and h_mix is not None:
-            raise ValueError("pass h_mix or h_in, not both")
-        h_mix = (0.0 if h_in == "act" else 1.0) if h_mix is None else float(h_mix)
-        if not 0.0 <= h_mix <= 1.0:
-            raise ValueError(f"h_mix must lie in [0, 1], got {h_mix!r}")
-        if fisher not in FISHER_KINDS:
-            raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
-        if isinstance(row_groups, bool) or not isinstance(row_groups, int) or row_groups < 1:
-            raise ValueError(f"row_groups must be an integer >= 1, got {row_groups!r}")
-        if row_groups > 1 and (name != "oac" or fisher != "token"):
-            raise ValueError("row_groups > 1 is an option of oac with fisher='token'")
-        if grad_kind not in (None, self.kind, "both"):
-            raise ValueError(f"grad_kind must be {self.kind!r} or 'both', got {grad_kind!r}")
-        super().__init__(name, spec, seed, **kwargs)
-        self.labels = labels or self.default_labels
-        self.grad_nsamples, self.grad_batch, self.h_mix, self.fisher = grad_nsamples, grad_batch, h_mix, fisher
-        self.grad_kind = grad_kind or self.kind
-        self.row_groups = row_groups
-        self.grad_stats_path = grad_stats_path
+    def __init__(self, config, seed=0):
+        super().__init__(config, seed)
+        c = config
+        self.labels, self.grad_nsamples, self.grad_batch = c.labels, c.grad_nsamples, c.grad_batch
+        self.h_mix, self.fisher, self.grad_kind = c.h_mix, c.fisher, c.grad_kind
+        self.row_groups = getattr(c, "row_groups", 1)
+        self.grad_stats_path = c.grad_stats_path
         self._stats: dict[int, object] = {}
         self.prepare_s = 0.0
-        snrq_like = kwargs.get("core") == "snrq" or kwargs.get("grid_from") == "snrq"
-        self.needs_fp_inputs = snrq_like and h_mix < 1.0  # D: the mismatch of the fp and quantized streams
+        self.needs_fp_inputs = c.uses_snrq() and c.h_mix < 1.0  # D: the mismatch of the fp and quantized streams
         # the sequence Fisher sums one outer product per sequence: fewer than ~32 is a noisy estimate
-        self.min_sequences = 32 if fisher == "sequence" and h_mix > 0 else 0
+        self.min_sequences = 32 if c.fisher == "sequence" and c.h_mix > 0 else 0
 
-    def prepare(self, model: nn.Module, samples: torch.Tensor) -> None:
+    def before_layers(self, model: nn.Module, samples: torch.Tensor) -> None:
         t0 = time.perf_counter()
         block_path, blocks = find_blocks(model)
         names, ptrs = [], []
@@ -92,7 +74,7 @@ class GradientMethod(Method):
         stats = self._load(key)
         if stats is None:
             stats = collect_grad_stats(model, use, names, kind=self.grad_kind, labels=self.labels,
-                                       batch_size=self.grad_batch, seed=self.seed, progress=getattr(self, "progress", True),
+                                       batch_size=self.grad_batch, seed=self.seed, progress=self.progress,
                                        row_groups=self.row_groups)
             if self.grad_stats_path:
                 torch.save({"key": key, "stats": stats}, self.grad_stats_path)
@@ -130,7 +112,7 @@ class GradientMethod(Method):
     def stats_for(self, name, weight):
         st = self._stats.get(weight.data_ptr())
         if st is None:
-            raise RuntimeError(f"{self.name}: no gradient statistics for {name!r} (prepare() not run, or the driver "
+            raise RuntimeError(f"{self.name}: no gradient statistics for {name!r} (before_layers() not run, or the driver "
                                "passed a copy of the weight: gradient methods need an fp32 model)")
         return st
 
@@ -140,19 +122,19 @@ class GradientMethod(Method):
         F = st.input_side(self.fisher)
         if self.h_mix > 0.0:
             F = self.shrunk("F", F, n_eff)
-        kw = dict(self.kwargs)
+        kw = {}
         if self.needs_fp_inputs:
             kw["D"] = collector.D
         if self.name == "oac":
             if self.h_mix == 1.0:
-                return solve(weight, F, self.spec, method="oac", **kw)
-            return solve(weight, self.hessian(collector), self.spec, method="oac", H_oac=F, h_mix=self.h_mix, **kw)
+                return solve(weight, F, self.config, **kw)
+            return solve(weight, self.hessian(collector), self.config, H_oac=F, h_mix=self.h_mix, **kw)
         H_out = self.shrunk("H_out", st.output_side(self.fisher), n_eff)
         if self.h_mix == 1.0:
-            return solve(weight, F, self.spec, method="yaqa", H_out=H_out, **kw)
+            return solve(weight, F, self.config, H_out=H_out, **kw)
         if self.h_mix > 0.0:
             kw.update(H_fisher=F, h_mix=self.h_mix)
-        return solve(weight, self.hessian(collector), self.spec, method="yaqa", H_out=H_out, **kw)
+        return solve(weight, self.hessian(collector), self.config, H_out=H_out, **kw)
 
     def net_alpha(self, res):
         # the snrq core / grid aims at the fp stream with (1 - h_mix) alpha (oac.py, yaqa.py)
@@ -163,20 +145,6 @@ class GradientMethod(Method):
                 "fisher": self.fisher, "row_groups": self.row_groups, "grad_stats_s": round(self.prepare_s, 2)}
 
 
-class OAC(GradientMethod):
-    kind = "oac"
-    default_labels = "data"
-
-
-class YAQA(GradientMethod):
-    kind = "yaqa"
-    default_labels = "sample"
-
-
-class AdaRound(Method):
-    """Layer-wise: H from the driver's activations, learned rounding (quantkern.solve method="adaround")."""
-
-
-register_method("oac", OAC)
-register_method("yaqa", YAQA)
-register_method("adaround", AdaRound)
+register_plugin(OAC, GradientPlugin)
+register_plugin(YAQA, GradientPlugin)
+register_plugin(AdaRound, Plugin)  # layer-wise: H from the driver's activations, learned rounding

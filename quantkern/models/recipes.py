@@ -1,6 +1,9 @@
-"""Named recipes: a driver method plus the options quantkern found best on SmolLM2 (benchmarks/bench_e2e.py,
-docs/methods_beyond_proxy.md). `quantkern quantize --recipe NAME`, or in Python
-`method, kw = recipe(NAME); quantize_model(model, tok, spec, method=method, **kw)`.
+"""Named recipes: a method config with the options quantkern found best on SmolLM2 (benchmarks/bench_e2e.py,
+docs/methods_beyond_proxy.md). The grid (bits, group size, ...) is the caller's: `with_grid(RECIPES[name], spec)`.
+
+    quantkern.quantize(model, with_grid(RECIPES["yaqa-guard"], QuantSpec(bits=2, group_size=64)), tokenizer=tok)
+    quantkern quantize --recipe yaqa-guard --bits 2 --group-size 64 ...
+    method, kw = recipe(name); quantize_model(model, tok, spec, method=method, **kw)   # the keyword form
 
 The plain method names (`--method oac`, `--method yaqa`) keep the papers' recipes; these are OUR variants:
     oac-snrq    OAC's per-token Fisher (4 row blocks) blended 1:3 with the activation Hessian, SNRQ's core.
@@ -13,21 +16,24 @@ The plain method names (`--method oac`, `--method yaqa`) keep the papers' recipe
 """
 from __future__ import annotations
 
-_OAC = {"core": "snrq", "fisher": "token", "row_groups": 4, "h_mix": 0.25, "labels": "data"}
-_YAQA = {"grid_from": "snrq", "h_mix": 0.0, "fisher": "sequence", "out_damp": 1.0, "labels": "data",
-         "grad_kind": "both"}
-RECIPES: dict[str, tuple[str, dict]] = {  # name -> (driver method, method kwargs)
-    "oac-snrq": ("oac", _OAC),
-    "yaqa-snrq": ("yaqa", _YAQA),
-    "snrq-guard": ("snrq", {"alpha": 0.25, "grid": "guard"}),
-    "oac-guard": ("oac", {**_OAC, "grid": "guard"}),
-    "yaqa-guard": ("yaqa", {**_YAQA, "grid": "guard"}),
+import dataclasses
+
+from ..methods import OAC, SNRQ, YAQA, MethodConfig
+
+_OAC = OAC(core="snrq", fisher="token", row_groups=4, h_mix=0.25, labels="data")
+_YAQA = YAQA(grid_from="snrq", h_mix=0.0, fisher="sequence", out_damp=1.0, labels="data", grad_kind="both")
+RECIPES: dict[str, MethodConfig] = {
+    "oac-snrq": _OAC,
+    "yaqa-snrq": _YAQA,
+    "snrq-guard": SNRQ(alpha=0.25, grid="guard"),
+    "oac-guard": dataclasses.replace(_OAC, grid="guard"),
+    "yaqa-guard": dataclasses.replace(_YAQA, grid="guard"),
 }
 
 
 def recipe(name: str) -> tuple[str, dict]:
-    """(driver method, a fresh copy of its kwargs)."""
+    """(method name, its options) of recipe `name`: the keyword form, for quantize_model(..., method=, **kw)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
-    method, kw = RECIPES[name]
-    return method, dict(kw)
+    config = RECIPES[name]
+    return config.name, config.options()

@@ -31,7 +31,8 @@ import math
 import torch
 
 from .kron_ldlq import _single_thread
-from .registry import register_method
+from ..methods import AdaRound
+from .registry import get_solver, register_solver
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -174,7 +175,7 @@ def adaround(
 
 # ------------------------------------------------------------------------ quantkern.solve method
 
-@register_method("adaround")
+@register_solver(AdaRound)
 def solve_adaround(W, H, spec, log, base: str = "rtn", iters: int = 500, lr: float | None = None,
                    lam: float = 1.0, b_start: float = 20.0, b_end: float = 2.0, warmup: float = 0.2,
                    seed: int = 0, progress: bool = False, **base_params):
@@ -183,7 +184,6 @@ def solve_adaround(W, H, spec, log, base: str = "rtn", iters: int = 500, lr: flo
     from .. import grid as grid_mod
     from .core import proxy_loss
     from .hessian import mask_dead
-    from .registry import get_method
     from .result import SolveResult
 
     if base == "rtn":
@@ -193,7 +193,7 @@ def solve_adaround(W, H, spec, log, base: str = "rtn", iters: int = 500, lr: flo
     else:
         if base == "adaround":
             raise ValueError("adaround: base must be a different method")
-        ref = get_method(base)(W, H, spec, {}, **base_params)
+        ref = get_solver(base)(W, H, spec, {}, **base_params)
         scales, zeros, g_idx = ref.scales, ref.zeros, ref.g_idx
     gi = g_idx.long()
     S = scales[gi].t().contiguous()

@@ -6,26 +6,34 @@ import warnings
 
 import torch
 
+from ..methods import MethodConfig
 from ..spec import QuantSpec
 from .hessian import HessianError, check_hessian
-from .registry import get_method
+from .registry import get_solver
 from .result import SolveResult
 from .rtn import rtn_result
 
 
-def solve(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec | None = None, method: str = "gptq",
-          **params) -> SolveResult:
+def solve(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec | MethodConfig | None = None,
+          method: str | None = None, **params) -> SolveResult:
     """Quantize one weight W [m, n] (out x in) given its Hessian H [n, n] = (2/N) sum X X^T.
 
-    method: "rtn", "gptq", "ldlq", "gptaq", "snrq", "ksnrq" (+ whatever other modules registered).
-    params: method options, e.g. D=..., alpha=0.25 | "sample" | "optimize", K=4, cd_passes=1.
+    spec: a QuantSpec (the grid; then `method` names the method, default "gptq", and params are its options)
+        or a method config (quantkern.methods, e.g. SNRQ(bits=2, alpha=0.5): its grid, method and options).
+    method: a name in quantkern.methods.METHODS (e.g. "gptq", "snrq").
+    params: method options and per-layer inputs, e.g. D=..., alpha=0.25 | "sample" | "optimize", K=4.
     An all-zero H (no calibration signal) or a Hessian nothing can factorise falls back to RTN for
     this layer with a warning and log["fallback"] = "rtn". Bad input raises ValueError.
     """
     spec = QuantSpec() if spec is None else spec
+    if isinstance(spec, MethodConfig):
+        if method not in (None, spec.name):
+            raise ValueError(f"solve got a {type(spec).__name__} config and method={method!r}; pass one of them")
+        method, params, spec = spec.name, {**spec.solver_options(), **params}, spec.spec
     if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-    fn = get_method(method)
+        raise TypeError(f"spec must be a QuantSpec or a method config, got {type(spec).__name__}")
+    method = method or "gptq"
+    fn = get_solver(method)
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
         raise ValueError(f"W must be a 2-D [out, in] tensor, got {tuple(W.shape) if isinstance(W, torch.Tensor) else W!r}")
     if not W.is_floating_point():

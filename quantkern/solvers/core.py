@@ -22,8 +22,9 @@ from .hessian import inverse_cholesky, mask_dead
 BLOCKSIZE = 128
 
 
-class Prepared:
-    """Everything in processing order: W (dead columns zeroed), H (masked), Hd (damped), U, perm."""
+class LayerProblem:
+    """One layer's solve in processing order: W (dead columns zeroed), H (masked), Hd (damped), U, perm.
+    (Not ops.qgemm.Prepared, a packed weight laid out for a kernel, nor adaround.Problem.)"""
 
     def __init__(self, W, H, spec: QuantSpec, act_order: bool, log: dict, perm: torch.Tensor | None = None):
         """perm: a fixed processing order (act_order only) instead of descending diag(H), so that
@@ -144,7 +145,7 @@ def coordinate_descent(Qc, T, Hd, scales, zeros, gidx_p, spec, passes, log):
     return codes.to(torch.uint8)
 
 
-def make_result(prep: Prepared, codes_p, scales, zeros, gidx_p, loss_rows, log, method, params):
+def make_result(prep: LayerProblem, codes_p, scales, zeros, gidx_p, loss_rows, log, method, params):
     from .result import SolveResult
 
     codes = prep.unpermute_cols(codes_p)

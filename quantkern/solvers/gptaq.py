@@ -12,7 +12,8 @@ import torch
 
 from .. import grid
 from . import core
-from .registry import register_method
+from ..methods import GPTAQ
+from .registry import register_solver
 
 
 def check_D(D, n):
@@ -31,12 +32,12 @@ def check_alpha(alpha):
     return float(alpha)
 
 
-@register_method("gptaq")
+@register_solver(GPTAQ)
 def gptaq(W, H, spec, log, D=None, alpha=0.25, backend=None):
     n = W.shape[1]
     D = check_D(D, n)
     alpha = check_alpha(alpha)
-    prep = core.Prepared(W, H, spec, spec.act_order, log)
+    prep = core.LayerProblem(W, H, spec, spec.act_order, log)
     Dp = D.clone()
     Dp[:, prep.dead] = 0
     Dp = prep.permute_sym(Dp)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from .. import grid
 from . import core
-from .registry import register_method
+from ..methods import GPTQ, LDLQ
+from .registry import register_solver
 
 
-@register_method("gptq")
+@register_solver(GPTQ)
 def gptq(W, H, spec, log, backend=None):
-    prep = core.Prepared(W, H, spec, spec.act_order, log)
+    prep = core.LayerProblem(W, H, spec, spec.act_order, log)
     if spec.static_groups:
         scales, zeros = grid.group_params(prep.unpermute_cols(prep.W), spec)  # original order
         gidx_p = prep.natural_groups_in_processing_order()
@@ -31,9 +32,9 @@ def gptq(W, H, spec, log, backend=None):
     return core.make_result(prep, codes_p, scales, zeros, gidx_p, loss, log, "gptq", {})
 
 
-@register_method("ldlq")
+@register_solver(LDLQ)
 def ldlq(W, H, spec, log, backend=None):
-    prep = core.Prepared(W, H, spec, spec.act_order, log)
+    prep = core.LayerProblem(W, H, spec, spec.act_order, log)
     gidx_p = prep.processing_groups()
     scales, zeros = prep.static_params_processing(prep.W)
     codes_p, scales, zeros, loss = core.run_block_solve(prep.W, prep.U, None, gidx_p, scales, zeros, spec, False,

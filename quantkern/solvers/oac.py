@@ -33,12 +33,13 @@ from __future__ import annotations
 import torch
 
 from .hessian import blend
-from .registry import get_method, register_method
+from ..methods import OAC
+from .registry import get_solver, register_solver
 
 CORES = ("gptq", "snrq")
 
 
-@register_method("oac")
+@register_solver(OAC)
 def solve_oac(W, H, spec, log, H_oac=None, core: str = "gptq", h_mix: float = 1.0, D=None, alpha=0.25,
               **core_params):
     """quantkern.solve(W, H, spec, method="oac"): pass the OAC Hessian as H, or as H_oac (then H is the
@@ -72,7 +73,7 @@ def solve_oac(W, H, spec, log, H_oac=None, core: str = "gptq", h_mix: float = 1.
 
 def _solve(W, He, spec, log, core, h_mix, D, alpha, core_params):
     if core == "gptq":
-        return get_method("gptq")(W, He, spec, log, **core_params)
+        return get_solver("gptq")(W, He, spec, log, **core_params)
     n = W.shape[1]
     if D is None:
         De = torch.zeros(n, n, device=W.device)
@@ -80,7 +81,7 @@ def _solve(W, He, spec, log, core, h_mix, D, alpha, core_params):
         De = D.detach().to(W.device).float()  # exactly SNRQ's inputs
     else:
         De = (1.0 - float(h_mix)) * D.detach().to(W.device).float()
-    return get_method("snrq")(W, He, spec, log, D=De, alpha=alpha, **core_params)
+    return get_solver("snrq")(W, He, spec, log, D=De, alpha=alpha, **core_params)
 
 
 def _solve_row_blocks(W, H, F, spec, log, core, h_mix, D, alpha, core_params):

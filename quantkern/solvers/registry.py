@@ -1,46 +1,37 @@
-"""Method registry: `@register_method("name")` adds a solver that `quantkern.solve` can dispatch to.
+"""Solver registry: `@register_solver(Config)` binds the function `quantkern.solve` runs for a method.
 
-A method is `fn(W, H, spec, log, **params) -> SolveResult`. W [m, n] fp32 and H [n, n] fp32 are
-already validated (shape, finite); `log` is the dict that becomes SolveResult.log. Unknown keyword
-arguments must raise TypeError (so typos in solve(...) are caught). Other helpers add methods
-(adaround, oac, yaqa, ...) with one import line in quantkern/solvers/__init__.py.
+The method names and their configs live in quantkern.methods (METHODS); this module only attaches each
+config's solver. A solver is `fn(W, H, spec, log, **params) -> SolveResult`: W [m, n] fp32 and H [n, n]
+fp32 are already validated (shape, finite), `log` is the dict that becomes SolveResult.log, params are
+the config's `solver_options()` plus per-layer inputs (D, H_out, ...). Unknown keyword arguments must
+raise TypeError (so typos in solve(...) are caught).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
-METHODS: dict[str, Callable] = {}
+from ..methods import METHODS, MethodConfig, config_class
+
+__all__ = ["METHODS", "get_solver", "register_solver"]
 
 
-def register_method(name: str):
+def register_solver(config: type[MethodConfig]):
+    """Decorator: `fn` is the solver of the method `config` (a registered MethodConfig subclass)."""
+    if not (isinstance(config, type) and issubclass(config, MethodConfig) and METHODS.get(config.name) is config):
+        raise TypeError(f"register_solver needs a config class registered in quantkern.methods, got {config!r}")
+
     def deco(fn):
-        if name in METHODS and METHODS[name] is not fn:
-            raise ValueError(f"solver method {name!r} registered twice")
-        METHODS[name] = fn
+        old = config.__dict__.get("solver")
+        if old is not None and old.__func__ is not fn:
+            raise ValueError(f"method {config.name!r} already has a solver")
+        config.solver = staticmethod(fn)
         return fn
 
     return deco
 
 
-def get_method(name: str) -> Callable:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
-    return METHODS[name]
-
-
-class MethodOptionError(ValueError):
-    """A keyword the method does not take."""
-
-
-def check_options(name: str, params: dict) -> None:
-    """Raise ValueError naming any key of params that method `name` does not take (checked up front, so
-    a typo fails before calibration rather than at the first layer). Methods that forward **params to
-    another solver are checked when they run."""
-    sig = inspect.signature(get_method(name)).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in sig.values()):
-        return
-    options = [k for k in sig if k not in ("W", "H", "spec", "log")]
-    unknown = sorted(set(params) - set(options))
-    if unknown:
-        raise MethodOptionError(f"method {name!r} has no option(s) {unknown}; its options: {options}")
+def get_solver(name: str) -> Callable:
+    fn = config_class(name).solver  # (a config subclass without its own solver runs its parent's)
+    if fn is None:
+        raise ValueError(f"method {name!r} has no solver registered (import its module in quantkern/solvers/__init__.py)")
+    return fn

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import grid
-from .registry import register_method
+from ..methods import RTN
+from .registry import register_solver
 from .result import SolveResult
 
 
@@ -21,6 +22,6 @@ def rtn_result(W, H, spec, log, method="rtn", params=None) -> SolveResult:
     return SolveResult(codes, scales, zeros, g_idx, deq, loss, log, spec, method, dict(params or {}), None)
 
 
-@register_method("rtn")
+@register_solver(RTN)
 def rtn(W, H, spec, log):
     return rtn_result(W, H, spec, log)

@@ -45,7 +45,8 @@ import torch
 from .. import grid
 from . import core
 from .gptaq import check_alpha, check_D
-from .registry import register_method
+from ..methods import KSNRQ, SNRQ, SNRQ_GRIDS as GRIDS
+from .registry import register_solver
 
 
 def _alpha_star(Wp, WDp, Qp, U) -> float:
@@ -56,7 +57,6 @@ def _alpha_star(Wp, WDp, Qp, U) -> float:
     return min(max(num / den, 0.0), 1.0)
 
 
-GRIDS = grid.GRID_KINDS + ("dynamic", "union", "select", "guard")
 SELECT_RULES = ("select", "guard")
 SELECT_CANDIDATES = ("minmax", "dynamic", "union", "mse")
 CLIFF_RATIO = 0.25  # "guard": leave min/max only where another grid lowers the objective >= 4x
@@ -194,7 +194,7 @@ def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backe
         D = torch.zeros(n, n, dtype=torch.float32, device=W.device)
     D = check_D(D, n)
     spec = spec.replace(act_order=True)
-    prep = core.Prepared(W, H, spec, True, log, perm=perm)
+    prep = core.LayerProblem(W, H, spec, True, log, perm=perm)
     WDp = permuted_mismatch_product(prep, D)
     params = {"alpha": alpha, "K": K, "cd_passes": cd_passes}
     if grid_kind != "minmax":
@@ -225,14 +225,14 @@ def _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backe
     return core.make_result(prep, codes_p, scales, zeros, gidx_p, loss, log, method, params)
 
 
-@register_method("snrq")
+@register_solver(SNRQ)
 def snrq(W, H, spec, log, D=None, alpha=0.25, K=1, cd_passes=0, alpha_prev=None, alpha_init=0.25, backend=None,
          grid="minmax", perm=None):
     return _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend,
                  "snrq" if K == 1 else "ksnrq", grid, perm)
 
 
-@register_method("ksnrq")
+@register_solver(KSNRQ)
 def ksnrq(W, H, spec, log, D=None, alpha=0.25, K=4, cd_passes=0, alpha_prev=None, alpha_init=0.25, backend=None,
           grid="minmax", perm=None):
     return _snrq(W, H, spec, log, D, alpha, K, cd_passes, alpha_prev, alpha_init, backend, "ksnrq", grid, perm)

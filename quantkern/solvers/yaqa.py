@@ -16,7 +16,7 @@ oac's h_mix, solvers.hessian.blend; D is scaled by 1 - h_mix). out_damp: relativ
 (default spec.damp); a larger value trusts a noisy H_O less (out_damp -> inf is H_O = I).
 out_order=True decides rows in descending diag(H_O) (act-order on the output side; our option). Both Hessians are
 damped and factorised by the same robust ladder as every other method (solvers/hessian.py); the
-input side also supplies act-order and dead-column masking (core.Prepared). With H_O = I the codes
+input side also supplies act-order and dead-column masking (core.LayerProblem). With H_O = I the codes
 are GPTQ's (same grid, same order of decisions), which the tests check.
 
 Differences from the paper's code, on purpose: no random Hadamard transforms and no trellis
@@ -32,7 +32,8 @@ from . import core
 from .gptaq import check_alpha, check_D
 from .hessian import HessianError, blend, check_hessian, inverse_cholesky, mask_dead
 from .kron_ldlq import kron_ldlq, objective, unit_upper_factor
-from .registry import get_method, register_method
+from ..methods import YAQA
+from .registry import get_solver, register_solver
 from .snrq import GRIDS as SNRQ_GRIDS, SELECT_CANDIDATES, SELECT_RULES, _decode, candidate_grids, choose_grid, \
     permuted_mismatch_product, shifted_target
 
@@ -58,7 +59,7 @@ def output_factor(H_out: torch.Tensor, damp: float, log: dict) -> tuple[torch.Te
 GRIDS = ("gptq", "rtn", "snrq")
 
 
-@register_method("yaqa")
+@register_solver(YAQA)
 def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int = 32, D=None, alpha=0.25,
                H_fisher=None, h_mix: float = 0.0, out_damp: float | None = None, grid: str = "minmax",
                out_order: bool = False, backend=None):
@@ -82,7 +83,7 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
     H = blend(H, H_fisher, h_mix)
     if grid_from == "snrq":
         spec = spec.replace(act_order=True)
-    prep = core.Prepared(W, H, spec, spec.act_order, log)
+    prep = core.LayerProblem(W, H, spec, spec.act_order, log)
     target = prep.W
     if grid_from == "snrq":
         Dm = torch.zeros(n, n, device=W.device) if D is None else D.detach().to(W.device).float()
@@ -101,7 +102,7 @@ def solve_yaqa(W, H, spec, log, H_out=None, grid_from: str = "gptq", tile: int =
         grids = {k: v[:2] for k, v in cands.items()}
     else:
         if grid_from == "gptq":
-            base = get_method("gptq")(W, H, spec, {}, backend=backend)
+            base = get_solver("gptq")(W, H, spec, {}, backend=backend)
             scales, zeros, g_idx = base.scales, base.zeros, base.g_idx
             log["gptq_loss"] = base.loss
         else:
