@@ -1,0 +1,167 @@
+"""Quantize straight onto a llama.cpp grid with fixed, exactly stored scales (`quantize --gguf-type Q4_K|Q3_K|Q2_K`).
+
+For each linear: the scales (and mins) are chosen first, weighted by diag(H) (kquants.choose), stored as the
+GGUF type stores them; then GPTQ's error-feedback loop (the unchanged core kernel, static groups) picks the
+codes against exactly those values. A grid with mins, value = S*q - O, is solved as the target W + O on
+the zero-offset grid S*q: the error (W + O) - S*q is W - (S*q - O), so the feedback is the same.
+
+Linears whose input size is not a multiple of 256 cannot be K-quants (llama.cpp falls back to IQ4_NL /
+Q5_0 there); they go onto Q4_0 (same 4.5 bits per weight as IQ4_NL) with the same scale-first solve.
+
+Checkpoint: a Q4_0 linear is an ordinary GPTQ 4-bit symmetric group-32 QuantLinear (fp16 scale d, possibly
+negative as llama.cpp's d = signed max / -8 is, zero 8), exact in any GPTQ reader. A K-quant linear's
+sub-block scale d*sc is not an fp16 number and its zero O/S is not an integer, so no GPTQ tensor holds
+it: it is stored as a float nn.Linear holding exactly the values ggml decodes (a `kept_float` module, loadable
+by quantkern and GPTQModel), and its GGUF block bytes go into `gguf_kquants.safetensors` next to the
+weights, which `quantkern export --gguf` writes as they are (after checking they decode to that weight).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import grid
+from ..models.driver import Method, register_method
+from ..solvers import core
+from ..solvers.result import SolveResult
+from ..spec import QuantSpec
+from . import kquants
+
+SIDECAR = "gguf_kquants.safetensors"
+METHOD = "gguf_grid"
+
+
+def solve_fixed(W: torch.Tensor, H: torch.Tensor, g: kquants.Grid, damp: float = 0.01, act_order: bool = True,
+                log: dict | None = None, backend=None) -> kquants.Grid:
+    """g with its codes chosen by GPTQ (error feedback through H) against g's fixed scales and offsets.
+    act_order: process channels by descending diag(H); groups stay the natural sub-blocks (static)."""
+    log = {} if log is None else log
+    L = g.layout
+    spec = QuantSpec(bits=L.bits, group_size=L.sub, sym=not L.mins, damp=damp)
+    prep = core.Prepared(W.float(), H.float(), spec, act_order, log)
+    S, O = g.scale_offset()
+    target = prep.W
+    if L.mins:
+        target = target + prep.permute_cols(O.repeat_interleave(L.sub, 1).to(target.device))
+    gidx_p = prep.natural_groups_in_processing_order()
+    scales = S.t().contiguous().to(target.device)
+    zeros = torch.full_like(scales, float(L.zero))
+    codes_p, _, _, loss = core.run_block_solve(target, prep.U, None, gidx_p, scales, zeros, spec, False, log, backend)
+    log["loss"] = float(loss.sum())
+    return kquants.Grid(g.kind, prep.unpermute_cols(codes_p).cpu(), g.d, g.sc, g.dmin, g.mn)
+
+
+def q4_0_result(g: kquants.Grid, loss: float, log: dict, method: str) -> SolveResult:
+    """A Q4_0 grid as the SolveResult of a 4-bit symmetric group-32 GPTQ grid (exact: d fp16, zero 8)."""
+    spec = QuantSpec(bits=4, group_size=32, sym=True, static_groups=True)
+    m, n = g.codes.shape
+    scales = g.d.float().t().contiguous()
+    zeros = torch.full_like(scales, 8.0)
+    g_idx = grid.group_index(n, spec)
+    return SolveResult(codes=g.codes, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=g.values(), loss=loss,
+                       log=log, spec=spec, method=method)
+
+
+def placeholder_result(g: kquants.Grid, loss: float, log: dict, method: str) -> SolveResult:
+    """What the driver packs for a K-quant linear until `finish` puts the exact float values back: 8-bit RTN
+    of those values (the driver's stream already ran on the exact values: res.dequantized)."""
+    spec = QuantSpec(bits=8, group_size=-1, sym=True)
+    vals = g.values()
+    codes, scales, zeros, g_idx = grid.rtn(vals, spec)
+    return SolveResult(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=vals, loss=loss, log=log,
+                       spec=spec, method=method)
+
+
+class GGUFGrid(Method):
+    """Driver plug-in: scale-first GGUF grids solved by GPTQ (see the module doc).
+    gguf_type: Q4_K / Q3_K / Q2_K (Q4_0 for every linear with --gguf-type-like use "Q4_0");
+    act_order: GPTQ's processing order (groups stay natural, so the GGUF stays exact)."""
+
+    solver_method = METHOD
+
+    def __init__(self, name, spec, seed=0, gguf_type="Q3_K", act_order=True, **kwargs):
+        if gguf_type not in kquants.LAYOUTS:
+            raise ValueError(f"gguf_type must be one of {sorted(kquants.LAYOUTS)}, got {gguf_type!r}")
+        if kwargs:
+            raise ValueError(f"method {name!r} has no option(s) {sorted(kwargs)}; its options: gguf_type, act_order")
+        super().__init__(name, spec, seed, gguf_type=gguf_type, act_order=bool(act_order))
+        self.grids: dict[str, kquants.Grid] = {}
+        self._names: dict[int, str] = {}
+        self.kinds: dict[str, str] = {}
+
+    def prepare(self, model, samples):
+        self._names = {m.weight.data_ptr(): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+    def solve(self, name, weight, collector):
+        H = self.hessian(collector)
+        full = self._names.get(weight.data_ptr())
+        if full is None:
+            raise RuntimeError(f"gguf_grid: cannot tell which module {name} is (the driver handed a copy of its "
+                               "weight); quantize the model in fp32")
+        kind = self.kwargs["gguf_type"]
+        if weight.shape[1] % kquants.LAYOUTS[kind].block:
+            kind = kquants.FALLBACK
+        log = {"method": METHOD, "fallback": None, "gguf_type": kind}
+        g0 = kquants.choose(kind, weight, torch.diagonal(H))
+        g = solve_fixed(weight, H, g0, self.spec.damp, self.kwargs["act_order"], log)
+        self.kinds[full] = kind
+        if kind == "Q4_0":
+            return q4_0_result(g, log["loss"], log, METHOD)
+        self.grids[full] = g
+        return placeholder_result(g, log["loss"], log, METHOD)
+
+    def meta(self):
+        return {"method": METHOD, "gguf_type": self.kwargs["gguf_type"], "act_order": self.kwargs["act_order"],
+                "core": "gptq", "scales": "diag(H)-weighted search, then quantized as the type stores them"}
+
+
+register_method(METHOD, GGUFGrid)
+
+
+def finish(model: nn.Module, plugin: GGUFGrid) -> dict:
+    """Put each K-quant linear back as a float nn.Linear holding exactly its decoded values, record it as
+    kept in float, and return {module name: (kind, block bytes)} for `save_sidecar`."""
+    from ..models.head import set_module
+
+    info = model.quantkern_info
+    kept = info.setdefault("kept_float", {})
+    kept_lin = info.setdefault("kept_float_linears", [])
+    blocks = {}
+    for name, g in plugin.grids.items():
+        old = model.get_submodule(name)
+        lin = nn.Linear(old.in_features, old.out_features, bias=getattr(old, "bias", None) is not None)
+        lin.weight.data = g.values().to(lin.weight.dtype)
+        if lin.bias is not None:
+            lin.bias.data = old.bias.detach().float().clone()
+        set_module(model, name, lin)
+        kept[name] = f"GGUF {g.kind}: exact K-quant values (block bytes in {SIDECAR})"
+        if name not in kept_lin:
+            kept_lin.append(name)
+        blocks[name] = (g.kind, kquants.encode(g))
+    return blocks
+
+
+def save_sidecar(path, blocks: dict) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(path) / SIDECAR
+    tensors = {f"{n}.gguf_blocks": torch.from_numpy(b) for n, (_, b) in blocks.items()}
+    save_file(tensors, str(out), metadata={n: k for n, (k, _) in blocks.items()})
+    return out
+
+
+def load_sidecar(path) -> dict:
+    """{module name: (kind, block bytes uint8 numpy [m, bytes])} of a checkpoint directory (empty if none)."""
+    from safetensors import safe_open
+
+    f = Path(path) / SIDECAR
+    if not f.exists():
+        return {}
+    out = {}
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata() or {}
+        for n, kind in meta.items():
+            out[n] = (kind, h.get_tensor(f"{n}.gguf_blocks").numpy())
+    return out
