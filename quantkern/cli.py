@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every method result even where it is worse than RTN on the layer's statistics (research)")
     q.add_argument("--no-shrink", dest="shrink", action="store_false",
                    help="use the raw calibration statistics (no shrinkage towards the diagonal for few tokens)")
-    q.add_argument("--gguf-type", choices=("Q4_0", "Q4_1", "Q8_0"), default=None,
+    q.add_argument("--gguf-type", choices=("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q3_K", "Q2_K"), default=None,
                    help="preset the grid to the one `quantkern export --gguf` writes exactly as this llama.cpp type: "
-                        "Q4_0 / Q8_0 = 4 / 8-bit symmetric, Q4_1 = 4-bit asymmetric, group 32 (docs/gguf.md)")
+                        "Q4_0 / Q8_0 = 4 / 8-bit symmetric, Q4_1 = 4-bit asymmetric, group 32; Q4_K / Q3_K / Q2_K = "
+                        "the K-quant super-blocks, scales chosen first, codes by GPTQ (docs/gguf.md)")
     q.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="start every calibration sample with the BOS token (default: as the tokenizer does)")
     q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
@@ -205,6 +206,13 @@ def cmd_quantize(args) -> int:
 
     spec = spec_from_args(args)
     method, method_kwargs = method_from_args(args)
+    if args.gguf_type:  # K-quants: the type's own fixed grid, solved by GPTQ (export/gguf_solve.py)
+        from .export.gguf_presets import grid_method
+
+        try:
+            method, method_kwargs = grid_method(args.gguf_type, method, method_kwargs)
+        except ValueError as e:
+            raise SystemExit(f"quantkern quantize: {e}") from None
     make_method(method, spec, seed=args.seed, **method_kwargs)  # bad options fail here, before the model loads
     if args.gguf_type:
         from .export.gguf_presets import reorders_groups
@@ -221,7 +229,13 @@ def cmd_quantize(args) -> int:
     _, report = quantize_model(model, tok, spec, method=method, calib=args.calib or "shakespeare",
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
                                log_path=log, progress=not args.quiet, lm_head=args.lm_head,
-                               safety_net=args.safety_net, shrink=args.shrink, bos=args.bos, **method_kwargs)
+                               safety_net=args.safety_net and method != "gguf_grid", shrink=args.shrink, bos=args.bos,
+                               fuse=method != "gguf_grid", **method_kwargs)
+    kblocks = None
+    if method == "gguf_grid":
+        from .export.gguf_solve import finish
+
+        kblocks = finish(model)
     if args.gguf_type:
         from .export.gguf_presets import check_model
 
@@ -232,6 +246,10 @@ def cmd_quantize(args) -> int:
         else:
             model.quantkern_info["gguf_type"] = args.gguf_type
     save_quantized(model, out, tokenizer=tok, log_path=log, max_shard_size=args.max_shard_size)
+    if kblocks:
+        from .export.gguf_sidecar import save_sidecar
+
+        save_sidecar(out, kblocks)
     log.unlink(missing_ok=True)
     net = f", safety net kept RTN for {report.safety_fallbacks}" if report.safety_net else ", safety net off"
     print(f"saved {out}  ({len(report.modules)} linears, {report.total_s:.0f} s: forward {report.forward_s:.0f} s, "

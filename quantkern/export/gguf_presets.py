@@ -18,6 +18,11 @@ GROUP = ggml_blocks.QK
 def apply_preset(spec: QuantSpec, gguf_type: str, default: QuantSpec) -> QuantSpec:
     """`spec` with the preset's bits / sym / group; a value that differs from both the preset and the
     command line's default (`default`) was asked for explicitly and conflicts: ValueError names it."""
+    if gguf_type in GRID_TYPES:  # fixed K-quant grids; the checkpoint's GPTQ body is the Q4_0 fallback grid
+        if spec.bits != default.bits or spec.group_size != default.group_size or not spec.sym or spec.act_order:
+            raise ValueError(f"--gguf-type {gguf_type} sets its own grid (and act-order on natural groups); drop "
+                             "--bits / --group-size / --asym / --act-order")
+        return spec.replace(bits=4, group_size=GROUP, sym=True, static_groups=True)
     bits, sym = PRESETS[gguf_type]
     if spec.bits not in (bits, default.bits):
         raise ValueError(f"--gguf-type {gguf_type} is {bits}-bit; drop --bits {spec.bits}")
@@ -58,3 +63,19 @@ def check_model(model) -> list[str]:
             except ggml_blocks.NotExact as e:
                 bad.append(f"{name}: {e.reason}")
     return bad
+
+
+GRID_TYPES = ("Q4_K", "Q3_K", "Q2_K")  # scale-first fixed grids (export/gguf_solve.py); Q4_0 linears as fallback
+
+
+def grid_method(gguf_type: str, method: str, options: dict) -> tuple[str, dict]:
+    """(driver method, options) for --gguf-type: the K-quants run the gguf_grid plug-in (GPTQ core on the
+    type's fixed scales); the others keep the asked method."""
+    if gguf_type not in GRID_TYPES:
+        return method, options
+    if method != "gptq" or options:
+        raise ValueError(f"--gguf-type {gguf_type} solves with GPTQ against the type's own fixed scales "
+                         f"(export/gguf_solve.py); drop --method {method}" + (f" and {sorted(options)}" if options else ""))
+    from . import gguf_solve  # noqa: F401 (registers the gguf_grid driver method)
+
+    return gguf_solve.METHOD, {"gguf_type": gguf_type}

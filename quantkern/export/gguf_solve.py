@@ -8,12 +8,12 @@ the zero-offset grid S*q: the error (W + O) - S*q is W - (S*q - O), so the feedb
 Linears whose input size is not a multiple of 256 cannot be K-quants (llama.cpp falls back to IQ4_NL /
 Q5_0 there); they go onto Q4_0 (same 4.5 bits per weight as IQ4_NL) with the same scale-first solve.
 
-Checkpoint: a Q4_0 linear is an ordinary GPTQ 4-bit symmetric group-32 QuantLinear (fp16 scale d, possibly
-negative as llama.cpp's d = signed max / -8 is, zero 8), exact in any GPTQ reader. A K-quant linear's
-sub-block scale d*sc is not an fp16 number and its zero O/S is not an integer, so no GPTQ tensor holds
-it: it is stored as a float nn.Linear holding exactly the values ggml decodes (a `kept_float` module, loadable
-by quantkern and GPTQModel), and its GGUF block bytes go into `gguf_kquants.safetensors` next to the
-weights, which `quantkern export --gguf` writes as they are (after checking they decode to that weight).
+Checkpoint: no GPTQ tensor holds these grids. A K-quant's sub-block scale d*sc is not an fp16 number and its
+zero O/S is not an integer; this Q4_0's d takes either sign (llama.cpp's d = signed max / -8 puts the
+extreme on level -8), and GPTQ scales must be positive. So every linear is stored as a float nn.Linear holding
+exactly the values ggml decodes (a `kept_float` module: quantkern and GPTQModel load it as float), and
+its GGUF block bytes go into `gguf_blocks.npz` next to the weights, which `quantkern export --gguf`
+writes as they are (after checking that they decode bit for bit to that weight).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from ..solvers import core
 from ..solvers.result import SolveResult
 from ..spec import QuantSpec
 from . import kquants
+from .gguf_sidecar import SIDECAR, load_sidecar, save_sidecar  # noqa: F401 (re-exported)
 
-SIDECAR = "gguf_kquants.safetensors"
 METHOD = "gguf_grid"
 
 
@@ -51,17 +51,6 @@ def solve_fixed(W: torch.Tensor, H: torch.Tensor, g: kquants.Grid, damp: float =
     codes_p, _, _, loss = core.run_block_solve(target, prep.U, None, gidx_p, scales, zeros, spec, False, log, backend)
     log["loss"] = float(loss.sum())
     return kquants.Grid(g.kind, prep.unpermute_cols(codes_p).cpu(), g.d, g.sc, g.dmin, g.mn)
-
-
-def q4_0_result(g: kquants.Grid, loss: float, log: dict, method: str) -> SolveResult:
-    """A Q4_0 grid as the SolveResult of a 4-bit symmetric group-32 GPTQ grid (exact: d fp16, zero 8)."""
-    spec = QuantSpec(bits=4, group_size=32, sym=True, static_groups=True)
-    m, n = g.codes.shape
-    scales = g.d.float().t().contiguous()
-    zeros = torch.full_like(scales, 8.0)
-    g_idx = grid.group_index(n, spec)
-    return SolveResult(codes=g.codes, scales=scales, zeros=zeros, g_idx=g_idx, dequantized=g.values(), loss=loss,
-                       log=log, spec=spec, method=method)
 
 
 def placeholder_result(g: kquants.Grid, loss: float, log: dict, method: str) -> SolveResult:
@@ -89,9 +78,9 @@ class GGUFGrid(Method):
         super().__init__(name, spec, seed, gguf_type=gguf_type, act_order=bool(act_order))
         self.grids: dict[str, kquants.Grid] = {}
         self._names: dict[int, str] = {}
-        self.kinds: dict[str, str] = {}
 
     def prepare(self, model, samples):
+        model.__dict__["_gguf_grid"] = self  # for finish(model) (not a submodule: no state dict entry)
         self._names = {m.weight.data_ptr(): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
     def solve(self, name, weight, collector):
@@ -106,9 +95,6 @@ class GGUFGrid(Method):
         log = {"method": METHOD, "fallback": None, "gguf_type": kind}
         g0 = kquants.choose(kind, weight, torch.diagonal(H))
         g = solve_fixed(weight, H, g0, self.spec.damp, self.kwargs["act_order"], log)
-        self.kinds[full] = kind
-        if kind == "Q4_0":
-            return q4_0_result(g, log["loss"], log, METHOD)
         self.grids[full] = g
         return placeholder_result(g, log["loss"], log, METHOD)
 
@@ -120,11 +106,12 @@ class GGUFGrid(Method):
 register_method(METHOD, GGUFGrid)
 
 
-def finish(model: nn.Module, plugin: GGUFGrid) -> dict:
-    """Put each K-quant linear back as a float nn.Linear holding exactly its decoded values, record it as
+def finish(model: nn.Module) -> dict:
+    """After quantize_model(method="gguf_grid", fuse=False): put each K-quant linear back as a float nn.Linear holding exactly its decoded values, record it as
     kept in float, and return {module name: (kind, block bytes)} for `save_sidecar`."""
     from ..models.head import set_module
 
+    plugin = model.__dict__.pop("_gguf_grid")
     info = model.quantkern_info
     kept = info.setdefault("kept_float", {})
     kept_lin = info.setdefault("kept_float_linears", [])
@@ -143,25 +130,28 @@ def finish(model: nn.Module, plugin: GGUFGrid) -> dict:
     return blocks
 
 
-def save_sidecar(path, blocks: dict) -> Path:
-    from safetensors.torch import save_file
+def quantize_gguf(model: nn.Module, tokenizer, gguf_type: str, act_order: bool = True, **kwargs):
+    """quantize_model onto `gguf_type`'s fixed grids (K-quants; Q4_0 where the rows are not a multiple of 256)
+    -> (model, report, blocks for save_sidecar). kwargs go to quantize_model (calib, nsamples, lm_head, ...)."""
+    from ..models.driver import quantize_model
 
-    out = Path(path) / SIDECAR
-    tensors = {f"{n}.gguf_blocks": torch.from_numpy(b) for n, (_, b) in blocks.items()}
-    save_file(tensors, str(out), metadata={n: k for n, (k, _) in blocks.items()})
-    return out
+    spec = QuantSpec(bits=4, group_size=32, sym=True, static_groups=True, damp=kwargs.pop("damp", 0.01))
+    kwargs.setdefault("safety_net", False)
+    if kwargs["safety_net"]:
+        raise ValueError("quantize_gguf: the safety net would swap in RTN on the GPTQ grid, which is not the GGUF "
+                         "type's grid; leave safety_net=False")
+    model, report = quantize_model(model, tokenizer, spec, method=METHOD, fuse=False, gguf_type=gguf_type,
+                                   act_order=act_order, **kwargs)
+    blocks = finish(model)
+    model.quantkern_info["gguf_type"] = gguf_type
+    return model, report, blocks
 
 
-def load_sidecar(path) -> dict:
-    """{module name: (kind, block bytes uint8 numpy [m, bytes])} of a checkpoint directory (empty if none)."""
-    from safetensors import safe_open
+def save_gguf_checkpoint(model: nn.Module, path, blocks: dict, **kwargs) -> Path:
+    """save_quantized plus the K-quant sidecar."""
+    from ..models.checkpoint import save_quantized
 
-    f = Path(path) / SIDECAR
-    if not f.exists():
-        return {}
-    out = {}
-    with safe_open(str(f), "pt") as h:
-        meta = h.metadata() or {}
-        for n, kind in meta.items():
-            out[n] = (kind, h.get_tensor(f"{n}.gguf_blocks").numpy())
-    return out
+    path = save_quantized(model, path, **kwargs)
+    if blocks:
+        save_sidecar(path, blocks)
+    return path
