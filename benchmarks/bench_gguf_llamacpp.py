@@ -180,7 +180,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("quantkern")
-    q.add_argument("kinds", nargs="+", choices=("Q4_0", "Q4_K", "Q3_K", "Q2_K"))
+    q.add_argument("kinds", nargs="+", choices=("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"))
     q.add_argument("--nsamples", type=int, default=32)
     sub.add_parser("llamacpp").add_argument("--no-imatrix", action="store_true")
     sub.add_parser("ppl").add_argument("only", nargs="*")

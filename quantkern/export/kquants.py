@@ -7,6 +7,7 @@ A K-quant super-block is 256 consecutive input channels of one output row, split
     Q3_K  16 x 16  value = d*l  * (q - 4),     q in [0, 7],  l in [-32, 31] (stored l + 32, 6-bit), d fp16
     Q2_K  16 x 16  value = d*sc * q - dmin*m,  q in [0, 3],  sc, m 4-bit, d, dmin fp16
     Q4_0  1 x 32   value = d * (q - 8),        q in [0, 15], d fp16 (any sign)
+    Q4_1  1 x 32   value = d * q + m,          q in [0, 15], d, m fp16 (stored here as O = dmin = -m)
 
 Every value is what ggml computes in fp32: the sub-block scale S = fp32(d) * sc and offset O = fp32(dmin) * m
 are exact products (11-bit times <= 6-bit), S * (q - z) is exact, and S * q - O rounds once. `values`
@@ -45,6 +46,7 @@ LAYOUTS = {
     "Q3_K": Layout(T.Q3_K, QK_K, 16, 3, 4, False, 6),
     "Q2_K": Layout(T.Q2_K, QK_K, 16, 2, 0, True, 4),
     "Q4_0": Layout(T.Q4_0, 32, 32, 4, 8, False, 0),
+    "Q4_1": Layout(T.Q4_1, 32, 32, 4, 0, True, 0),
 }
 K_TYPES = ("Q4_K", "Q3_K", "Q2_K")
 # what llama-quantize writes when a row is not a multiple of 256 (llama_tensor_get_type), and what quantkern
@@ -77,7 +79,9 @@ class Grid:
             S = d
         else:
             S = d * self.sc.float()
-        if L.mins:
+        if L.mins and L.scale_bits == 0:  # Q4_1: the fp16 offset itself
+            O = self.dmin.float().repeat_interleave(per, dim=1)
+        elif L.mins:
             O = self.dmin.float().repeat_interleave(per, dim=1) * self.mn.float()
         else:
             O = torch.zeros_like(S)
@@ -217,7 +221,12 @@ def choose(kind: str, W: torch.Tensor, weight: torch.Tensor | None = None) -> Gr
     x = W.reshape(m * nsub, L.sub)
     xw = wt.reshape(1, nsub, L.sub).expand(m, nsub, L.sub).reshape(m * nsub, L.sub)
     per = L.block // L.sub
-    if L.scale_bits == 0:  # Q4_0: the step itself is the fp16 d
+    if L.scale_bits == 0 and L.mins:  # Q4_1: fp16 step d and fp16 offset m = -O
+        s, o = _asym_search(x, xw, L.bits)
+        d = _fp16(s).reshape(m, nsub)
+        d = torch.where(d == 0, torch.full_like(d, 2.0 ** -24), d)
+        g = Grid(kind, None, d, torch.ones(m, nsub, dtype=torch.int16, device=W.device), _fp16(o).reshape(m, nsub))
+    elif L.scale_bits == 0:  # Q4_0: the step itself is the fp16 d
         s = _sym_search(x, xw, L.bits, L.zero)
         d = _fp16(s).reshape(m, nsub)
         d = torch.where(d == 0, torch.full_like(d, 2.0 ** -24), d)
@@ -270,6 +279,9 @@ def encode(g: Grid) -> np.ndarray:
     if g.kind == "Q4_0":
         qs = q[..., :16] | (q[..., 16:] << 4)
         out = np.concatenate([d, _u8(qs)], axis=-1)
+    elif g.kind == "Q4_1":
+        qs = q[..., :16] | (q[..., 16:] << 4)
+        out = np.concatenate([d, _f16_bytes(-g.dmin.reshape(m, nb).float()), _u8(qs)], axis=-1)
     elif g.kind == "Q4_K":
         sc = g.sc.to(torch.int32).cpu().reshape(m, nb, 8)
         mn = g.mn.to(torch.int32).cpu().reshape(m, nb, 8)
