@@ -5,8 +5,8 @@ GGUF type stores them; then GPTQ's error-feedback loop (the unchanged core kerne
 codes against exactly those values. A grid with mins, value = S*q - O, is solved as the target W + O on
 the zero-offset grid S*q: the error (W + O) - S*q is W - (S*q - O), so the feedback is the same.
 
-Linears whose input size is not a multiple of 256 cannot be K-quants (llama.cpp falls back to IQ4_NL /
-Q5_0 there); they go onto Q4_0 (same 4.5 bits per weight as IQ4_NL) with the same scale-first solve.
+Linears whose input size is not a multiple of 256 cannot be K-quants; they go onto Q4_0 with the same
+scale-first solve (llama.cpp falls back to Q4_0 there for Q2_K / Q3_K, to Q5_0 for Q4_K).
 
 Checkpoint: no GPTQ tensor holds these grids. A K-quant's sub-block scale d*sc is not an fp16 number and its
 zero O/S is not an integer; this Q4_0's d takes either sign (llama.cpp's d = signed max / -8 puts the

@@ -49,9 +49,10 @@ LAYOUTS = {
     "Q4_1": Layout(T.Q4_1, 32, 32, 4, 0, True, 0),
 }
 K_TYPES = ("Q4_K", "Q3_K", "Q2_K")
-# what llama-quantize writes when a row is not a multiple of 256 (llama_tensor_get_type), and what quantkern
-# writes instead: a uniform type its solver can target at the same size (IQ4_NL is a non-uniform grid)
-LLAMA_FALLBACK = {"Q4_K": "Q5_0", "Q3_K": "IQ4_NL", "Q2_K": "IQ4_NL"}
+# what llama-quantize writes when a row is not a multiple of 256 (tensor_type_fallback in llama-quant.cpp of the
+# llama.cpp that llama-cpp-python 0.3.36 vendors), and what quantkern writes: Q4_0 (the same as llama.cpp for
+# Q2_K / Q3_K; for Q4_K quantkern's Q4_0 is 0.5 bpw smaller than llama.cpp's Q5_0)
+LLAMA_FALLBACK = {"Q4_K": "Q5_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0"}
 FALLBACK = "Q4_0"
 
 
