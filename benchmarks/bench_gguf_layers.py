@@ -67,13 +67,19 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, nargs="+", default=[0, 7, 14, 21, 29])
-    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
+    ap.add_argument("--eval-samples", type=int, default=4, help="held-out sequences")
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--no-shrink", action="store_true", help="raw H_cal (the driver shrinks it by its token count)")
     a = ap.parse_args()
+    from quantkern.calibration.shrinkage import shrink_to_diagonal
+
     model, tok = load_fp("default")
     t0 = time.perf_counter()
     Hc = down_inputs_H(model, tok, "calib", a.layers, a.nsamples, a.seqlen)
-    He = down_inputs_H(model, tok, "eval", a.layers, a.nsamples, a.seqlen)
+    if not a.no_shrink:  # as the driver does (Method.hessian): towards the diagonal by how many tokens estimated H
+        Hc = {li: shrink_to_diagonal(H, a.nsamples * a.seqlen)[0] for li, H in Hc.items()}
+    He = down_inputs_H(model, tok, "eval", a.layers, a.eval_samples, a.seqlen)
     rows = []
     for li in a.layers:
         W = model.model.layers[li].mlp.down_proj.weight.detach().float()
@@ -97,9 +103,11 @@ def main():
                     row[f"llama.cpp{im or '-no-imat'}"] = rel(Wl.reshape(W.shape))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    out = {"what": __doc__.strip().splitlines()[0], "nsamples": a.nsamples, "seqlen": a.seqlen,
+    out = {"what": __doc__.strip().splitlines()[0], "calib_tokens": a.nsamples * a.seqlen,
+           "eval_tokens": a.eval_samples * a.seqlen, "shrink": not a.no_shrink,
            "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    (HERE / "results" / "gguf_layers_smollm2.json").write_text(json.dumps(out, indent=1))
+    name = f"gguf_layers_smollm2_cal{a.nsamples * a.seqlen}{'_noshrink' if a.no_shrink else ''}.json"
+    (HERE / "results" / name).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
