@@ -158,14 +158,23 @@ def bpw_linears(path: Path) -> float:
     return 8 * nbytes / nw
 
 
-def cmd_table():
+def cmd_table(types=False):
     rows = []
     for g in sorted(WORK.glob("*.gguf")):
         if g.name == "imatrix.gguf":
             continue
         p = ppl_of(g.with_suffix(".ppl.log")) if g.with_suffix(".ppl.log").exists() else None
-        row = {"file": g.name, "bytes": g.stat().st_size, "linear_bpw": round(bpw_linears(g), 3),
-               "tensor_types": tensor_types(g), "ppl": p and p[0], "ppl_stderr": p and p[1]}
+        row = {"file": g.name, "bytes": g.stat().st_size, "ppl": p and p[0], "ppl_stderr": p and p[1]}
+        ql = g.with_suffix(".quantize.log")
+        if ql.exists():  # llama-quantize's own fallbacks (rows not a multiple of 256) and size line
+            txt = ql.read_text()
+            fb = re.findall(r"falling back to\s+(\w+)", txt)
+            row["llama_fallbacks"] = {t: fb.count(t) for t in sorted(set(fb))}
+            m = re.search(r"quant size\s+=\s+([0-9.]+) MiB \(([0-9.]+) BPW\)", txt)
+            if m:
+                row["llama_quant_size_mib"], row["llama_bpw"] = float(m.group(1)), float(m.group(2))
+        if types:  # slow on a busy machine: reads every tensor header of every file
+            row.update(linear_bpw=round(bpw_linears(g), 3), tensor_types=tensor_types(g))
         b = g.with_suffix(".bench.jsonl")
         if b.exists():
             for line in b.read_text().splitlines():
@@ -177,9 +186,9 @@ def cmd_table():
            "llama.cpp": "vendored by llama-cpp-python 0.3.36 (ggml-org/llama.cpp@0c1e57098)",
            "date": time.strftime("%Y-%m-%d"), "rows": rows}
     RESULT.write_text(json.dumps(out, indent=1))
-    print(f"| file | linear bpw | MiB | ppl (llama.cpp) |\n|---|---|---|---|")
+    print("| file | MiB | ppl (llama.cpp) |\n|---|---|---|")
     for r in rows:
-        print(f"| {r['file']} | {r['linear_bpw']} | {r['bytes'] / 2**20:.1f} | {r['ppl']} |")
+        print(f"| {r['file']} | {r['bytes'] / 2**20:.1f} | {r['ppl']} |")
 
 
 def main():
@@ -191,7 +200,7 @@ def main():
     sub.add_parser("llamacpp").add_argument("--no-imatrix", action="store_true")
     sub.add_parser("ppl").add_argument("only", nargs="*")
     sub.add_parser("bench").add_argument("only", nargs="*")
-    sub.add_parser("table")
+    sub.add_parser("table").add_argument("--types", action="store_true", help="also tensor types and linear bpw")
     a = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     if a.cmd == "quantkern":
@@ -203,7 +212,7 @@ def main():
     elif a.cmd == "bench":
         cmd_bench(a.only)
     else:
-        cmd_table()
+        cmd_table(a.types)
 
 
 if __name__ == "__main__":
