@@ -12,7 +12,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
 export MAX_JOBS ?= 2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv build test test-triton test-interop peers demo bench bench-quick cuda-check cuda-build clean
+.PHONY: venv build test test-triton test-interop peers demo bench bench-quick cuda-check cuda-build clean llamacpp bench-gguf
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,26 @@ test-interop: build peers
 
 demo: build
 	$(PY) -m quantkern demo
+
+# llama.cpp's tools (never a dependency of quantkern): built from the tree that llama-cpp-python's sdist vendors,
+# in build/llamacpp; then the GGUF side by side (benchmarks/bench_gguf_llamacpp.py)
+LLAMACPP_PY ?= 0.3.36
+LLAMACPP_DIR := build/llamacpp
+$(LLAMACPP_DIR)/bin/llama-perplexity:
+	mkdir -p $(LLAMACPP_DIR)
+	cd $(LLAMACPP_DIR) && $(abspath $(PY)) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_PY) -d .
+	cd $(LLAMACPP_DIR) && tar xzf llama_cpp_python-$(LLAMACPP_PY).tar.gz
+	cmake -S $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_PY)/vendor/llama.cpp -B $(LLAMACPP_DIR)/cmake \
+	  -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(abspath $(LLAMACPP_DIR))/bin
+	nice -n 10 cmake --build $(LLAMACPP_DIR)/cmake -j $(MAX_JOBS) --target llama-quantize llama-perplexity llama-imatrix llama-bench
+
+llamacpp: $(LLAMACPP_DIR)/bin/llama-perplexity
+
+bench-gguf: build llamacpp
+	$(PY) benchmarks/bench_gguf_llamacpp.py quantkern Q3_K Q2_K
+	$(PY) benchmarks/bench_gguf_llamacpp.py llamacpp
+	$(PY) benchmarks/bench_gguf_llamacpp.py ppl
+	$(PY) benchmarks/bench_gguf_llamacpp.py table
 
 # pytest-benchmark suites (benchmarks/bench_qgemm.py, bench_solver.py, bench_decode.py: each quantkern case
 # timed interleaved with its baselines) + the end-to-end run -> benchmarks/results/<machine>/ (JSON, .md

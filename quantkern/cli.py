@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every method result even where it is worse than RTN on the layer's statistics (research)")
     q.add_argument("--no-shrink", dest="shrink", action="store_false",
                    help="use the raw calibration statistics (no shrinkage towards the diagonal for few tokens)")
-    q.add_argument("--gguf-type", choices=("Q4_0", "Q4_1", "Q8_0"), default=None,
+    q.add_argument("--gguf-type", choices=("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q3_K", "Q2_K"), default=None,
                    help="preset the grid to the one `quantkern export --gguf` writes exactly as this llama.cpp type: "
-                        "Q4_0 / Q8_0 = 4 / 8-bit symmetric, Q4_1 = 4-bit asymmetric, group 32 (docs/gguf.md)")
+                        "Q4_0 / Q8_0 = 4 / 8-bit symmetric, Q4_1 = 4-bit asymmetric, group 32; Q4_K / Q3_K / Q2_K = "
+                        "the K-quant super-blocks, scales chosen first, codes by GPTQ (docs/gguf.md)")
     q.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="start every calibration sample with the BOS token (default: as the tokenizer does)")
     q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
@@ -240,6 +241,10 @@ def cmd_quantize(args) -> int:
 
     try:  # bad options fail here, before the model loads
         config = config_from_args(args)
+        if args.gguf_type:  # K-quants: the type's own fixed grid, solved by GPTQ (export/gguf_solve.py)
+            from .export.gguf_presets import grid_method
+
+            config = grid_method(args.gguf_type, config)
     except ValueError as e:  # a value the option does not allow: one line, as for an unknown option
         raise MethodOptionError(str(e)) from None
     if args.gguf_type:
@@ -255,10 +260,17 @@ def cmd_quantize(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f".{out.name}.quant_log.jsonl"
     log.unlink(missing_ok=True)
+    fixed_grid = config.name == "gguf_grid"  # K-quant grids: no RTN fallback on them, no fused packing
     report = quantize(model, config, tokenizer=tok, calib=args.calib or "shakespeare", nsamples=args.nsamples,
                       seqlen=args.seqlen, seed=args.seed, layers=args.layers, log_path=log,
                       progress=level >= console.NORMAL, verbose=level >= console.VERBOSE, lm_head=args.lm_head,
-                      safety_net=args.safety_net, shrink=args.shrink, bos=args.bos)
+                      safety_net=args.safety_net and not fixed_grid, shrink=args.shrink, bos=args.bos,
+                      fuse=not fixed_grid)
+    kblocks = None
+    if fixed_grid:
+        from .export.gguf_solve import finish
+
+        kblocks = finish(model)
     if args.gguf_type:
         from .export.gguf_presets import check_model
 
@@ -270,6 +282,10 @@ def cmd_quantize(args) -> int:
             model.quantkern_info["gguf_type"] = args.gguf_type
     model.quantkern_info["source"] = _source_name(args.model)
     save_quantized(model, out, tokenizer=tok, log_path=log, max_shard_size=args.max_shard_size)
+    if kblocks:
+        from .export.gguf_sidecar import save_sidecar
+
+        save_sidecar(out, kblocks)
     log.unlink(missing_ok=True)
     readers = _readers(out)
     if level >= console.NORMAL:

@@ -24,13 +24,16 @@ from gguf import GGMLQuantizationType as T
 from .. import __version__
 from ..formats import gptq
 from ..nn import QuantLinear
-from . import ggml_blocks, gguf_llama
+from . import ggml_blocks, gguf_llama, kquants
+from .gguf_sidecar import SIDECAR, load_sidecar
 from .gguf_vocab import BpeVocab
 
 FLOAT_TYPES = ("auto", "f32", "f16", "q8_0")
 _FILE_TYPE = {T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
               T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, T.F16: gguf.LlamaFileType.MOSTLY_F16,
-              T.F32: gguf.LlamaFileType.ALL_F32}
+              T.F32: gguf.LlamaFileType.ALL_F32, T.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
+              T.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S, T.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K}
+_K_TYPES = (T.Q4_K, T.Q3_K, T.Q2_K)
 
 
 class ExportError(ValueError):
@@ -96,8 +99,25 @@ def _float_into(plan: Plan, gname: str, t: torch.Tensor, kind: str) -> None:
     plan.add(gname, *float_tensor(t, kind))
 
 
-def build_plan(model, embed_type: str = "auto", head_type: str = "auto") -> Plan:
-    """All tensors of `model` (from quantkern.load) as the GGUF will hold them; raises before any I/O."""
+def kquant_blocks(name: str, weight: torch.Tensor, kind: str, blocks: np.ndarray, rows) -> tuple[np.ndarray, T]:
+    """The stored K-quant block bytes of a float linear (gguf_solve's sidecar), rows reordered by `rows`,
+    after checking that they decode bit for bit to the checkpoint's weight (a stale or foreign sidecar fails)."""
+    qtype = kquants.LAYOUTS[kind].qtype
+    w = weight.detach().float().cpu().numpy()
+    try:
+        deq = gguf.quants.dequantize(blocks, qtype).reshape(w.shape)
+    except ValueError as e:
+        raise ExportError(f"{name}: {SIDECAR} holds {kind} blocks of the wrong shape ({e})") from e
+    if not np.array_equal(deq.view(np.uint32), w.view(np.uint32)):
+        raise ExportError(f"{name}: its {kind} blocks in {SIDECAR} do not decode to the checkpoint's "
+                          "weight; re-run quantize --gguf-type")
+    return (blocks if rows is None else blocks[rows.cpu().numpy()]), qtype
+
+
+def build_plan(model, embed_type: str = "auto", head_type: str = "auto", kblocks: dict | None = None) -> Plan:
+    """All tensors of `model` (from quantkern.load) as the GGUF will hold them; raises before any I/O.
+    kblocks: {module name: (K-quant kind, block bytes)} of float linears (the checkpoint's K-quant sidecar)."""
+    kblocks = kblocks or {}
     for what, v in (("embed_type", embed_type), ("head_type", head_type)):
         if v not in FLOAT_TYPES:
             raise ExportError(f"{what} must be one of {FLOAT_TYPES}, got {v!r}")
@@ -139,6 +159,9 @@ def build_plan(model, embed_type: str = "auto", head_type: str = "auto") -> Plan
             continue
         if mod_name == head_name and tied and head_type == "auto":
             continue  # tied head: llama.cpp reads token_embd, as the converter leaves output.weight out
+        if leaf == "weight" and mod_name in kblocks:  # a K-quant linear: its stored blocks, exactly
+            plan.add(gname, *kquant_blocks(mod_name, t, kblocks[mod_name][0], kblocks[mod_name][1], rows))
+            continue
         t = t.detach()
         if rows is not None:
             t = t[rows]
@@ -155,6 +178,9 @@ def build_plan(model, embed_type: str = "auto", head_type: str = "auto") -> Plan
 
 
 def _file_type(plan: Plan) -> int:
+    kq = Counter(q for _, _, q, _ in plan.tensors if q in _K_TYPES)
+    if kq:
+        return int(_FILE_TYPE[kq.most_common(1)[0][0]])
     quant = Counter(q for _, _, q, _ in plan.tensors if q in ggml_blocks.EXACT_TYPES)
     if quant:
         return int(_FILE_TYPE[quant.most_common(1)[0][0]])
@@ -202,7 +228,7 @@ def export_gguf(checkpoint, out_path, *, embed_type: str = "auto", head_type: st
     checkpoint, out = Path(checkpoint), Path(out_path)
     if model is None:
         model = load(checkpoint, fuse=False)
-    plan = build_plan(model, embed_type, head_type)
+    plan = build_plan(model, embed_type, head_type, load_sidecar(checkpoint))
     cfg = model.config
     try:
         vocab = BpeVocab(checkpoint, cfg.vocab_size, tokenizer_pre)

@@ -6,6 +6,8 @@ records the type only once every quantized linear is verified to have its exact 
 """
 from __future__ import annotations
 
+import dataclasses
+
 from ..nn import QuantLinear
 from ..spec import QuantSpec
 from . import ggml_blocks
@@ -18,6 +20,11 @@ GROUP = ggml_blocks.QK
 def apply_preset(spec: QuantSpec, gguf_type: str, default: QuantSpec) -> QuantSpec:
     """`spec` with the preset's bits / sym / group; a value that differs from both the preset and the
     command line's default (`default`) was asked for explicitly and conflicts: ValueError names it."""
+    if gguf_type in GRID_TYPES:  # fixed K-quant grids; the checkpoint's GPTQ body is the Q4_0 fallback grid
+        if spec.bits != default.bits or spec.group_size != default.group_size or not spec.sym or spec.act_order:
+            raise ValueError(f"--gguf-type {gguf_type} sets its own grid (and act-order on natural groups); drop "
+                             "--bits / --group-size / --asym / --act-order")
+        return spec.replace(bits=4, group_size=GROUP, sym=True, static_groups=True)
     bits, sym = PRESETS[gguf_type]
     if spec.bits not in (bits, default.bits):
         raise ValueError(f"--gguf-type {gguf_type} is {bits}-bit; drop --bits {spec.bits}")
@@ -58,3 +65,21 @@ def check_model(model) -> list[str]:
             except ggml_blocks.NotExact as e:
                 bad.append(f"{name}: {e.reason}")
     return bad
+
+
+GRID_TYPES = ("Q4_K", "Q3_K", "Q2_K")  # scale-first fixed grids (export/gguf_solve.py); Q4_0 linears as fallback
+
+
+def grid_method(gguf_type: str, config):
+    """The method config for --gguf-type: the K-quants run gguf_grid (GPTQ's core, act-order, on the type's fixed
+    scales, export/gguf_solve.py); the other types keep `config`. Refuses a method or options it cannot honour."""
+    if gguf_type not in GRID_TYPES:
+        return config
+    given = {k: v for k, v in config.options().items() if v != type(config)().options()[k]}
+    if config.name != "gptq" or given:
+        raise ValueError(f"--gguf-type {gguf_type} solves with GPTQ against the type's own fixed scales "
+                         f"(export/gguf_solve.py); drop --method {config.name}" + (f" and {sorted(given)}" if given else ""))
+    from ..methods import make_config
+    from . import gguf_solve  # registers the gguf_grid method and its driver plug-in
+
+    return make_config(gguf_solve.METHOD, dataclasses.replace(config.spec, act_order=True), gguf_type=gguf_type)

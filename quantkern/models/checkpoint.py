@@ -87,7 +87,7 @@ def quantize_config(model: nn.Module) -> dict:
         raise CheckpointError("model carries no quantkern_info: quantize it with quantkern.quantize_model first")
     spec = QuantSpec(**info["spec"])
     qmods = packed_modules(model)
-    if not qmods:
+    if not qmods and not info.get("gguf_type"):  # a GGUF-grid model may hold only exact float linears (export/gguf_solve)
         raise CheckpointError("model has no QuantLinear modules to save")
     fmt = checkpoint_format_for(qmods.values())
     # each module's grid as stored; desc_act is what its g_idx says, not what was asked (SNRQ always permutes)
