@@ -29,12 +29,17 @@ _DEFAULT = QuantSpec()  # the CLI's grid defaults are QuantSpec's
 def method_options() -> dict[str, dict]:
     """Every method option over the registry: name -> {"help": ..., "defaults": {method: default}}."""
     out: dict[str, dict] = {}
-    for method, cls in METHODS.items():
+    for method, cls in command_line_methods().items():
         for f in dataclasses.fields(cls):
             if f.name in cls.option_names():
                 row = out.setdefault(f.name, {"help": f.metadata.get("help", ""), "defaults": {}})
                 row["defaults"][method] = f.default
     return out
+
+
+def command_line_methods() -> dict[str, type[MethodConfig]]:
+    """The methods `--method` offers (a config may be reached another way, e.g. gguf_grid via --gguf-type)."""
+    return {name: cls for name, cls in METHODS.items() if cls.on_command_line}
 
 
 def _flag(option: str) -> str:
@@ -52,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", parents=[talk], help="quantize a model layer by layer and save a GPTQ checkpoint")
     q.add_argument("--model", default="default", help="a local transformers model dir, or 'default' (SmolLM2-135M)")
-    q.add_argument("--method", default="gptq", choices=list(METHODS),
+    q.add_argument("--method", default="gptq", choices=list(command_line_methods()),
                    help="quantization method (quantkern.methods; its options below)")
     q.add_argument("--recipe", default=None, choices=sorted(RECIPES),
                    help="a named method + options (quantkern.models.recipes; overrides --method), e.g. yaqa-guard: "
@@ -186,10 +191,7 @@ def spec_from_args(args) -> QuantSpec:
     if getattr(args, "gguf_type", None):
         from .export.gguf_presets import apply_preset
 
-        try:  # the defaults tell apply_preset what was not asked for
-            spec = apply_preset(spec, args.gguf_type, _DEFAULT)
-        except ValueError as e:
-            raise SystemExit(f"quantkern quantize: {e}") from None
+        spec = apply_preset(spec, args.gguf_type, _DEFAULT)  # the defaults tell it what was not asked for
     return spec
 
 

@@ -83,6 +83,7 @@ class MethodConfig(QuantSpec):
     name: ClassVar[str] = ""
     solver: ClassVar[Callable | None] = None  # bound by solvers.registry.register_solver
     plugin: ClassVar[type | None] = None  # bound by models.driver.register_plugin
+    on_command_line: ClassVar[bool] = True  # False: reached another way (gguf_grid: `quantize --gguf-type`)
 
     def __post_init__(self):
         super().__post_init__()  # the grid: bits, group_size, damp

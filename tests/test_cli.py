@@ -8,7 +8,6 @@ from driver_tiny import tiny_model_dir
 
 import quantkern
 from quantkern import cli
-from quantkern.methods import METHODS
 from quantkern.models.recipes import RECIPES
 
 TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(300))
@@ -54,7 +53,7 @@ def test_help_lists_every_method_and_option(capsys):
     with pytest.raises(SystemExit):
         cli.main(["quantize", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for name, cls in METHODS.items():
+    for name, cls in cli.command_line_methods().items():
         assert name in out
         for opt in cls.option_names():
             assert cli._flag(opt) + " VALUE" in out and f"{name}: {getattr(cls(), opt)!r}" in out, (name, opt)
@@ -194,7 +193,7 @@ def test_every_method_and_recipe_reachable_from_the_command_line():
     from quantkern.methods import with_grid
 
     parse = cli.build_parser().parse_args
-    for name, cls in METHODS.items():
+    for name, cls in cli.command_line_methods().items():
         assert cli.config_from_args(parse(["quantize", "--method", name, "--bits", "2", "--output", "o"])) == cls(bits=2)
     for name, config in RECIPES.items():
         got = cli.config_from_args(parse(["quantize", "--recipe", name, "--bits", "2", "--output", "o"]))

@@ -70,6 +70,7 @@ class GGUFGrid(MethodConfig):
     """A llama.cpp type's own fixed grid (scales chosen first, stored as the type stores them), codes by GPTQ's
     error feedback in act-order (groups stay the natural sub-blocks, so the GGUF stays exact). What
     `quantize --gguf-type Q4_K|Q3_K|Q2_K` runs; the grid fields other than damp and act_order are the type's."""
+    on_command_line = False  # `quantize --gguf-type` builds it (export/gguf_presets.grid_method)
     gguf_type: str = option("Q3_K", "the llama.cpp type (Q4_0 where rows are not a multiple of 256)",
                             one_of(*kquants.LAYOUTS))
 
