@@ -14,7 +14,8 @@ from quantkern import grid
 from quantkern.formats import gptq
 from quantkern.models import checkpoint as ckpt
 from quantkern.models.head import LM_HEAD_AUTO_SPEC
-from quantkern.nn import FusedGroup, QuantLinear, fuse_quant_groups, unfuse_quant_groups
+from quantkern.models.fusion import fuse_quant_groups
+from quantkern.nn import FusedGroup, QuantLinear, unfuse_quant_groups
 from quantkern.nn.fused import concat_outputs
 from quantkern.spec import QuantSpec
 

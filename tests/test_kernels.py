@@ -106,7 +106,7 @@ def test_explain_report_and_skip_reasons(clean_env, capsys):
 def test_explain_model_groups_layers_and_fused_groups(clean_env, capsys):
     from driver_tiny import tiny_llama, tiny_tokens
 
-    from quantkern.nn import fuse_quant_groups
+    from quantkern.models.fusion import fuse_quant_groups
 
     q, _ = quantkern.quantize_model(tiny_llama(), None, QuantSpec(bits=4, group_size=32), method="rtn",
                                     progress=False, fuse=False)

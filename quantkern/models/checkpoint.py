@@ -401,7 +401,7 @@ def load(path, device="cpu", check: bool = True, fuse: bool = True) -> nn.Module
         model.quantkern_info["experts"] = qcfg["meta"]["experts"]
     model = model.to(device).eval()
     if fuse:
-        from ..nn import fuse_quant_groups
+        from .fusion import fuse_quant_groups
 
         fuse_quant_groups(model)
     return model

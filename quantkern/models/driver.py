@@ -444,7 +444,7 @@ def quantize(model: nn.Module, config: MethodConfig, *, tokenizer=None, calib="s
     if report.experts:
         model.quantkern_info["experts"] = {f"{block_path}.{k}": v for k, v in report.experts.items()}
     if fuse:
-        from ..nn import fuse_quant_groups
+        from .fusion import fuse_quant_groups
 
         fuse_quant_groups(model)
     return report

@@ -4,7 +4,7 @@ At decode a small model makes hundreds of tiny GEMV calls per token; q/k/v and g
 same input tensor, so one call on their weights concatenated along the outputs does the same work
 with fewer calls (less per-call overhead, one thread fork/join, better thread balance).
 
-The modules stay as they are (state_dict, names, hooks): `fuse_quant_groups(model)` attaches a
+The modules stay as they are (state_dict, names, hooks): `models.fusion.fuse_quant_groups(model)` attaches a
 FusedGroup to each group's members. When a member is called, the group checks whether it already
 ran on this exact input (same tensor object, unchanged version) and still owes this member its
 output: if so the member gets its slice of the cached result, else the group runs the concatenated
@@ -159,32 +159,20 @@ class FusedGroup:
         return y[..., self.bounds[i]:self.bounds[i + 1]]
 
 
-def fuse_quant_groups(model: nn.Module) -> list[FusedGroup]:
-    """Attach a FusedGroup to every group of QuantLinears that read the same input (per the
-    architecture table in quantkern.models.arch); members that cannot be fused (different spec,
-    width or g_idx) keep running on their own. Returns the groups made."""
-    from ..models.arch import find_blocks, table_groups
-
-    try:
-        _, blocks = find_blocks(model)
-    except ValueError:
-        return []
+def fuse_groups(candidates) -> list[FusedGroup]:
+    """Attach a FusedGroup to every list of QuantLinears in `candidates` (linears that read the same input; the
+    architecture table in quantkern.models.arch names them: models.fusion.fuse_quant_groups). A list whose members
+    cannot be fused (different spec, width, device or g_idx, or already fused) keeps running on its own.
+    Returns the groups made."""
     groups = []
-    for block in blocks:
-        for names in table_groups(model, block) or ():
-            if len(names) < 2:
-                continue
-            try:
-                mods = [block.get_submodule(n) for n in names]
-            except AttributeError:
-                continue
-            if not all(isinstance(m, QuantLinear) and m._group is None for m in mods):
-                continue
-            if len({(m.in_features, m.spec, m.qweight.device) for m in mods}) != 1:
-                continue
-            if any(not torch.equal(m.g_idx, mods[0].g_idx) for m in mods[1:]):
-                continue
-            groups.append(FusedGroup(mods))
+    for mods in candidates:
+        if len(mods) < 2 or not all(isinstance(m, QuantLinear) and m._group is None for m in mods):
+            continue
+        if len({(m.in_features, m.spec, m.qweight.device) for m in mods}) != 1:
+            continue
+        if any(not torch.equal(m.g_idx, mods[0].g_idx) for m in mods[1:]):
+            continue
+        groups.append(FusedGroup(list(mods)))
     return groups
 
 
