@@ -78,7 +78,7 @@ def run_demo(nsamples=DEMO["nsamples"], seqlen=DEMO["seqlen"], eval_tokens=DEMO[
         ("decode tokens/s (batch 1)", f"{tps_fp:.1f}", f"{tps_q:.1f} ({tps_q / tps_fp:.2f}x)"),
         ("quantization", "", f"{console.seconds(report.total_s)} (block forwards {console.seconds(report.forward_s)}, "
                              f"solving {console.seconds(report.solve_s)}); safety net kept RTN for "
-                             f"{report.safety_fallbacks} of {len(report.modules)}"),
+                             f"{report.safety_fallbacks} of {sum('safety' in r for r in report.modules)}"),
         ("peak memory", "", console.size(console.peak_memory_bytes())),
     ]
     say("\n" + console.table(rows))
