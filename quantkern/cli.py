@@ -21,6 +21,7 @@ from pathlib import Path
 from . import console
 from .methods import METHODS, MethodConfig, MethodOptionError, make_config
 from .models.recipes import RECIPES
+from .models.zoo import is_builtin
 from .spec import QuantSpec
 
 _DEFAULT = QuantSpec()  # the CLI's grid defaults are QuantSpec's
@@ -232,7 +233,7 @@ def load_any(name):
     from .models import load
     from .models.zoo import load_fp
 
-    if name not in (None, "default", "smollm2") and is_quantized_dir(name):
+    if not is_builtin(name) and is_quantized_dir(name):
         return load(name), AutoTokenizer.from_pretrained(name)
     return load_fp(name)
 
@@ -299,7 +300,7 @@ def cmd_quantize(args) -> int:
 
 def _source_name(model: str) -> str:
     """How a checkpoint names the fp model it came from: 'default' or the absolute directory."""
-    return "default" if model in (None, "default", "smollm2") else str(Path(model).resolve())
+    return "default" if is_builtin(model) else str(Path(model).resolve())
 
 
 def quantize_summary(args, spec, method, report, out, readers) -> str:
@@ -368,7 +369,7 @@ def cmd_eval(args) -> int:
 
 def _fp_source(name) -> str:
     """The fp model a checkpoint was quantized from (its meta.source), 'default' when not recorded."""
-    if name in (None, "default", "smollm2") or not is_quantized_dir(name):
+    if is_builtin(name) or not is_quantized_dir(name):
         raise SystemExit(f"quantkern eval: --fp compares a quantized checkpoint with its source; {name} is not one")
     from .models.checkpoint import read_quantize_config
 

@@ -75,7 +75,8 @@ def grid_method(gguf_type: str, config):
     scales, export/gguf_solve.py); the other types keep `config`. Refuses a method or options it cannot honour."""
     if gguf_type not in GRID_TYPES:
         return config
-    given = {k: v for k, v in config.options().items() if v != type(config)().options()[k]}
+    defaults = type(config)().options()
+    given = {k: v for k, v in config.options().items() if v != defaults[k]}
     if config.name != "gptq" or given:
         raise ValueError(f"--gguf-type {gguf_type} solves with GPTQ against the type's own fixed scales "
                          f"(export/gguf_solve.py); drop --method {config.name}" + (f" and {sorted(given)}" if given else ""))

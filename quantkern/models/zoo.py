@@ -71,8 +71,13 @@ def default_model_dir() -> Path:
     return out
 
 
+def is_builtin(name_or_dir) -> bool:
+    """Whether a --model value names the built-in SmolLM2 rather than a directory."""
+    return name_or_dir in (None, "default", "smollm2")
+
+
 def resolve_model_dir(name_or_dir) -> Path:
-    if name_or_dir in (None, "default", "smollm2"):
+    if is_builtin(name_or_dir):
         return default_model_dir()
     p = Path(name_or_dir)
     if not (p / "config.json").exists():
